@@ -1,0 +1,135 @@
+"""The codec contract every format implements: the one place weights turn into shipped bytes.
+
+Cost, selection, polish and export all call these methods, so what is measured is exactly what ships.
+A format encodes a Linear weight [out, in] (in the model's dtype) into the tensors written to the checkpoint,
+keyed by their suffix (`weight_packed`, `weight_scale`, ...), and decodes them back exactly as
+compressed-tensors does when transformers or vLLM load the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from prismq.errors import PrismqError
+
+Tensors = dict[str, torch.Tensor]
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+
+
+class FormatError(PrismqError, ValueError):
+    """A weight a format cannot take: wrong shape, non-finite values, a missing calibration input."""
+
+
+def weight_args(**fields: Any) -> dict[str, Any]:
+    """A compressed-tensors QuantizationArgs dict with the keys it always serialises, plus `fields`."""
+    args: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+                            "strategy": "tensor", "dynamic": False}
+    args.update(fields)
+    return args
+
+
+class Format(ABC):
+    """One quantization format: legality, exact bytes, encode/decode, fake-quantization, its config group."""
+
+    name: str
+    summary: str
+    vllm_since: str | None = None  # first stock vLLM release that serves it; None: no runtime serves it yet
+    quantizes_activations: bool = False
+
+    @property
+    def exportable(self) -> bool:
+        """Whether the exporter may write it (a stock runtime serves it); research formats are cost-only."""
+        return self.vllm_since is not None
+
+    # --- shape and bytes -------------------------------------------------------------------------------------
+    def illegal_reason(self, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of this shape cannot take the format, or None if it can."""
+        if len(shape) != 2 or min(shape) < 1:
+            return f"needs a 2-D weight [out, in], got shape {tuple(shape)}"
+        multiple = self.in_features_multiple
+        if shape[1] % multiple:
+            return f"needs in_features divisible by {multiple}, got {shape[1]}"
+        return None
+
+    def legal(self, shape: tuple[int, ...]) -> bool:
+        """True when `illegal_reason` has nothing to say."""
+        return self.illegal_reason(shape) is None
+
+    in_features_multiple: int = 1
+
+    @abstractmethod
+    def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
+        """Suffix -> (dtype, shape) of every tensor written for a weight of `shape` in a model of `dtype`."""
+
+    def nbytes(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> int:
+        """Exact bytes written for one weight: packed values, every scale and global scale."""
+        return sum(math.prod(s) * d.itemsize for d, s in self.tensor_specs(shape, dtype).values())
+
+    def bits_per_weight(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> float:
+        """8 * nbytes / number of weights: the honest bits per parameter."""
+        return 8 * self.nbytes(shape, dtype) / (shape[0] * shape[1])
+
+    # --- codec -----------------------------------------------------------------------------------------------
+    def encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
+               input_amax: torch.Tensor | None = None, name: str = "weight") -> Tensors:
+        """The exact tensors that ship for `weight`, keyed by suffix.
+
+        shared_amax: absolute maximum over all fused siblings (formats with a tensor-wide scale use it so that
+        siblings share one global scale). input_amax: calibrated absolute maximum of the Linear's input (formats
+        with a static input scale need it). name: used in error messages.
+        """
+        self.check(weight, name)
+        return self._encode(weight, shared_amax=shared_amax, input_amax=input_amax, name=name)
+
+    @abstractmethod
+    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
+                input_amax: torch.Tensor | None, name: str) -> Tensors: ...
+
+    @abstractmethod
+    def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The dense weight a loader reconstructs from the shipped tensors, in `dtype`."""
+
+    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
+            name: str = "weight") -> torch.Tensor:
+        """Fake-quantized weight, defined as decode(encode(weight)) in the weight's dtype."""
+        self.check(weight, name)
+        tensors = self._encode(weight, shared_amax=shared_amax, input_amax=None, name=name)
+        return self.decode(tensors, weight.dtype)
+
+    def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """What the runtime does to a Linear's input [..., in]: identity unless the format quantizes it."""
+        return x
+
+    def check(self, weight: torch.Tensor, name: str) -> None:
+        """Refuse, with the tensor's name, weights of an illegal shape or with non-finite values."""
+        if not weight.is_floating_point():
+            raise FormatError(f"{name}: {self.name} needs a floating-point weight, got {weight.dtype}")
+        reason = self.illegal_reason(tuple(weight.shape))
+        if reason:
+            raise FormatError(f"{name}: {self.name} {reason}")
+        if not bool(torch.isfinite(weight).all()):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise FormatError(f"{name}: {bad} non-finite value(s) (inf/nan) in the weight; cannot quantize")
+
+    # --- compressed-tensors config ---------------------------------------------------------------------------
+    @abstractmethod
+    def scheme(self) -> dict[str, Any] | None:
+        """The compressed-tensors config group (without targets): weights, input_activations, format.
+        None for formats written as plain weights (BF16 passthrough: the module goes in `ignore`)."""
+
+    def __repr__(self) -> str:
+        return f"<Format {self.name}>"
+
+
+def group_absmax(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Absolute maximum of consecutive groups along the last dimension, in x's dtype: [..., n] -> [..., n/g]."""
+    return x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [..., n] as [..., n/g, g]."""
+    return x.unflatten(-1, (x.shape[-1] // group_size, group_size))

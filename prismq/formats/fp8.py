@@ -1,0 +1,56 @@
+"""FP8 W8A8 dynamic: E4M3 weights with one scale per output channel, E4M3 activations with one scale per token.
+
+On disk (compressed-tensors `float-quantized`): weight e4m3 [out, in] and weight_scale [out, 1] in the model dtype,
+s = amax_row / 448, divided and multiplied in the model dtype as compressed-tensors does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prismq.formats.base import Format, Tensors, TensorSpec, weight_args
+from prismq.formats.elements import FP8_E4M3_MAX, round_to_e4m3
+
+
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """amax / 448 over the last dimension, in x's dtype, keeping that dimension; zero rows get the dtype's eps."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / torch.tensor(FP8_E4M3_MAX, dtype=x.dtype, device=x.device)
+    return torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+
+
+class FP8(Format):
+    """FP8_DYNAMIC: per-channel weights, dynamic per-token activations."""
+
+    name = "FP8"
+    summary = "FP8 E4M3 weights (per-channel scale) and activations (dynamic per-token scale)"
+    vllm_since = "0.13.0"  # present in every release checked (0.13.0 is the oldest)
+    quantizes_activations = True
+
+    def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
+        out, inp = shape
+        return {"weight": (torch.float8_e4m3fn, (out, inp)), "weight_scale": (dtype, (out, 1))}
+
+    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
+                input_amax: torch.Tensor | None, name: str) -> Tensors:
+        scale = row_scales(weight)
+        return {"weight": round_to_e4m3(weight / scale), "weight_scale": scale}
+
+    def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        scale = tensors["weight_scale"].to(dtype)
+        return tensors["weight"].to(dtype) * scale
+
+    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
+            name: str = "weight") -> torch.Tensor:
+        self.check(weight, name)
+        return self.qdq_activation(weight)
+
+    def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        scale = row_scales(x)
+        return round_to_e4m3(x / scale).to(x.dtype) * scale
+
+    def scheme(self) -> dict[str, Any]:
+        weights = weight_args(num_bits=8, strategy="channel")
+        activations = weight_args(num_bits=8, strategy="token", dynamic=True)
+        return {"weights": weights, "input_activations": activations, "format": "float-quantized"}

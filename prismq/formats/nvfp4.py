@@ -1,0 +1,114 @@
+"""NVFP4: E2M1 values in groups of 16 with an FP8 E4M3 group scale and one fp32 global scale per tensor.
+
+On disk (compressed-tensors `nvfp4-pack-quantized`): weight_packed uint8 [out, in/2], weight_scale e4m3 [out, in/16],
+weight_global_scale fp32 [1] stored as a divisor gs = 448*6/amax, and for W4A4 input_global_scale fp32 [1].
+A value decodes as E2M1[code] * e4m3_scale / gs. Fused siblings share gs (computed from their joint amax).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from prismq.formats.base import Format, FormatError, Tensors, TensorSpec, group_absmax, grouped, weight_args
+from prismq.formats.elements import E2M1, FP8_E4M3_MAX, round_to_e4m3
+from prismq.formats.packing import pack_nibbles, unpack_nibbles
+
+GROUP = 16
+_ZERO_SCALE_REPLACEMENT = 0.125  # compressed-tensors replaces an all-zero group's scale by this e4m3 value
+
+
+def global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 [1] divisor gs = 448*6/amax, computed in amax's dtype as compressed-tensors does; 1.0 when amax is 0."""
+    amax = amax.reshape(()).clamp(min=torch.finfo(amax.dtype).tiny)
+    scale = (FP8_E4M3_MAX * E2M1.max) / amax
+    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+
+
+def group_scales(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """E4M3-snapped group scales (as fp32 values) for x [..., n]: e4m3(gs * (amax_g / 6)), zero -> 0.125."""
+    local = group_absmax(x, GROUP) / torch.tensor(E2M1.max, dtype=x.dtype, device=x.device)
+    snapped = round_to_e4m3(gs.to(x.device) * local).to(torch.float32)
+    return torch.where(snapped == 0, _ZERO_SCALE_REPLACEMENT, snapped)
+
+
+def quantize(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1-rounded values (fp32, on the grid) and the fp32 group scales for x [..., n] under global scale gs."""
+    scales = group_scales(x, gs)
+    effective = (scales / gs.to(x.device)).unsqueeze(-1)
+    rounded = E2M1.round(grouped(x, GROUP) / effective)
+    return rounded.flatten(-2), scales
+
+
+def dequantize(rounded: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values * (scale / gs), computed in fp32 and cast once to dtype (as the loader does)."""
+    effective = (scales.to(torch.float32) / gs.to(rounded.device)).unsqueeze(-1)
+    return (grouped(rounded.to(torch.float32), GROUP) * effective).flatten(-2).to(dtype)
+
+
+class NVFP4(Format):
+    """NVFP4 weights; W4A4 when `activations` is True (dynamic per-16 input scales under a static global scale)."""
+
+    in_features_multiple = GROUP
+
+    def __init__(self, activations: bool) -> None:
+        self.quantizes_activations = activations
+        self.name = "NVFP4" if activations else "NVFP4A16"
+        self.summary = ("FP4 E2M1 weights and activations, group 16, E4M3 scales + fp32 global" if activations
+                        else "FP4 E2M1 weights, group 16, E4M3 scales + fp32 global; bf16 activations")
+        self.vllm_since = "0.13.0"
+
+    def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
+        out, inp = shape
+        specs: dict[str, TensorSpec] = {
+            "weight_packed": (torch.uint8, (out, inp // 2)),
+            "weight_scale": (torch.float8_e4m3fn, (out, inp // GROUP)),
+            "weight_global_scale": (torch.float32, (1,)),
+        }
+        if self.quantizes_activations:
+            specs["input_global_scale"] = (torch.float32, (1,))
+        return specs
+
+    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
+                input_amax: torch.Tensor | None, name: str) -> Tensors:
+        amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
+        gs = global_scale(amax)
+        rounded, scales = quantize(weight, gs)
+        tensors = {
+            "weight_packed": pack_nibbles(E2M1.codes(rounded)),
+            "weight_scale": scales.to(torch.float8_e4m3fn),
+            "weight_global_scale": gs.to(weight.device),
+        }
+        if self.quantizes_activations:
+            if input_amax is None:
+                raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
+            tensors["input_global_scale"] = global_scale(input_amax.to(weight.dtype)).to(weight.device)
+        return tensors
+
+    def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        rounded = E2M1.values(unpack_nibbles(tensors["weight_packed"]))
+        return dequantize(rounded, tensors["weight_scale"], tensors["weight_global_scale"], dtype)
+
+    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
+            name: str = "weight") -> torch.Tensor:
+        self.check(weight, name)
+        amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
+        gs = global_scale(amax)
+        rounded, scales = quantize(weight, gs)
+        return dequantize(rounded, scales, gs, weight.dtype)
+
+    def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.quantizes_activations:
+            return x
+        if input_global_scale is None:
+            raise FormatError(f"{self.name} activation quantization needs the calibrated input_global_scale")
+        rounded, scales = quantize(x, input_global_scale)
+        return dequantize(rounded, scales, input_global_scale, x.dtype)
+
+    def scheme(self) -> dict[str, Any]:
+        args = weight_args(num_bits=4, group_size=GROUP, strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+        activations = None
+        if self.quantizes_activations:
+            activations = {**args, "dynamic": "local", "observer": "static_minmax"}
+        return {"weights": args, "input_activations": activations, "format": "nvfp4-pack-quantized"}
