@@ -35,7 +35,8 @@ class FP8(Format):
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
         scale = row_scales(weight)
-        return {"weight": round_to_e4m3(weight / scale), "weight_scale": scale}
+        # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
+        return {"weight": round_to_e4m3(weight / scale + 0.0), "weight_scale": scale}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         scale = tensors["weight_scale"].to(dtype)

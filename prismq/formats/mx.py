@@ -64,7 +64,8 @@ class MX(Format):
         exponent = e8m0_exponent(group_absmax(x, GROUP), self.element_max, self.rounding_mantissa_bits)
         scaled = grouped(x, GROUP) / e8m0_scale(exponent, x.dtype).unsqueeze(-1)
         if self.element is None:
-            return round_to_e4m3(scaled).flatten(-2), exponent
+            # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
+            return round_to_e4m3(scaled + 0.0).flatten(-2), exponent
         return self.element.round(scaled).flatten(-2), exponent
 
     def dequantize(self, values: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

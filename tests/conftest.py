@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random models built in code, saved to disk like a real Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (ct_reference) import as plain modules
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def build_tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama (hidden 256, intermediate 512, 4 heads, 2 KV heads) with bf16 random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with save_pretrained (safetensors, bf16), plus a generation config."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama().save_pretrained(path)
+    return path

@@ -1,0 +1,149 @@
+"""Exact-math unit tests of the element formats, scales, packing and the codec contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prismq.formats import FORMATS, FormatError, get_format
+from prismq.formats.elements import E2M1, E2M3, E3M2, e8m0_exponent, round_to_e4m3
+from prismq.formats.packing import pack_int32, pack_nibbles, pack_sextets, unpack_int32, unpack_sextets
+
+
+def test_e2m1_rounds_ties_to_even_and_saturates() -> None:
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.26, 2.6, 5.01, 7.0, -0.25, -5.0, -100.0])
+    expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 3.0, 6.0, 6.0, -0.0, -4.0, -6.0])
+    assert torch.equal(E2M1.round(x), expected)
+
+
+def test_e2m1_codes_and_negative_zero() -> None:
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert E2M1.codes(E2M1.round(grid)).tolist() == list(range(8))
+    assert E2M1.codes(E2M1.round(-grid[1:])).tolist() == list(range(9, 16))
+    # a negative value that rounds to zero keeps its sign (code 0x8); -0.0 itself is written as +0 (code 0)
+    assert E2M1.codes(E2M1.round(torch.tensor([-0.1, -0.0, 0.1]))).tolist() == [8, 0, 0]
+    assert E2M1.values(torch.tensor([8, 15, 7], dtype=torch.uint8)).tolist() == [0.0, -6.0, 6.0]
+
+
+def test_fp6_grids() -> None:
+    assert E2M3.max == 7.5 and E3M2.max == 28.0
+    assert E2M3.magnitudes[:9].tolist() == [i / 8 for i in range(8)] + [1.0]
+    assert E3M2.magnitudes[:5].tolist() == [0.0, 0.0625, 0.125, 0.1875, 0.25]
+    # E2M3 step is 0.25 in [2, 4): 2.125 ties to 2.0 (even), 2.375 ties to 2.5
+    assert E2M3.round(torch.tensor([2.125, 2.375, 7.6])).tolist() == [2.0, 2.5, 7.5]
+
+
+def test_e4m3_scale_snapping() -> None:
+    x = torch.tensor([448.0, 1000.0, 0.1, 1.0625, 1.1875, -460.0, 2.0 ** -9, 2.0 ** -11])
+    y = round_to_e4m3(x).float()
+    assert y.tolist() == [448.0, 448.0, 0.1015625, 1.0, 1.25, -448.0, 2.0 ** -9, 0.0]
+
+
+@pytest.mark.parametrize("amax, element, mantissa, expected", [
+    (6.0, 6.0, 1, 127),        # 6 = 1.5 * 2**2 -> pow2 4 -> 127 + 2 - 2
+    (1.75, 6.0, 1, 126),       # mantissa 1.75 rounds up to 2
+    (1.7421875, 6.0, 1, 125),  # just below 1.75 rounds down to 1
+    (0.0, 6.0, 1, 0),          # all-zero group -> smallest scale
+    (448.0, 448.0, 1, 128),    # MXFP8: 448 = 1.75 * 2**8 rounds up to 2**9 -> 127 + 9 - 8
+    (7.5, 7.5, 3, 127),        # MXFP6 E2M3 keeps 1.875 * 4 at 4
+])
+def test_e8m0_exponent_choice(amax: float, element: float, mantissa: int, expected: int) -> None:
+    got = e8m0_exponent(torch.tensor([amax], dtype=torch.bfloat16), element, mantissa)
+    assert got.dtype == torch.uint8 and got.item() == expected
+
+
+def test_int_packing_order() -> None:
+    levels = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
+    words = pack_int32(levels, 4)
+    assert words.dtype == torch.int32
+    assert [w & 0xFFFFFFFF for w in words[0].tolist()] == [0x76543210, 0xFEDCBA98]
+    assert torch.equal(unpack_int32(words, 4), levels)
+    bytes8 = torch.tensor([[-128, -1, 0, 127]], dtype=torch.int8)
+    assert [w & 0xFFFFFFFF for w in pack_int32(bytes8, 8)[0].tolist()] == [0xFF807F00]
+    assert torch.equal(unpack_int32(pack_int32(bytes8, 8), 8), bytes8)
+
+
+def test_nibble_and_sextet_packing_order() -> None:
+    assert pack_nibbles(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)).tolist() == [[0x21, 0x0F]]
+    codes = torch.tensor([[1, 2, 3, 63]], dtype=torch.uint8)
+    packed = pack_sextets(codes)
+    word = 1 | 2 << 6 | 3 << 12 | 63 << 18
+    assert packed.tolist() == [[word & 0xFF, word >> 8 & 0xFF, word >> 16 & 0xFF]]
+    assert torch.equal(unpack_sextets(packed), codes)
+
+
+def test_mxfp6_e2m3_packing_equals_compressed_tensors() -> None:
+    from compressed_tensors.compressors.mxfp6.helpers import pack_fp6_to_uint8
+
+    w = (torch.randn(8, 64) * 0.1).to(torch.bfloat16)
+    fmt = get_format("MXFP6_E2M3")
+    values, _ = fmt.quantize(w)
+    assert torch.equal(fmt.encode(w)["weight_packed"], pack_fp6_to_uint8(values.to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_all_zero_groups_decode_to_zero(name: str) -> None:
+    w = torch.zeros(4, 256, dtype=torch.bfloat16)
+    fmt = get_format(name)
+    assert torch.equal(fmt.decode(fmt.encode(w, input_amax=torch.tensor(1.0))), w)
+
+
+def test_all_zero_group_scales_match_the_loaders_conventions() -> None:
+    w = torch.zeros(2, 128, dtype=torch.bfloat16)
+    assert get_format("NVFP4A16").encode(w)["weight_scale"].float().unique().tolist() == [0.125]
+    assert get_format("MXFP4A16").encode(w)["weight_scale"].unique().tolist() == [0]
+    assert get_format("INT4_W4A16").encode(w)["weight_scale"].unique().tolist() == [2.0 ** -7]
+
+
+@pytest.mark.parametrize("name, shape, ok", [
+    ("NVFP4", (64, 24), False), ("NVFP4", (64, 48), True), ("MXFP4", (64, 48), False), ("MXFP8", (7, 64), True),
+    ("INT4_W4A16", (64, 192), False), ("INT8_W8A16", (64, 256), True), ("FP8", (3, 7), True),
+    ("BF16", (3, 7), True), ("NVFP4", (64,), False), ("FP8", (2, 3, 4), False),
+])
+def test_legal_shapes(name: str, shape: tuple[int, ...], ok: bool) -> None:
+    fmt = get_format(name)
+    assert fmt.legal(shape) is ok
+    if not ok:
+        with pytest.raises(FormatError, match="layers.3.mlp.up_proj"):
+            fmt.encode(torch.zeros(shape, dtype=torch.bfloat16), name="layers.3.mlp.up_proj")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_rejected_with_the_tensor_name(bad: float) -> None:
+    w = torch.ones(4, 128, dtype=torch.bfloat16)
+    w[2, 7] = bad
+    for name in FORMATS:
+        with pytest.raises(FormatError, match=r"model\.layers\.0\.self_attn\.q_proj.*non-finite"):
+            get_format(name).encode(w, input_amax=torch.tensor(1.0), name="model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qdq_is_decode_of_encode(name: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(48, 256, generator=g) * torch.logspace(-4, 0, 48).unsqueeze(1)).to(dtype)
+    fmt = get_format(name)
+    tensors = fmt.encode(w, input_amax=torch.tensor(1.0))
+    assert torch.equal(fmt.qdq(w), fmt.decode(tensors, dtype))
+    shared = w.abs().amax() * 4
+    assert torch.equal(fmt.qdq(w, shared_amax=shared), fmt.decode(fmt.encode(w, shared_amax=shared,
+                                                                             input_amax=torch.tensor(1.0)), dtype))
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("shape", [(16, 128), (40, 384), (3, 1024)])
+def test_nbytes_equals_the_tensors_encode_writes(name: str, shape: tuple[int, int]) -> None:
+    fmt = get_format(name)
+    tensors = fmt.encode(torch.randn(shape).to(torch.bfloat16), input_amax=torch.tensor(1.0))
+    assert fmt.nbytes(shape) == sum(t.numel() * t.element_size() for t in tensors.values())
+    specs = fmt.tensor_specs(shape)
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()} == specs
+
+
+def test_bits_per_weight_match_the_design_budget() -> None:
+    shape = (4096, 4096)
+    expected = {"NVFP4A16": 4.5, "MXFP4A16": 4.25, "MXFP8": 8.25, "INT4_W4A16": 4.125, "INT8_W8A16": 8.125,
+                "FP8": 8 + 16 / 4096, "BF16": 16.0, "MXFP6_E2M3": 6.25}
+    for name, bpp in expected.items():
+        assert get_format(name).bits_per_weight(shape) == pytest.approx(bpp, abs=1e-5)
+    assert get_format("NVFP4A16").bits_per_weight(shape) > 4.5  # the fp32 global scale is counted
