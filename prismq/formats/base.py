@@ -39,6 +39,7 @@ class Format(ABC):
     summary: str
     vllm_since: str | None = None  # first stock vLLM release that serves it; None: no runtime serves it yet
     quantizes_activations: bool = False
+    needs_input_amax: bool = False  # a static input scale is shipped, calibrated from the input's absmax
 
     @property
     def exportable(self) -> bool:

@@ -54,6 +54,7 @@ class NVFP4(Format):
 
     def __init__(self, activations: bool) -> None:
         self.quantizes_activations = activations
+        self.needs_input_amax = activations
         self.name = "NVFP4" if activations else "NVFP4A16"
         self.summary = ("FP4 E2M1 weights and activations, group 16, E4M3 scales + fp32 global" if activations
                         else "FP4 E2M1 weights, group 16, E4M3 scales + fp32 global; bf16 activations")
@@ -80,7 +81,7 @@ class NVFP4(Format):
             "weight_scale": scales.to(torch.float8_e4m3fn),
             "weight_global_scale": gs.to(weight.device),
         }
-        if self.quantizes_activations:
+        if self.needs_input_amax:
             if input_amax is None:
                 raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
             tensors["input_global_scale"] = global_scale(input_amax.to(weight.dtype)).to(weight.device)

@@ -1,0 +1,31 @@
+"""Sibling-coherent encoding: the members of a fused group share one weight amax and one input amax."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prismq.formats import Tensors, get_format
+from prismq.model.siblings import sibling_groups
+
+
+def encode_group(format_name: str, weights: dict[str, torch.Tensor],
+                 input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
+    """Encode fused siblings (or one lone Linear) in one format with their joint weight and input maxima."""
+    fmt = get_format(format_name)
+    shared_amax = torch.stack([w.abs().amax() for w in weights.values()]).amax()
+    known = [input_amax[n].reshape(()).float() for n in weights if n in input_amax]
+    shared_input = torch.stack(known).amax() if len(known) == len(weights) else None
+    return {name: fmt.encode(w, shared_amax=shared_amax, input_amax=shared_input, name=name)
+            for name, w in weights.items()}
+
+
+def encode_model(model: nn.Module, assignment: dict[str, str],
+                 input_amax: dict[str, torch.Tensor] | None = None) -> dict[str, Tensors]:
+    """The exact tensors the exporter would write for every assigned Linear of an in-memory model."""
+    modules = dict(model.named_modules())
+    encoded: dict[str, Tensors] = {}
+    for group in sibling_groups(assignment):
+        weights = {name: modules[name].weight.detach() for name in group}
+        encoded.update(encode_group(assignment[group[0]], weights, input_amax or {}))
+    return encoded

@@ -1,0 +1,46 @@
+"""The compressed-tensors `quantization_config` for an assignment {Linear name -> format}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prismq.formats import get_format
+from prismq.model.linears import LM_HEAD
+
+
+def _ct_version() -> str:
+    try:
+        import compressed_tensors
+
+        return str(compressed_tensors.__version__)
+    except (ImportError, AttributeError):  # pragma: no cover - compressed-tensors is a dependency
+        return "0.20.0"
+
+
+def quantization_config(assignment: dict[str, str]) -> dict[str, Any]:
+    """One config group per quantized format with explicit module-name targets and its own `format`;
+    lm_head and every BF16 Linear in `ignore`; status `compressed` (what transformers and vLLM require)."""
+    by_format: dict[str, list[str]] = {}
+    ignore = [LM_HEAD]
+    for name, format_name in assignment.items():
+        if get_format(format_name).scheme() is None:
+            ignore.append(name)
+        else:
+            by_format.setdefault(get_format(format_name).name, []).append(name)
+    groups: dict[str, Any] = {}
+    for index, (format_name, targets) in enumerate(by_format.items()):
+        groups[f"group_{index}"] = {"targets": targets, **get_format(format_name).scheme(),
+                                    "output_activations": None}
+    formats = {group["format"] for group in groups.values()}
+    return {
+        "config_groups": groups,
+        "format": formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense"),
+        "global_compression_ratio": None,
+        "ignore": sorted(set(ignore), key=ignore.index),
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": _ct_version(),
+    }

@@ -1,0 +1,183 @@
+"""Write a compressed-tensors checkpoint from a source Hugging Face directory and an assignment {Linear -> format}.
+
+The source is streamed tensor by tensor from its safetensors; output shards are flushed as they fill, so peak
+memory is about one shard plus one sibling group. Everything is written into a temporary directory beside the
+target and renamed into place only when complete: an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from prismq.errors import PrismqError
+from prismq.export.encode import encode_group
+from prismq.export.qconfig import quantization_config
+from prismq.export.shards import ShardWriter
+from prismq.formats import Tensors, get_format
+from prismq.model.linears import LM_HEAD
+from prismq.model.siblings import sibling_groups
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was written: where, how many bytes of tensors, and the bytes of the quantized Linears alone."""
+
+    path: Path
+    checkpoint_bytes: int
+    linear_bytes: int
+    linear_params: int
+
+    @property
+    def linear_bits_per_param(self) -> float:
+        """8 * bytes / weights over the assigned Linears (every scale counted)."""
+        return 8 * self.linear_bytes / max(self.linear_params, 1)
+
+
+class SourceTensors:
+    """Lazy access to every tensor of a safetensors checkpoint (single file or sharded with an index)."""
+
+    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise PrismqError(f"{model_dir}: no .safetensors files (prismq reads safetensors checkpoints only)")
+        self.handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+        self.location = {key: handle for handle in self.handles for key in handle.keys()}
+
+    def names(self) -> list[str]:
+        """All tensor names, in file order."""
+        return [key for handle in self.handles for key in handle.keys()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape without reading the data."""
+        return tuple(self.location[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor."""
+        return self.location[name].get_tensor(name)
+
+
+def check_assignment(assignment: dict[str, str], source: SourceTensors) -> list[list[str]]:
+    """Refuse, with a clear message, any assignment the runtime could not serve; return its sibling groups."""
+    for name, format_name in assignment.items():
+        fmt = get_format(format_name)
+        key = f"{name}.weight"
+        if key not in source.location:
+            raise PrismqError(f"assignment names {name}, but the source checkpoint has no tensor {key}")
+        if name == LM_HEAD and fmt.scheme() is not None:
+            raise PrismqError("lm_head must stay BF16: vLLM's ParallelLMHead does not load compressed schemes")
+        if not fmt.exportable:
+            raise PrismqError(f"{name}: {fmt.name} is a research format no runtime serves yet; it cannot be exported")
+        reason = fmt.illegal_reason(source.shape(key))
+        if reason:
+            raise PrismqError(f"{name}: {fmt.name} {reason}")
+    groups = sibling_groups(assignment)
+    for group in groups:
+        formats = {get_format(assignment[n]).name for n in group}
+        if len(formats) > 1:
+            detail = ", ".join(f"{n}={get_format(assignment[n]).name}" for n in group)
+            raise PrismqError(f"fused siblings must share one format (vLLM runs them as one kernel): {detail}")
+    return groups
+
+
+def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceTensors,
+                   encoded: dict[str, Tensors], input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
+    """The tensors of one sibling group: pre-encoded ones checked against the format's specs, the rest encoded."""
+    fmt = get_format(assignment[group[0]])
+    for name in group:
+        if name in encoded:
+            expected = fmt.tensor_specs(source.shape(f"{name}.weight"), _source_dtype(source, name))
+            got = {k: (t.dtype, tuple(t.shape)) for k, t in encoded[name].items()}
+            if got != expected:
+                raise PrismqError(f"{name}: pre-encoded tensors {got} do not match what {fmt.name} ships: {expected}")
+    if all(name in encoded for name in group):
+        return {name: encoded[name] for name in group}
+    fresh = encode_group(fmt.name, {name: source.get(f"{name}.weight") for name in group}, input_amax)
+    return {name: encoded.get(name, fresh[name]) for name in group}
+
+
+def _source_dtype(source: SourceTensors, name: str) -> torch.dtype:
+    dtype = source.location[f"{name}.weight"].get_slice(f"{name}.weight").get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh temporary directory beside `target` that replaces it only if the block completes."""
+    if target.exists() and not overwrite:
+        raise PrismqError(f"output {target} already exists (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            retired = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path, *,
+                     encoded: dict[str, Tensors] | None = None, input_amax: dict[str, torch.Tensor] | None = None,
+                     max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+                     progress: bool = True) -> ExportResult:
+    """Write `source_dir` with each Linear of `assignment` encoded in its format, as a compressed-tensors checkpoint.
+
+    encoded: tensors already produced by a codec (e.g. by GPTQ) for some Linears; checked against the format's
+    tensor specs and written as they are. input_amax: calibrated input absolute maxima, needed by formats with a
+    static input scale (NVFP4 W4A4); fused siblings use their joint maximum.
+    """
+    encoded, input_amax = encoded or {}, input_amax or {}
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    config = json.loads((source_dir / "config.json").read_text())
+    with ExitStack() as stack:
+        source = SourceTensors(source_dir, stack)
+        groups = check_assignment(assignment, source)
+        for name, format_name in assignment.items():
+            if get_format(format_name).needs_input_amax and name not in input_amax and name not in encoded:
+                raise PrismqError(f"{name}: {format_name} needs the calibrated input absmax of this Linear")
+        staging = stack.enter_context(atomic_directory(out_dir, overwrite))
+        shards = ShardWriter(staging, max_shard_bytes)
+        replaced = {f"{name}.weight": group for group in groups for name in group}
+        linear_bytes = linear_params = 0
+        written_groups: set[int] = set()
+        for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
+            if key not in replaced:
+                shards.add(key, source.get(key))
+                continue
+            group = replaced[key]
+            if id(group) in written_groups:
+                continue
+            written_groups.add(id(group))
+            for name, tensors in _group_tensors(group, assignment, source, encoded, input_amax).items():
+                for suffix, tensor in tensors.items():
+                    shards.add(f"{name}.{suffix}", tensor)
+                    linear_bytes += tensor.numel() * tensor.element_size()
+                rows, cols = source.shape(f"{name}.weight")
+                linear_params += rows * cols
+        total = shards.close()
+        config["quantization_config"] = quantization_config(assignment)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for item in source_dir.iterdir():
+            if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES) \
+                    and item.name not in WEIGHT_INDEXES:
+                shutil.copy2(item, staging / item.name)
+    return ExportResult(out_dir, total, linear_bytes, linear_params)

@@ -1,0 +1,43 @@
+"""What a checkpoint's Linear layers are, read from its config alone (the model is built on the meta device)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prismq.errors import PrismqError
+
+LM_HEAD = "lm_head"
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """Module name -> weight shape [out, in] of every nn.Linear, in model order, lm_head included.
+
+    Builds the architecture on the meta device, so it costs no memory and reads no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as exc:
+        raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from exc
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not any(name != LM_HEAD for name in shapes):
+        raise PrismqError(f"{model_dir}: the model has no Linear layers to quantize")
+    return shapes
+
+
+def quantizable(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The Linears prismq assigns formats to: all but lm_head (kept in the model dtype, see DESIGN.md §5)."""
+    return {name: shape for name, shape in shapes.items() if name != LM_HEAD}
+
+
+def model_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype named in config.json (`dtype` or `torch_dtype`), bfloat16 when unnamed."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return getattr(torch, str(name).removeprefix("torch."))
