@@ -60,15 +60,3 @@ class ShardWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return self.total_bytes
 
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1024' -> bytes (decimal units as Hugging Face uses them, binary for *iB)."""
-    if isinstance(text, int):
-        return text
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    value = text.strip().upper()
-    for unit, factor in units.items():
-        if value.endswith(unit):
-            return int(float(value[: -len(unit)]) * factor)
-    return int(value)

@@ -1,0 +1,1 @@
+"""Writing compressed-tensors checkpoints."""

@@ -1,0 +1,1 @@
+"""Reading models: where a checkpoint is, what its Linears are, which of them fuse."""
