@@ -1,0 +1,172 @@
+"""The `prismq` command line (DESIGN.md §1b): argument parsing, dispatch, and errors mapped to exit codes.
+
+Exit codes: 0 success; 1 a user error (`prismq: error: ...`); 2 bad usage or a stage not built yet; 130 interrupted.
+Heavy modules (torch, transformers, the pipeline) are imported only by the command that needs them, so `--help`
+stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prismq import __version__
+from prismq.config import BUDGET_KEYS, QuantizeConfig, merge_overrides, read_config_file, validate_config
+from prismq.errors import PrismqError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_STAGES = {
+    "probe": "measure per-Linear Fisher traces and input statistics on calibration text",
+    "cost": "price every (Linear, format) pair: bytes, weight error, output error, predicted loss increase",
+    "allocate": "choose a format per Linear for a sweep of budgets (Pareto frontier and knee)",
+    "select": "check frontier candidates by measured KL on held-out text and pick one",
+    "export": "write the chosen assignment as a sharded compressed-tensors checkpoint",
+    "report": "write report.md and the Pareto plot from a work directory",
+}
+_EVAL_HELP = "compare a quantized model with its reference: KL statistics, perplexity, top-1 agreement"
+_QUANTIZE_HELP = "run the whole pipeline: MODEL in, compressed-tensors checkpoint for vLLM out"
+_FORMATS_HELP = "list the available formats: bits per weight, shape constraints, what vLLM runs them on"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; every quantize option defaults to 'not given' so config-file values survive."""
+    parser = argparse.ArgumentParser(
+        prog="prismq",
+        description="Per-Linear mixed-precision quantization of LLMs, chosen on measured KL and exported as a "
+        "compressed-tensors checkpoint that vLLM serves.",
+    )
+    parser.add_argument("--version", action="version", version=f"prismq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    _add_quantize(commands)
+    for name, help_line in _STAGES.items():
+        stage = commands.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
+        stage.add_argument("--work-dir", type=Path, metavar="DIR", help="work directory shared by all stages")
+    _add_eval(commands)
+    commands.add_parser("formats", help=_FORMATS_HELP, description=_FORMATS_HELP[0].upper() + _FORMATS_HELP[1:] + ".")
+    return parser
+
+
+def _add_quantize(commands: Any) -> None:
+    """Add `quantize` with every §1b flag, plus --max-shard-size, --calib-blocks/--calib-seqlen and --config."""
+    sub = commands.add_parser(
+        "quantize",
+        help=_QUANTIZE_HELP,
+        description="Quantize MODEL and write a compressed-tensors checkpoint to --out. Settings may also come "
+        "from --config FILE (JSON or TOML, same names as the flags); flags given on the command line win.",
+        argument_default=argparse.SUPPRESS,
+    )
+    sub.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="Hugging Face model directory (safetensors) or .gguf file; omitted: the embedded SmolLM2-135M-Instruct",
+    )
+    sub.add_argument("--config", type=Path, metavar="FILE", help="JSON or TOML file of settings")
+    sub.add_argument("--formats", metavar="A,B,...", help="candidate formats (default NVFP4,MXFP8,BF16)")
+    budget = sub.add_mutually_exclusive_group()
+    budget.add_argument("--target-bits", type=float, metavar="B", help="mean bits per weight over the Linears")
+    budget.add_argument("--target-size", type=float, metavar="GB", help="size of the whole checkpoint in GB")
+    budget.add_argument("--uniform", metavar="FORMAT", help="one format for every Linear (a baseline)")
+    sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep"], help="weight rounding (default rtn)")
+    sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: text shipped with prismq)")
+    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text for KL, disjoint from --calib")
+    sub.add_argument(
+        "--force",
+        nargs="+",
+        action="extend",
+        metavar="REGEX=FORMAT",
+        help="pin the Linears whose name matches REGEX to FORMAT (first matching rule wins)",
+    )
+    sub.add_argument("--work-dir", type=Path, metavar="DIR", help="where measurements go (reused by reruns)")
+    sub.add_argument("--out", type=Path, metavar="DIR", help="output checkpoint directory (required)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
+    sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
+    sub.add_argument("--calib-blocks", type=int, metavar="N", help="blocks for activation ranges (default 8)")
+    sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per calibration block (default 256)")
+
+
+def _add_eval(commands: Any) -> None:
+    """Add `eval` with the §1b flags (none required while the stage is not built)."""
+    sub = commands.add_parser("eval", help=_EVAL_HELP, description=_EVAL_HELP[0].upper() + _EVAL_HELP[1:] + ".")
+    sub.add_argument("--reference", metavar="MODEL", help="the unquantized model")
+    sub.add_argument("--quantized", metavar="DIR_OR_ASSIGNMENT", help="exported checkpoint or assignment file")
+    sub.add_argument("--text", type=Path, metavar="FILE", help="text evaluated in consecutive blocks from its start")
+    sub.add_argument("--blocks", type=int, metavar="N", help="number of blocks")
+    sub.add_argument("--seqlen", type=int, metavar="L", help="tokens per block")
+    sub.add_argument("--json", type=Path, metavar="PATH", help="write the statistics as JSON here")
+
+
+def quantize_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The quantize settings from --config with the flags actually given on top (not yet validated)."""
+    given = {key: value for key, value in vars(args).items() if key in QuantizeConfig.model_fields}
+    config_path = getattr(args, "config", None)
+    values = read_config_file(config_path) if config_path is not None else {}
+    return merge_overrides(values, given)
+
+
+def _not_implemented(what: str, instead: str = "") -> int:
+    """Say that a stage or option is not built yet (and what to use instead), on one line; return exit code 2."""
+    print(f"prismq: {what} is not implemented yet" + (f" ({instead})" if instead else ""), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """Validate the settings and run the pipeline; budgets other than --uniform are not built yet."""
+    settings = quantize_settings(args)
+    if settings.get("uniform") is None:
+        for key in BUDGET_KEYS[:2]:
+            if settings.get(key) is not None:
+                return _not_implemented("--" + key.replace("_", "-"), "use --uniform FORMAT")
+    rounding = settings.get("rounding", "rtn")
+    if rounding in ("gptq", "gptq+sweep"):
+        return _not_implemented(f"--rounding {rounding}", "use rtn")
+    config = validate_config(QuantizeConfig, settings)
+    from prismq.pipeline import quantize
+
+    quantize(config)
+    return 0
+
+
+def _cmd_formats(args: argparse.Namespace) -> int:
+    """Print the format registry's table."""
+    from prismq.formats.registry import print_table
+
+    print_table()
+    return 0
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs `command`."""
+    if command == "quantize":
+        return _cmd_quantize
+    if command == "formats":
+        return _cmd_formats
+    return lambda args: _not_implemented(f"'{command}'")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `prismq` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _handler(args.command)(args)
+    except PrismqError as exc:
+        print(f"prismq: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("prismq: interrupted (nothing half-written; rerun to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
