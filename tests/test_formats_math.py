@@ -18,10 +18,11 @@ def test_e2m1_rounds_ties_to_even_and_saturates() -> None:
 
 def test_e2m1_codes_and_negative_zero() -> None:
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    assert E2M1.codes(E2M1.round(grid)).tolist() == list(range(8))
-    assert E2M1.codes(E2M1.round(-grid[1:])).tolist() == list(range(9, 16))
+    assert E2M1.encode(grid).tolist() == list(range(8))
+    assert E2M1.encode(-grid[1:]).tolist() == list(range(9, 16))
     # a negative value that rounds to zero keeps its sign (code 0x8); -0.0 itself is written as +0 (code 0)
-    assert E2M1.codes(E2M1.round(torch.tensor([-0.1, -0.0, 0.1]))).tolist() == [8, 0, 0]
+    assert E2M1.encode(torch.tensor([-0.1, -0.0, 0.1])).tolist() == [8, 0, 0]
+    assert E2M1.encode(torch.tensor([0.75, 1.25, 5.0, 9.0], dtype=torch.bfloat16)).tolist() == [2, 2, 6, 7]
     assert E2M1.values(torch.tensor([8, 15, 7], dtype=torch.uint8)).tolist() == [0.0, -6.0, 6.0]
 
 
@@ -77,8 +78,9 @@ def test_mxfp6_e2m3_packing_equals_compressed_tensors() -> None:
 
     w = (torch.randn(8, 64) * 0.1).to(torch.bfloat16)
     fmt = get_format("MXFP6_E2M3")
-    values, _ = fmt.quantize(w)
-    assert torch.equal(fmt.encode(w)["weight_packed"], pack_fp6_to_uint8(values.to(torch.bfloat16)))
+    codes, _ = fmt.quantize(w)
+    values = E2M3.values(codes).to(torch.bfloat16)
+    assert torch.equal(fmt.encode(w)["weight_packed"], pack_fp6_to_uint8(values))
 
 
 @pytest.mark.parametrize("name", list(FORMATS))

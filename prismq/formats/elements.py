@@ -42,32 +42,33 @@ class MiniFloat:
     def max(self) -> float:
         return float(self.magnitudes[-1])
 
-    def round(self, x: torch.Tensor) -> torch.Tensor:
-        """Round to the nearest representable value (ties to even), saturating at +-max; returns float32.
+    @cached_property
+    def midpoints(self) -> torch.Tensor:
+        """Decision boundaries between consecutive magnitudes (float32)."""
+        return (self.magnitudes[1:] + self.magnitudes[:-1]) / 2
 
-        Negative inputs that round to zero come back as -0.0 so that their sign survives into the codes,
-        as compressed-tensors writes them; an input of -0.0 itself comes back as +0.0 (its sign is dropped).
-        """
-        x = x.float().clamp(-self.max, self.max)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes (uint8, sign in the top bit) of x rounded to the nearest magnitude, ties to even, saturating.
+
+        A negative input that rounds to zero keeps its sign bit (code -0), as compressed-tensors writes it; an
+        input of -0.0 itself gets +0. x may be any float dtype (every boundary is exact in bf16)."""
+        midpoints = self.midpoints.to(device=x.device, dtype=x.dtype)
         magnitude = x.abs()
-        _, exponent = torch.frexp(magnitude)  # magnitude = m * 2**exponent, m in [0.5, 1)
-        exponent = (exponent - 1).clamp(min=1 - self.bias)
-        quantum = torch.exp2((exponent - self.man_bits).float())
-        rounded = torch.round(magnitude / quantum) * quantum
-        return torch.where(x < 0, -rounded, rounded)
-
-    def codes(self, rounded: torch.Tensor) -> torch.Tensor:
-        """Codes (uint8, sign in the top bit) of values already on the grid (the output of `round`)."""
-        index = torch.searchsorted(self.magnitudes.to(rounded.device), rounded.abs().contiguous())
-        sign = torch.signbit(rounded).to(torch.uint8) << (self.exp_bits + self.man_bits)
+        index = torch.bucketize(magnitude, midpoints)  # ties go down ...
+        at_tie = magnitude == midpoints[index.clamp(max=len(midpoints) - 1)]
+        index = index + (at_tie & (index % 2 == 1)).to(index.dtype)  # ... unless the upper neighbour is even
+        sign = (x < 0).to(torch.uint8) << (self.exp_bits + self.man_bits)
         return index.to(torch.uint8) | sign
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
-        """float32 values of codes (the inverse of `codes`; -0 decodes to 0)."""
-        table = self.magnitudes.to(codes.device)
+        """float32 values of codes (-0 decodes to 0)."""
         magnitude_bits = self.exp_bits + self.man_bits
-        magnitude = table[(codes & ((1 << magnitude_bits) - 1)).long()]
-        return torch.where((codes >> magnitude_bits) & 1 == 1, -magnitude, magnitude)
+        table = torch.cat([self.magnitudes, -self.magnitudes]).to(codes.device)
+        return table[(codes & ((1 << (magnitude_bits + 1)) - 1)).long()]
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        """x rounded onto the grid (float32): values(encode(x))."""
+        return self.values(self.encode(x))
 
 
 E2M1 = MiniFloat("E2M1", exp_bits=2, man_bits=1, bias=1)

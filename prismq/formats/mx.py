@@ -60,35 +60,33 @@ class MX(Format):
                 "weight_scale": (torch.uint8, (out, inp // GROUP))}
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values on the element grid, biased exponents) for x [..., n]; values fp32, or e4m3 for MXFP8."""
+        """(element codes uint8, or e4m3 values for MXFP8; biased exponents uint8) for x [..., n]."""
         exponent = e8m0_exponent(group_absmax(x, GROUP), self.element_max, self.rounding_mantissa_bits)
         scaled = grouped(x, GROUP) / e8m0_scale(exponent, x.dtype).unsqueeze(-1)
         if self.element is None:
             # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
             return round_to_e4m3(scaled + 0.0).flatten(-2), exponent
-        return self.element.round(scaled).flatten(-2), exponent
+        return self.element.encode(scaled).flatten(-2), exponent
 
-    def dequantize(self, values: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """values * 2**(e-127), in dtype."""
+    def dequantize(self, elements: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """element value * 2**(e-127), in dtype."""
+        values = elements if self.element is None else self.element.values(elements)
         return (grouped(values.to(dtype), GROUP) * e8m0_scale(exponent, dtype).unsqueeze(-1)).flatten(-2)
 
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
-        values, exponent = self.quantize(weight)
+        elements, exponent = self.quantize(weight)
         if self.element is None:
-            return {"weight": values, "weight_scale": exponent}
-        codes = self.element.codes(values)
-        packed = pack_nibbles(codes) if self.element.bits == 4 else pack_sextets(codes)
+            return {"weight": elements, "weight_scale": exponent}
+        packed = pack_nibbles(elements) if self.element.bits == 4 else pack_sextets(elements)
         return {"weight_packed": packed, "weight_scale": exponent}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         if self.element is None:
-            values = tensors["weight"]
-        else:
-            packed = tensors["weight_packed"]
-            codes = unpack_nibbles(packed) if self.element.bits == 4 else unpack_sextets(packed)
-            values = self.element.values(codes)
-        return self.dequantize(values, tensors["weight_scale"], dtype)
+            return self.dequantize(tensors["weight"], tensors["weight_scale"], dtype)
+        packed = tensors["weight_packed"]
+        codes = unpack_nibbles(packed) if self.element.bits == 4 else unpack_sextets(packed)
+        return self.dequantize(codes, tensors["weight_scale"], dtype)
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:

@@ -34,17 +34,17 @@ def group_scales(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E2M1-rounded values (fp32, on the grid) and the fp32 group scales for x [..., n] under global scale gs."""
+    """E2M1 codes (uint8) and the fp32 group scales for x [..., n] under global scale gs."""
     scales = group_scales(x, gs)
     effective = (scales / gs.to(x.device)).unsqueeze(-1)
-    rounded = E2M1.round(grouped(x, GROUP) / effective)
-    return rounded.flatten(-2), scales
+    codes = E2M1.encode(grouped(x, GROUP) / effective)
+    return codes.flatten(-2), scales
 
 
-def dequantize(rounded: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values * (scale / gs), computed in fp32 and cast once to dtype (as the loader does)."""
-    effective = (scales.to(torch.float32) / gs.to(rounded.device)).unsqueeze(-1)
-    return (grouped(rounded.to(torch.float32), GROUP) * effective).flatten(-2).to(dtype)
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """E2M1[code] * (scale / gs), computed in fp32 and cast once to dtype (as the loader does)."""
+    effective = (scales.to(torch.float32) / gs.to(codes.device)).unsqueeze(-1)
+    return (grouped(E2M1.values(codes), GROUP) * effective).flatten(-2).to(dtype)
 
 
 class NVFP4(Format):
@@ -75,9 +75,9 @@ class NVFP4(Format):
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
         amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
         gs = global_scale(amax)
-        rounded, scales = quantize(weight, gs)
+        codes, scales = quantize(weight, gs)
         tensors = {
-            "weight_packed": pack_nibbles(E2M1.codes(rounded)),
+            "weight_packed": pack_nibbles(codes),
             "weight_scale": scales.to(torch.float8_e4m3fn),
             "weight_global_scale": gs.to(weight.device),
         }
@@ -88,24 +88,22 @@ class NVFP4(Format):
         return tensors
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        rounded = E2M1.values(unpack_nibbles(tensors["weight_packed"]))
-        return dequantize(rounded, tensors["weight_scale"], tensors["weight_global_scale"], dtype)
+        codes = unpack_nibbles(tensors["weight_packed"])
+        return dequantize(codes, tensors["weight_scale"], tensors["weight_global_scale"], dtype)
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
         self.check(weight, name)
         amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
         gs = global_scale(amax)
-        rounded, scales = quantize(weight, gs)
-        return dequantize(rounded, scales, gs, weight.dtype)
+        return dequantize(*quantize(weight, gs), gs, weight.dtype)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.quantizes_activations:
             return x
         if input_global_scale is None:
             raise FormatError(f"{self.name} activation quantization needs the calibrated input_global_scale")
-        rounded, scales = quantize(x, input_global_scale)
-        return dequantize(rounded, scales, input_global_scale, x.dtype)
+        return dequantize(*quantize(x, input_global_scale), input_global_scale, x.dtype)
 
     def scheme(self) -> dict[str, Any]:
         args = weight_args(num_bits=4, group_size=GROUP, strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
