@@ -149,3 +149,21 @@ def test_bits_per_weight_match_the_design_budget() -> None:
     for name, bpp in expected.items():
         assert get_format(name).bits_per_weight(shape) == pytest.approx(bpp, abs=1e-5)
     assert get_format("NVFP4A16").bits_per_weight(shape) > 4.5  # the fp32 global scale is counted
+
+
+@pytest.mark.parametrize("element", [E2M1, E2M3, E3M2], ids=lambda e: e.name)
+def test_minifloat_encode_equals_brute_force_nearest_even(element) -> None:
+    """Every midpoint, every grid value and a dense sweep, against argmin |x - v| with ties to the even code."""
+    grid = element.magnitudes.double()
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    sweep = torch.linspace(0, element.max * 1.3, 20001, dtype=torch.float64)
+    x = torch.cat([grid, midpoints, sweep, 2.0 ** -torch.arange(1, 30, dtype=torch.float64)])
+    x = torch.cat([x, -x]).float()
+    distance = (x.double().abs().clamp(max=element.max).unsqueeze(1) - grid).abs()
+    nearest = distance == distance.min(dim=1, keepdim=True).values
+    odd_penalty = torch.arange(len(grid)) % 2  # among equally near candidates prefer the even code
+    expected = torch.where(nearest, odd_penalty, 9).argmin(dim=1)
+    codes = element.encode(x)
+    magnitude_bits = element.exp_bits + element.man_bits
+    assert torch.equal((codes & ((1 << magnitude_bits) - 1)).long(), expected)
+    assert torch.equal((codes >> magnitude_bits).bool(), x < 0)

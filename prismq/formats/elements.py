@@ -42,23 +42,20 @@ class MiniFloat:
     def max(self) -> float:
         return float(self.magnitudes[-1])
 
-    @cached_property
-    def midpoints(self) -> torch.Tensor:
-        """Decision boundaries between consecutive magnitudes (float32)."""
-        return (self.magnitudes[1:] + self.magnitudes[:-1]) / 2
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (uint8, sign in the top bit) of x rounded to the nearest magnitude, ties to even, saturating.
 
         A negative input that rounds to zero keeps its sign bit (code -0), as compressed-tensors writes it; an
-        input of -0.0 itself gets +0. x may be any float dtype (every boundary is exact in bf16)."""
-        midpoints = self.midpoints.to(device=x.device, dtype=x.dtype)
-        magnitude = x.abs()
-        index = torch.bucketize(magnitude, midpoints)  # ties go down ...
-        at_tie = magnitude == midpoints[index.clamp(max=len(midpoints) - 1)]
-        index = index + (at_tie & (index % 2 == 1)).to(index.dtype)  # ... unless the upper neighbour is even
-        sign = (x < 0).to(torch.uint8) << (self.exp_bits + self.man_bits)
-        return index.to(torch.uint8) | sign
+        input of -0.0 itself gets +0. With E the value's exponent (at least the subnormal one) and
+        n = round(|x| / 2**(E - man_bits)), the magnitude code is (E - E_min) * 2**man_bits + n: a mantissa that
+        rounds up to 2**(man_bits + 1) carries into the next exponent, and n's parity is the mantissa's."""
+        magnitude = x.abs().float().clamp(max=self.max)
+        min_exponent = 1 - self.bias
+        exponent = ((magnitude.view(torch.int32) >> 23) - 127).clamp(min=min_exponent)
+        inverse_quantum = ((127 + self.man_bits - exponent) << 23).view(torch.float32)  # exact power of two
+        steps = torch.round(magnitude * inverse_quantum).to(torch.int32)
+        index = ((exponent - min_exponent) << self.man_bits) + steps
+        return index.to(torch.uint8) | ((x < 0).to(torch.uint8) << (self.exp_bits + self.man_bits))
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 values of codes (-0 decodes to 0)."""
