@@ -1,0 +1,185 @@
+"""The Fisher probe: per-Linear empirical Fisher from per-token squared gradients, plus input statistics.
+
+For a Linear y = x W^T the weight gradient of a block's loss is sum_t dy_t ⊗ x_t, with dy_t = dLoss/dy at position t.
+Squaring that sum (what earlier tools did) lets gradients of different tokens cancel and understates sensitivity;
+the probe squares every token's contribution separately:
+
+    F_ij = (1/T) sum_t dy_ti^2 x_tj^2                      (the per-token empirical Fisher diagonal)
+    fisher_out_i = sum_j F_ij = (1/T) sum_t dy_ti^2 ||x_t||^2,   fisher_trace = sum_i fisher_out_i
+
+Loss = the summed next-token NLL of each calibration block (labels = the block shifted by one), so dy_t is the
+gradient of the block's summed loss; T = N*L, every calibration position (the last position of a block predicts
+nothing, so its dy is zero, but its input still counts in the input statistics and the sample).
+
+Nothing of size [out, in] is ever formed and no parameter gets a `.grad`: parameters are frozen, the graph exists
+because the input embeddings require grad, a forward hook on each Linear records ||x_t||^2 and the input statistics,
+and a tensor hook on its output y receives dy and adds (dy^2)^T ||x||^2 into a preallocated buffer. Precision: each
+block's sums are fp32 (dy and x upcast before squaring), the running totals over blocks are fp64; outputs are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prismq.errors import PrismqError
+
+# Suffixes of the tensors `probe` returns for each Linear NAME (NAME.fisher_out, ...).
+FISHER_OUT = "fisher_out"
+FISHER_TRACE = "fisher_trace"
+X_SQ = "x_sq"
+X_ABSMAX = "x_absmax"
+X_SAMPLE = "x_sample"
+
+
+def sample_positions(total: int, rows: int, seed: int) -> torch.Tensor:
+    """`min(rows, total)` distinct token positions drawn uniformly from range(total) under `seed`, sorted.
+
+    Drawn up front (not reservoir-sampled) so the sample is identical whatever the block order or device."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=generator)[: min(rows, total)].sort().values
+
+
+@dataclass
+class _LinearState:
+    """Running sums for one Linear, on its weight's device."""
+
+    fisher_out: torch.Tensor  # [out] fp64: sum_t dy_ti^2 ||x_t||^2
+    x_sq: torch.Tensor  # [in] fp64: sum_t x_tj^2
+    x_absmax: torch.Tensor  # [] fp32
+    x_sample: torch.Tensor  # [rows, in] model dtype
+    calls: int = 0
+
+
+class _Recorder:
+    """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
+
+    def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int) -> None:
+        self.seqlen = seqlen
+        self.states = {
+            name: _LinearState(
+                fisher_out=torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device),
+                x_sq=torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device),
+                x_absmax=torch.zeros((), dtype=torch.float32, device=m.weight.device),
+                x_sample=torch.zeros(sample_rows, m.in_features, dtype=m.weight.dtype, device=m.weight.device),
+            )
+            for name, m in modules.items()
+        }
+        self.slots = torch.zeros(0, dtype=torch.long)  # this block's sample slots and their positions in the block
+        self.local = torch.zeros(0, dtype=torch.long)
+
+    def forward_hook(self, name: str):
+        """A forward hook for Linear `name`: input statistics now, and a hook on y for the Fisher on backward."""
+        state = self.states[name]
+
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] != self.seqlen:
+                raise PrismqError(f"{name} saw {rows.shape[0]} input rows for a block of {self.seqlen} tokens; the "
+                                  "probe needs every Linear to see each token once (routed experts are not Linears)")
+            if not output.requires_grad:
+                raise PrismqError(f"{name}: its output does not depend on the input embeddings; cannot probe it")
+            state.calls += 1
+            squares = rows.float().square()  # [L, in]
+            norm_sq = squares.sum(dim=1)  # [L] ||x_t||^2, kept alive by the hook below until the backward ran
+            state.x_sq += squares.sum(dim=0)
+            torch.maximum(state.x_absmax, rows.abs().amax().float(), out=state.x_absmax)
+            if self.slots.numel():
+                state.x_sample[self.slots.to(rows.device)] = rows[self.local.to(rows.device)].to(state.x_sample.dtype)
+
+            def accumulate(grad: torch.Tensor) -> None:
+                dy_sq = grad.detach().reshape(-1, grad.shape[-1]).float().square()  # [L, out]
+                state.fisher_out += norm_sq @ dy_sq  # sum_t ||x_t||^2 dy_t^2, fp32 within the block
+
+            output.register_hook(accumulate)
+
+        return hook
+
+
+def _nll_sum(logits: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of one block (fp32 log-softmax): position t predicts token t+1."""
+    return nn.functional.cross_entropy(logits[0, :-1].float(), block[1:], reduction="sum")
+
+
+def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128, seed: int = 0,
+          progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per-token empirical Fisher and input statistics of the named Linears over calibration `blocks` [N, L].
+
+    Returns, per Linear NAME (fp32 on the CPU unless noted): NAME.fisher_out [out], NAME.fisher_trace [],
+    NAME.x_sq [in] (E[x_j^2] over all N*L tokens), NAME.x_absmax [] and NAME.x_sample [min(sample_rows, N*L), in]
+    (in the model dtype: input rows at positions drawn uniformly over all N*L, seeded, without replacement, in
+    position order). Also "loss" []: the mean next-token NLL over the N*(L-1) predicted tokens. One block per
+    forward/backward; the model is left as it was (parameters, requires_grad flags and train/eval mode) and no
+    parameter gets a `.grad`. Why per token: see the module docstring."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise PrismqError(f"probe needs token blocks [N, L] with L >= 2, got shape {tuple(blocks.shape)}")
+    all_modules = dict(model.named_modules())
+    missing = [n for n in names if not isinstance(all_modules.get(n), nn.Linear)]
+    if missing:
+        raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
+    n_blocks, seqlen = blocks.shape
+    total = n_blocks * seqlen
+    modules = {name: all_modules[name] for name in names}
+    recorder = _Recorder(modules, seqlen, min(sample_rows, total))
+    positions = sample_positions(total, sample_rows, seed)
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    handles = [m.register_forward_hook(recorder.forward_hook(name)) for name, m in modules.items()]
+    nll_total = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        model.eval()
+        for p in flags:
+            p.requires_grad_(False)
+        bar = tqdm(range(n_blocks), desc="probe", unit="block", disable=not progress)
+        for index in bar:
+            in_block = (positions >= index * seqlen) & (positions < (index + 1) * seqlen)
+            recorder.slots = in_block.nonzero().flatten().to(device)
+            recorder.local = (positions[in_block] - index * seqlen).to(device)
+            block = blocks[index].to(device)
+            with torch.enable_grad():
+                embeds = embed(block.unsqueeze(0)).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits
+                loss = _nll_sum(logits, block)
+                del logits
+                torch.autograd.grad(loss, [embeds])  # fires the output hooks; accumulates into no .grad
+            nll_total += loss.detach()
+            del embeds, loss  # frees the block's graph, and with it the hooks' ||x_t||^2
+            if progress:
+                bar.set_postfix(nll=f"{nll_total.item() / ((index + 1) * (seqlen - 1)):.3f}", refresh=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
+    if with_grad:  # pragma: no cover - a guard on the mechanism, not reachable through the API
+        raise PrismqError(f"internal error: the probe left a .grad on {with_grad[0]}")
+    return _results(recorder, n_blocks, total, nll_total / (n_blocks * (seqlen - 1)))
+
+
+def _results(recorder: _Recorder, n_blocks: int, total: int, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Normalize the running sums by the token count and move them to the CPU, checking every Linear ran once
+    per block (a Linear that ran twice or never would make the per-token averages wrong)."""
+    out: dict[str, torch.Tensor] = {"loss": loss.float().cpu()}
+    for name, state in recorder.states.items():
+        if state.calls != n_blocks:
+            raise PrismqError(f"{name} ran {state.calls} times over {n_blocks} blocks; the probe needs each Linear "
+                              "to run once per forward")
+        fisher_out = state.fisher_out / total
+        out[f"{name}.{FISHER_OUT}"] = fisher_out.float().cpu()
+        out[f"{name}.{FISHER_TRACE}"] = fisher_out.sum().float().cpu()
+        out[f"{name}.{X_SQ}"] = (state.x_sq / total).float().cpu()
+        out[f"{name}.{X_ABSMAX}"] = state.x_absmax.cpu()
+        out[f"{name}.{X_SAMPLE}"] = state.x_sample.cpu()
+        if not math.isfinite(float(out[f"{name}.{FISHER_TRACE}"])):
+            raise PrismqError(f"{name}: the Fisher trace is not finite (overflow in the model dtype?)")
+    return out

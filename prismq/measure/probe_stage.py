@@ -1,0 +1,58 @@
+"""`prismq probe` as a work-directory stage: resumes from probe.{safetensors,json}, refuses stale ones.
+
+The artifact is WORK_DIR/probe.safetensors (per quantizable Linear NAME: NAME.fisher_out, NAME.fisher_trace,
+NAME.x_sq, NAME.x_absmax, NAME.x_sample; see `prismq.measure.fisher.probe`) with its sidecar WORK_DIR/probe.json
+(model and text fingerprints, token count, settings, mean calibration NLL, dtype, prismq version).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_tensors, write_tensors
+from prismq.measure import fisher
+from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.source import load_model
+
+PROBE_KIND = "probe"
+PROBE_STEM = "probe"
+
+
+def probe_expect(model_dir: Path, blocks: torch.Tensor, sample_rows: int, seed: int) -> dict[str, Any]:
+    """The sidecar values a probe artifact must have to be reused for this model, text and settings."""
+    return {"model": fingerprint_model(model_dir), "text": fingerprint_tokens(blocks),
+            "sample_rows": sample_rows, "seed": seed}
+
+
+def read_probe(work_dir: Path, expect: dict[str, Any] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The probe's tensors and sidecar from `work_dir` (None if not there yet); corrupt or stale -> PrismqError.
+
+    Later stages (cost) read the probe through this, passing `probe_expect(...)` to refuse a mismatched one."""
+    return read_tensors(Path(work_dir) / PROBE_STEM, PROBE_KIND, expect)
+
+
+def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: str | torch.device,
+              sample_rows: int = 128, seed: int = 0, progress: bool = True) -> Path:
+    """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `read_probe`).
+
+    If a probe artifact for the same model, blocks, sample_rows and seed is already there it is reused without
+    loading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too
+    (`read_tensors` raises PrismqError for both), so a run never silently mixes measurements."""
+    model_dir, work_dir = Path(model_dir), Path(work_dir)
+    stem = work_dir / PROBE_STEM
+    expect = probe_expect(model_dir, blocks, sample_rows, seed)
+    if read_tensors(stem, PROBE_KIND, expect) is not None:
+        return stem
+    names = list(quantizable(linear_shapes(model_dir)))
+    model = load_model(model_dir, device=device)
+    tensors = fisher.probe(model, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
+    loss = float(tensors.pop("loss"))
+    meta = {**expect, "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "seqlen": int(blocks.shape[1]),
+            "loss": loss, "dtype": str(model.dtype).removeprefix("torch."), "linears": len(names)}
+    del model
+    write_tensors(stem, PROBE_KIND, tensors, meta)
+    return stem
