@@ -55,6 +55,17 @@ class _LinearState:
     calls: int = 0
 
 
+@dataclass
+class _InputStats:
+    """What one Linear input contributes in a block; fused siblings (q/k/v, gate/up) get the same input tensor,
+    so it is computed once for them."""
+
+    norm_sq: torch.Tensor  # [L] fp32 ||x_t||^2
+    col_sq: torch.Tensor  # [in] fp32 sum_t x_tj^2
+    absmax: torch.Tensor  # [] fp32
+    sample: torch.Tensor | None  # [rows in this block, in] the sampled rows, model dtype
+
+
 class _Recorder:
     """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
 
@@ -71,29 +82,48 @@ class _Recorder:
         }
         self.slots = torch.zeros(0, dtype=torch.long)  # this block's sample slots and their positions in the block
         self.local = torch.zeros(0, dtype=torch.long)
+        self._last: tuple[torch.Tensor, int, _InputStats] | None = None  # the last input seen, for siblings
+
+    def start_block(self, slots: torch.Tensor, local: torch.Tensor) -> None:
+        """Set the sample slots filled from this block and their positions in it; forget the last input."""
+        self.slots, self.local, self._last = slots, local, None
+
+    def input_stats(self, given: torch.Tensor) -> _InputStats:
+        """The statistics of a Linear's input [..., in] (one block), reused when the previous Linear got this very
+        tensor (same object, not modified since)."""
+        if self._last is not None and self._last[0] is given and self._last[1] == given._version:
+            return self._last[2]
+        x = given.detach().reshape(self.seqlen, -1)
+        squares = x.to(torch.float32, copy=True).square_()  # [L, in]; a copy, so fp32 inputs stay untouched
+        low, high = torch.aminmax(x)
+        stats = _InputStats(norm_sq=squares.sum(dim=1), col_sq=squares.sum(dim=0),
+                            absmax=torch.maximum(-low, high).float(),
+                            sample=x[self.local] if self.slots.numel() else None)
+        self._last = (given, given._version, stats)
+        return stats
 
     def forward_hook(self, name: str):
         """A forward hook for Linear `name`: input statistics now, and a hook on y for the Fisher on backward."""
         state = self.states[name]
 
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[0] != self.seqlen:
-                raise PrismqError(f"{name} saw {rows.shape[0]} input rows for a block of {self.seqlen} tokens; the "
-                                  "probe needs every Linear to see each token once (routed experts are not Linears)")
+            x = args[0]
+            if x.numel() != self.seqlen * x.shape[-1]:
+                raise PrismqError(f"{name} saw {x.numel() // x.shape[-1]} input rows for a block of {self.seqlen} "
+                                  "tokens; the probe needs every Linear to see each token once (routed experts "
+                                  "are not Linears)")
             if not output.requires_grad:
                 raise PrismqError(f"{name}: its output does not depend on the input embeddings; cannot probe it")
             state.calls += 1
-            squares = rows.float().square()  # [L, in]
-            norm_sq = squares.sum(dim=1)  # [L] ||x_t||^2, kept alive by the hook below until the backward ran
-            state.x_sq += squares.sum(dim=0)
-            torch.maximum(state.x_absmax, rows.abs().amax().float(), out=state.x_absmax)
-            if self.slots.numel():
-                state.x_sample[self.slots.to(rows.device)] = rows[self.local.to(rows.device)].to(state.x_sample.dtype)
+            stats = self.input_stats(x)
+            state.x_sq += stats.col_sq
+            torch.maximum(state.x_absmax, stats.absmax, out=state.x_absmax)
+            if stats.sample is not None:
+                state.x_sample[self.slots] = stats.sample.to(state.x_sample.dtype)
+            norm_sq = stats.norm_sq  # kept alive by the hook below until the backward has run
 
             def accumulate(grad: torch.Tensor) -> None:
-                dy_sq = grad.detach().reshape(-1, grad.shape[-1]).float().square()  # [L, out]
+                dy_sq = grad.detach().reshape(self.seqlen, -1).to(torch.float32, copy=True).square_()  # [L, out]
                 state.fisher_out += norm_sq @ dy_sq  # sum_t ||x_t||^2 dy_t^2, fp32 within the block
 
             output.register_hook(accumulate)
@@ -141,8 +171,8 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
         bar = tqdm(range(n_blocks), desc="probe", unit="block", disable=not progress)
         for index in bar:
             in_block = (positions >= index * seqlen) & (positions < (index + 1) * seqlen)
-            recorder.slots = in_block.nonzero().flatten().to(device)
-            recorder.local = (positions[in_block] - index * seqlen).to(device)
+            local = (positions[in_block] - index * seqlen).to(device)
+            recorder.start_block(in_block.nonzero().flatten().to(device), local)
             block = blocks[index].to(device)
             with torch.enable_grad():
                 embeds = embed(block.unsqueeze(0)).detach().requires_grad_(True)
