@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from prismq.config import QuantizeConfig
-from prismq.data import read_text, token_blocks
+from prismq.data import calibration_and_heldout
 from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult, write_checkpoint
 from prismq.formats import get_format
@@ -62,8 +62,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     if needs_range:
         model = load_model(model_dir, device=config.device)
         tokenizer = load_tokenizer(model_dir)
-        blocks = token_blocks(tokenizer(read_text(config.calib))["input_ids"], config.calib_blocks,
-                              config.calib_seqlen)
+        blocks, _ = calibration_and_heldout(config.calib, config.heldout, tokenizer, config.calib_blocks, 0,
+                                            config.calib_seqlen)
         input_amax = input_absmax(model, blocks, needs_range)
         del model
 
