@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,6 +157,29 @@ def test_probe_refuses_bad_input() -> None:
         probe(model, torch.zeros(1, 4, dtype=torch.long), ["model.norm"], progress=False)
     with pytest.raises(PrismqError, match="L >= 2"):
         probe(model, torch.zeros(4, dtype=torch.long), linear_names(model), progress=False)
+    with pytest.raises(PrismqError, match="sample_rows"):
+        probe(model, torch.zeros(1, 4, dtype=torch.long), linear_names(model), sample_rows=-1, progress=False)
+
+
+class TwiceLM(nn.Module):
+    """A toy LM whose one Linear runs twice per forward, which the per-token averages cannot account for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, inputs_embeds: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(self.mix(self.mix(inputs_embeds))))
+
+
+def test_probe_refuses_a_linear_that_runs_twice_per_forward() -> None:
+    model = TwiceLM()
+    with pytest.raises(PrismqError, match="mix ran 4 times over 2 blocks"):
+        probe(model, torch.randint(0, 16, (2, 5)), ["mix"], progress=False)
+    assert probe(model, torch.randint(0, 16, (2, 5)), ["head"], progress=False)["head.fisher_trace"] > 0
 
 
 def test_run_probe_writes_resumes_and_refuses_stale_or_corrupt(tiny_llama_dir: Path, tmp_path: Path,

@@ -148,6 +148,8 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     parameter gets a `.grad`. Why per token: see the module docstring."""
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise PrismqError(f"probe needs token blocks [N, L] with L >= 2, got shape {tuple(blocks.shape)}")
+    if sample_rows < 0:
+        raise PrismqError(f"sample_rows must be >= 0, got {sample_rows}")
     all_modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(all_modules.get(n), nn.Linear)]
     if missing:
