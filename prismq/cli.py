@@ -93,14 +93,25 @@ def _add_quantize(commands: Any) -> None:
 
 
 def _add_eval(commands: Any) -> None:
-    """Add `eval` with the §1b flags (none required while the stage is not built)."""
-    sub = commands.add_parser("eval", help=_EVAL_HELP, description=_EVAL_HELP[0].upper() + _EVAL_HELP[1:] + ".")
-    sub.add_argument("--reference", metavar="MODEL", help="the unquantized model")
-    sub.add_argument("--quantized", metavar="DIR_OR_ASSIGNMENT", help="exported checkpoint or assignment file")
-    sub.add_argument("--text", type=Path, metavar="FILE", help="text evaluated in consecutive blocks from its start")
-    sub.add_argument("--blocks", type=int, metavar="N", help="number of blocks")
-    sub.add_argument("--seqlen", type=int, metavar="L", help="tokens per block")
+    """Add `eval` with the §1b flags, plus --device."""
+    sub = commands.add_parser(
+        "eval",
+        help=_EVAL_HELP,
+        description="Compare a quantized model with its reference: KL(P_ref || P_quant) over the full vocabulary at "
+        "every position (mean, median, p99, p99.9, max), same-top-1 and perplexities. With --text, consecutive "
+        "blocks from the start of FILE (like llama-perplexity); without, held-out blocks of the default text.",
+    )
+    sub.add_argument("--reference", metavar="MODEL",
+                     help="the unquantized model: HF directory or .gguf; omitted: the embedded default model")
+    sub.add_argument("--quantized", required=True, metavar="DIR_OR_ASSIGNMENT",
+                     help="exported checkpoint directory, or a .json {\"assignment\": {linear: FORMAT}, "
+                     "\"input_amax\": {linear: float}} fake-quantized in memory")
+    sub.add_argument("--text", metavar="FILE", help="text evaluated in consecutive blocks from its start")
+    sub.add_argument("--blocks", type=int, default=16, metavar="N", help="number of blocks (default 16)")
+    sub.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per block (default 512)")
     sub.add_argument("--json", type=Path, metavar="PATH", help="write the statistics as JSON here")
+    sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where to compute (default auto)")
 
 
 def quantize_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,6 +145,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Run the KL evaluator as the flags say."""
+    from prismq.measure.evaluate import run_eval
+
+    run_eval(args.reference, args.quantized, args.text, args.blocks, args.seqlen, args.json, args.device)
+    return 0
+
+
 def _cmd_formats(args: argparse.Namespace) -> int:
     """Print the format registry's table."""
     from prismq.formats.registry import print_table
@@ -148,6 +167,8 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         return _cmd_quantize
     if command == "formats":
         return _cmd_formats
+    if command == "eval":
+        return _cmd_eval
     return lambda args: _not_implemented(f"'{command}'")
 
 

@@ -1,0 +1,141 @@
+"""`prismq eval`: build the quantized model (an exported checkpoint or an in-memory assignment), pick the text
+blocks, run the KL evaluator, print and optionally write the statistics.
+
+An exported checkpoint is loaded through transformers + compressed-tensors, as a user would load it. An
+assignment file `{"assignment": {linear: FORMAT}, "input_amax": {linear: float}}` is applied to a copy of the
+reference with the codecs (`encode_model` + `apply_fake_quant`), so the model computes what the export of that
+assignment would; missing input ranges are calibrated on the default calibration blocks, exactly as
+`prismq quantize` does without `--calib`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prismq.artifacts import write_json
+from prismq.config import QuantizeConfig
+from prismq.data import calibration_and_heldout, consecutive_blocks, read_text
+from prismq.errors import PrismqError
+from prismq.export.encode import encode_model
+from prismq.formats import get_format
+from prismq.measure.input_range import input_absmax
+from prismq.measure.kl import KLResult, evaluate_kl
+from prismq.model.fake_quant import apply_fake_quant
+from prismq.model.siblings import sibling_groups
+from prismq.model.source import load_model, load_tokenizer, resolve_model
+
+DEFAULT_BLOCKS = 16
+DEFAULT_SEQLEN = 512
+
+
+def read_assignment(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Read an assignment file: {linear: FORMAT} (format names normalized) and {linear: input absmax} (may be {})."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PrismqError(f"cannot read assignment file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrismqError(f"assignment file {path} is not valid JSON ({exc})") from None
+    assignment = document.get("assignment") if isinstance(document, dict) else None
+    if not isinstance(assignment, dict) or not assignment or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in assignment.items()):
+        raise PrismqError(f"assignment file {path} needs a non-empty object \"assignment\": {{linear: FORMAT}}")
+    amax = document.get("input_amax") or {}
+    if not isinstance(amax, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                             for v in amax.values()):
+        raise PrismqError(f"assignment file {path}: \"input_amax\" must map Linear names to positive numbers")
+    formats = {name: get_format(value).name for name, value in assignment.items()}
+    return formats, {name: torch.tensor(float(value)) for name, value in amax.items()}
+
+
+def check_assignment(model: nn.Module, assignment: dict[str, str]) -> None:
+    """Refuse names that are not Linear layers of the model and fused siblings given different formats."""
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    unknown = sorted(set(assignment) - linears)
+    if unknown:
+        raise PrismqError(f"the assignment names {unknown[0]}, which is not a Linear layer of the reference model"
+                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    for group in sibling_groups(assignment):
+        if len({assignment[name] for name in group}) > 1:
+            detail = ", ".join(f"{name}={assignment[name]}" for name in group)
+            raise PrismqError(f"fused siblings must share one format: {detail}")
+
+
+def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
+    """The blocks `prismq quantize` calibrates input ranges on when given no --calib (same text, count, seed)."""
+    fields = QuantizeConfig.model_fields
+    blocks, _ = calibration_and_heldout(None, None, load_tokenizer(model_dir), fields["calib_blocks"].default, 0,
+                                        fields["calib_seqlen"].default)
+    return blocks
+
+
+def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
+                   calibration: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
+    """Fake-quantize `model` in place to what the export of `assignment` computes, and return it.
+
+    Input ranges missing for formats with a static input scale are measured on `calibration` first (on the
+    unquantized model, as `prismq quantize` does); without calibration blocks that is an error."""
+    check_assignment(model, assignment)
+    missing = [n for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax]
+    if missing:
+        if calibration is None:
+            raise PrismqError(f"{missing[0]}: {assignment[missing[0]]} needs its input absmax and no calibration "
+                              "text was given")
+        input_amax = {**input_absmax(model, calibration, missing, progress=progress), **input_amax}
+    apply_fake_quant(model, assignment, encode_model(model, assignment, input_amax))
+    return model
+
+
+def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool = True) -> nn.Module:
+    """The quantized model named by `spec`: an exported checkpoint directory, or an assignment .json applied to a
+    fresh copy of the reference."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        model = load_model(resolve_model(str(path)), device=device)
+        with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward
+            model(torch.tensor([[0, 1]], device=next(model.parameters()).device), use_cache=False)
+        return model
+    if path.is_file() and path.suffix.lower() == ".json":
+        assignment, amax = read_assignment(path)
+        model = load_model(reference_dir, device=device)
+        needs = any(get_format(f).needs_input_amax and n not in amax for n, f in assignment.items())
+        calibration = default_calibration_blocks(reference_dir) if needs else None
+        return fake_quantized(model, assignment, amax, calibration, progress)
+    raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
+
+
+def eval_blocks(model_dir: Path, text: str | None, n_blocks: int, seqlen: int) -> torch.Tensor:
+    """The blocks to evaluate: consecutive blocks from the start of `text` (a file), or without one, held-out
+    blocks of the default text's calibration / held-out split."""
+    tokenizer = load_tokenizer(model_dir)
+    if text is not None:
+        return consecutive_blocks(tokenizer, read_text(text), n_blocks, seqlen)
+    _, heldout = calibration_and_heldout(None, None, tokenizer, 0, n_blocks, seqlen)
+    return heldout
+
+
+def run_eval(reference: str | None, quantized: str, text: str | None = None, n_blocks: int = DEFAULT_BLOCKS,
+             seqlen: int = DEFAULT_SEQLEN, json_path: Path | None = None, device: str = "auto",
+             progress: bool = True) -> KLResult:
+    """`prismq eval`: KL statistics of `quantized` against `reference` (None: the embedded default model),
+    printed as a summary and written to `json_path` when given."""
+    if n_blocks < 1 or seqlen < 2:
+        raise PrismqError(f"need --blocks >= 1 and --seqlen >= 2, got {n_blocks} and {seqlen}")
+    reference_dir = resolve_model(reference)
+    blocks = eval_blocks(reference_dir, text, n_blocks, seqlen)
+    quant_model = load_quantized(quantized, reference_dir, device, progress)
+    ref_model = load_model(reference_dir, device=device)
+    result = evaluate_kl(ref_model, quant_model, blocks, progress=progress)
+    print(f"prismq eval: {quantized} against {reference_dir}")
+    print(result.summary())
+    if json_path is not None:
+        payload: dict[str, Any] = {**result.to_json(), "reference": str(reference_dir), "quantized": str(quantized),
+                                   "text": text if text is not None else "default held-out split"}
+        write_json(Path(json_path), "eval", payload)
+        print(f"prismq eval: wrote {json_path}")
+    return result
