@@ -46,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(commands)
     for name, help_line in _STAGES.items():
         stage = commands.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
-        stage.add_argument("--work-dir", type=Path, metavar="DIR", help="work directory shared by all stages")
+        stage.add_argument("--work-dir", type=Path, metavar="DIR", required=name in ("probe", "cost"),
+                           help="work directory shared by all stages (each resumes from what is there)")
+        if name == "probe":
+            _add_probe_flags(stage)
+        if name in ("probe", "cost"):
+            stage.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                               help="where to compute (default auto)")
+        if name == "cost":
+            stage.add_argument("--formats", metavar="A,B,...",
+                               help="formats to price (default: every exportable format)")
     _add_eval(commands)
     commands.add_parser("formats", help=_FORMATS_HELP, description=_FORMATS_HELP[0].upper() + _FORMATS_HELP[1:] + ".")
     return parser
@@ -90,6 +99,20 @@ def _add_quantize(commands: Any) -> None:
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     sub.add_argument("--calib-blocks", type=int, metavar="N", help="blocks for activation ranges (default 8)")
     sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per calibration block (default 256)")
+
+
+def _add_probe_flags(sub: argparse.ArgumentParser) -> None:
+    """The probe's MODEL and text flags."""
+    sub.add_argument("model", nargs="?", metavar="MODEL",
+                     help="HF directory or .gguf; omitted: the embedded SmolLM2-135M-Instruct")
+    sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: CPython docs, split)")
+    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text, disjoint from --calib")
+    sub.add_argument("--calib-blocks", type=int, default=32, metavar="N", help="calibration blocks (default 32)")
+    sub.add_argument("--heldout-blocks", type=int, default=16, metavar="N", help="held-out blocks (default 16)")
+    sub.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per block (default 512)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the split and the block sampling (default 0)")
+    sub.add_argument("--sample-rows", type=int, default=128, metavar="K",
+                     help="input rows kept per Linear for measuring activation-quantization error (default 128)")
 
 
 def _add_eval(commands: Any) -> None:
@@ -153,6 +176,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Split the text and measure the calibration statistics into the work directory."""
+    from prismq.config import validate_config
+    from prismq.stages import MeasureConfig, stage_probe
+
+    config = validate_config(MeasureConfig, {
+        "model": args.model, "work_dir": args.work_dir, "calib": args.calib, "heldout": args.heldout,
+        "calib_blocks": args.calib_blocks, "heldout_blocks": args.heldout_blocks, "seqlen": args.seqlen,
+        "seed": args.seed, "sample_rows": args.sample_rows, "device": args.device})
+    print(f"prismq: probe written to {stage_probe(config)}.safetensors")
+    return 0
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    """Price every (Linear, format) pair from the work directory's probe."""
+    from prismq.formats import format_names
+    from prismq.stages import cost_summary, stage_cost
+
+    formats = [f.strip() for f in args.formats.split(",")] if args.formats else format_names(exportable_only=True)
+    rows = stage_cost(args.work_dir, formats, args.device)
+    print(cost_summary(rows))
+    print(f"prismq: {len(rows)} (Linear, format) costs in {args.work_dir / 'cost.json'}")
+    return 0
+
+
 def _cmd_formats(args: argparse.Namespace) -> int:
     """Print the format registry's table."""
     from prismq.formats.registry import print_table
@@ -169,6 +217,10 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         return _cmd_formats
     if command == "eval":
         return _cmd_eval
+    if command == "probe":
+        return _cmd_probe
+    if command == "cost":
+        return _cmd_cost
     return lambda args: _not_implemented(f"'{command}'")
 
 

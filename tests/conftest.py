@@ -10,6 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (ct_reference) import as plain modules
 
+# One intra-op thread: the suite's tensors are small, and on the 2-vCPU CI machines torch's default of 2 threads
+# stalls every parallel region (~8 ms each; benchmarks/RESULTS.md), which made the suite ~10x slower.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

@@ -243,7 +243,7 @@ def _write_converted(gguf_path: Path, out_dir: Path) -> None:
     (out_dir / _PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     """Map 'auto' to cuda when available, else cpu, and refuse a CUDA request this torch cannot serve."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,7 +257,7 @@ def load_model(
     model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
     """Load the causal LM in `model_dir` as `dtype` onto `device` ('auto', 'cpu', 'cuda', ...), in eval mode."""
-    target = _resolve_device(device)
+    target = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, device_map={"": target}

@@ -1,0 +1,104 @@
+"""The measurement stages over one work directory: `probe` (calibration statistics) then `cost` (per-format prices).
+
+`probe` records what it was run on in WORK/run.json (the model, the text settings) and the held-out blocks in
+WORK/heldout.safetensors, so the later stages need only --work-dir, and every stage resumes from what is already
+there (each artifact is fingerprinted; a stale one is refused, never silently reused).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from prismq.artifacts import read_json, read_tensors, write_json, write_tensors
+from prismq.data import calibration_and_heldout
+from prismq.errors import PrismqError
+from prismq.formats import format_names, get_format
+from prismq.measure.cost import CostRow, run_cost
+from prismq.measure.probe_stage import run_probe
+from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.source import load_tokenizer, resolve_device, resolve_model
+
+
+class MeasureConfig(BaseModel):
+    """Settings of the measurement stages (the probe's text and sampling; the cost's formats)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    work_dir: Path
+    calib: str | None = None
+    heldout: str | None = None
+    calib_blocks: int = Field(32, gt=0)
+    heldout_blocks: int = Field(16, gt=0)
+    seqlen: int = Field(512, gt=1)
+    seed: int = 0
+    sample_rows: int = Field(128, ge=0)
+    formats: list[str] = Field(default_factory=lambda: format_names(exportable_only=True))
+    device: str = "auto"
+
+
+def _run_record(config: MeasureConfig, model_dir: Path) -> dict:
+    return {"model": config.model, "model_dir": str(model_dir), "calib": config.calib, "heldout": config.heldout,
+            "calib_blocks": config.calib_blocks, "heldout_blocks": config.heldout_blocks, "seqlen": config.seqlen,
+            "seed": config.seed}
+
+
+def stage_probe(config: MeasureConfig) -> Path:
+    """Split the text, keep the held-out blocks, and run (or resume) the probe on the calibration blocks."""
+    work = Path(config.work_dir)
+    model_dir = resolve_model(config.model)
+    record = _run_record(config, model_dir)
+    previous = read_json(work / "run.json", "run")
+    if previous is not None and any(previous.get(k) != v for k, v in record.items()):
+        changed = [k for k, v in record.items() if previous.get(k) != v]
+        raise PrismqError(f"{work} holds a run with other settings ({', '.join(changed)}); use another --work-dir")
+    tokenizer = load_tokenizer(model_dir)
+    calib, heldout = calibration_and_heldout(config.calib, config.heldout, tokenizer, config.calib_blocks,
+                                             config.heldout_blocks, config.seqlen, config.seed)
+    write_json(work / "run.json", "run", record)
+    write_tensors(work / "heldout", "blocks", {"tokens": heldout}, {"split": "heldout"})
+    return run_probe(model_dir, work, calib, device=resolve_device(config.device), sample_rows=config.sample_rows,
+                     seed=config.seed)
+
+
+def run_model_dir(work_dir: Path) -> Path:
+    """The model directory a work directory was probed with."""
+    record = read_json(Path(work_dir) / "run.json", "run")
+    if record is None:
+        raise PrismqError(f"{work_dir} has no run.json: run `prismq probe MODEL --work-dir {work_dir}` first")
+    return Path(record["model_dir"])
+
+
+def heldout_blocks(work_dir: Path) -> torch.Tensor:
+    """The held-out token blocks the probe stage set aside (disjoint from its calibration blocks)."""
+    stored = read_tensors(Path(work_dir) / "heldout", "blocks")
+    if stored is None:
+        raise PrismqError(f"{work_dir} has no held-out blocks: run `prismq probe` first")
+    return stored[0]["tokens"]
+
+
+def stage_cost(work_dir: Path, formats: list[str], device: str = "auto") -> list[CostRow]:
+    """Run (or resume) the cost stage for `formats` over the work directory's model and probe."""
+    model_dir = run_model_dir(work_dir)
+    names = [get_format(f).name for f in formats]
+    linears = list(quantizable(linear_shapes(model_dir)))
+    return run_cost(model_dir, Path(work_dir), linears, names, resolve_device(device))
+
+
+def cost_summary(rows: list[CostRow]) -> str:
+    """A per-format table: Linears it can take, bits per parameter over them, summed predicted delta-loss."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for row in rows:
+        total = totals[row.format]
+        total[0] += 1
+        total[1] += row.bytes
+        total[2] += row.params
+        total[3] += row.predicted_dloss
+    lines = [f"{'format':<12} {'linears':>7} {'bpp':>7} {'sum predicted dloss':>20}"]
+    for name, (count, size, params, dloss) in totals.items():
+        lines.append(f"{name:<12} {count:>7} {8 * size / params:>7.3f} {dloss:>20.6g}")
+    return "\n".join(lines)
