@@ -206,7 +206,7 @@ def tokenize_blocks(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]
 
     The documents are tokenized with EOS between them, concatenated and cut into consecutive blocks; n of those
     are picked uniformly at random under `seed` (kept in stream order), so the sample spans the text rather than
-    its beginning."""
+    its beginning. `what` names the text in the too-short error."""
     if n_blocks < 0 or seqlen < 1:
         raise PrismqError(f"need n_blocks >= 0 and seqlen >= 1, got {n_blocks} and {seqlen}")
     if n_blocks == 0:
