@@ -101,3 +101,23 @@ def test_cost_stage_resumes_and_refuses_a_missing_or_stale_probe(tiny_llama_dir:
     with pytest.raises(PrismqError, match="stale"):
         run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8", "BF16"], torch.device("cpu"))
     assert read_json(tmp_path / "cost.json", "cost")["formats"] == ["FP8"]
+
+
+def test_batching_equal_shapes_changes_no_number(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file as load
+
+    from prismq.measure.cost import measure_costs
+
+    shapes = fake_probe(tiny_llama_dir, tmp_path)
+    probe = load(tmp_path / "probe.safetensors")
+    formats = ["NVFP4", "MXFP4", "FP8", "INT4_W4A16", "BF16"]
+    with ExitStack() as stack:
+        source = SourceTensors(tiny_llama_dir, stack)
+        batched = measure_costs(source, probe, list(shapes), formats, torch.device("cpu"), progress=False)
+        alone = measure_costs(source, probe, list(shapes), formats, torch.device("cpu"), progress=False,
+                              max_batch_elements=1)
+    assert len(batched) == len(shapes) * len(formats)
+    for a, b in zip(batched, alone):
+        assert a.linear == b.linear and a.format == b.format
+        assert a.weight_mse == b.weight_mse and a.bytes == b.bytes
+        assert a.predicted_dloss == pytest.approx(b.predicted_dloss, rel=1e-5)

@@ -167,3 +167,15 @@ def test_minifloat_encode_equals_brute_force_nearest_even(element) -> None:
     magnitude_bits = element.exp_bits + element.man_bits
     assert torch.equal((codes & ((1 << magnitude_bits) - 1)).long(), expected)
     assert torch.equal((codes >> magnitude_bits).bool(), x < 0)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_batched_qdq_equals_each_matrix_alone(name: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    weights = (torch.randn(3, 32, 256, generator=g) * torch.tensor([1e-3, 1.0, 30.0]).view(3, 1, 1)).to(torch.bfloat16)
+    shared = weights.abs().amax(dim=(1, 2)) * torch.tensor([1.0, 2.0, 1.5]).to(torch.bfloat16)
+    fmt = get_format(name)
+    batched = fmt.qdq(weights, shared_amax=shared)
+    for i in range(3):
+        assert torch.equal(batched[i], fmt.qdq(weights[i], shared_amax=shared[i]))
+    assert torch.equal(fmt.qdq(weights)[1], fmt.qdq(weights[1]))

@@ -96,8 +96,14 @@ class Format(ABC):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        """Fake-quantized weight, defined as decode(encode(weight)) in the weight's dtype."""
-        self.check(weight, name)
+        """Fake-quantized weight, defined as decode(encode(weight)) in the weight's dtype.
+
+        weight may also be a batch [B, out, in] of equal-shape Linears (shared_amax then [B]): the cost stage
+        prices many Linears in one call; each matrix gets exactly what it would get alone."""
+        self.check(weight, name, batched=True)
+        if weight.ndim == 3:
+            amaxes = [None] * len(weight) if shared_amax is None else list(shared_amax)
+            return torch.stack([self.qdq(w, shared_amax=a, name=name) for w, a in zip(weight, amaxes)])
         tensors = self._encode(weight, shared_amax=shared_amax, input_amax=None, name=name)
         return self.decode(tensors, weight.dtype)
 
@@ -105,11 +111,13 @@ class Format(ABC):
         """What the runtime does to a Linear's input [..., in]: identity unless the format quantizes it."""
         return x
 
-    def check(self, weight: torch.Tensor, name: str) -> None:
-        """Refuse, with the tensor's name, weights of an illegal shape or with non-finite values."""
+    def check(self, weight: torch.Tensor, name: str, batched: bool = False) -> None:
+        """Refuse, with the tensor's name, weights of an illegal shape or with non-finite values
+        (`batched`: a [B, out, in] stack of weights is accepted too)."""
         if not weight.is_floating_point():
             raise FormatError(f"{name}: {self.name} needs a floating-point weight, got {weight.dtype}")
-        reason = self.illegal_reason(tuple(weight.shape))
+        shape = tuple(weight.shape[1:]) if batched and weight.ndim == 3 else tuple(weight.shape)
+        reason = self.illegal_reason(shape)
         if reason:
             raise FormatError(f"{name}: {self.name} {reason}")
         if not bool(torch.isfinite(weight).all()):

@@ -44,7 +44,7 @@ class FP8(Format):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        self.check(weight, name)
+        self.check(weight, name, batched=True)
         return self.qdq_activation(weight)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:

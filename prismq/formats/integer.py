@@ -58,7 +58,7 @@ class IntegerGroup(Format):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        self.check(weight, name)
+        self.check(weight, name, batched=True)
         return self.dequantize(*self.quantize(weight), weight.dtype)
 
     def scheme(self) -> dict[str, Any]:

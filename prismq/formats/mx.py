@@ -90,7 +90,7 @@ class MX(Format):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        self.check(weight, name)
+        self.check(weight, name, batched=True)
         return self.dequantize(*self.quantize(weight), weight.dtype)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,10 +20,12 @@ _ZERO_SCALE_REPLACEMENT = 0.125  # compressed-tensors replaces an all-zero group
 
 
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 [1] divisor gs = 448*6/amax, computed in amax's dtype as compressed-tensors does; 1.0 when amax is 0."""
-    amax = amax.reshape(()).clamp(min=torch.finfo(amax.dtype).tiny)
+    """fp32 divisor gs = 448*6/amax, computed in amax's dtype as compressed-tensors does; 1.0 when amax is 0.
+    A scalar amax gives the shipped [1] tensor; a batch of amaxes [B] gives [B]."""
+    amax = amax.clamp(min=torch.finfo(amax.dtype).tiny)
     scale = (FP8_E4M3_MAX * E2M1.max) / amax
-    return torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32).reshape(1)
+    scale = torch.nan_to_num(scale, nan=1.0, posinf=1.0, neginf=1.0).to(torch.float32)
+    return scale.reshape(1) if scale.ndim == 0 else scale
 
 
 def group_scales(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class NVFP4(Format):
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
         amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
-        gs = global_scale(amax)
+        gs = global_scale(amax.reshape(()))
         codes, scales = quantize(weight, gs)
         tensors = {
             "weight_packed": pack_nibbles(codes),
@@ -93,9 +95,9 @@ class NVFP4(Format):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        self.check(weight, name)
-        amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
-        gs = global_scale(amax)
+        self.check(weight, name, batched=True)
+        amax = weight.abs().amax(dim=(-2, -1)) if shared_amax is None else shared_amax.to(weight.dtype)
+        gs = global_scale(amax.reshape(())) if weight.ndim == 2 else global_scale(amax.reshape(-1)).reshape(-1, 1, 1)
         return dequantize(*quantize(weight, gs), gs, weight.dtype)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:

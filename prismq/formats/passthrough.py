@@ -26,7 +26,7 @@ class Passthrough(Format):
 
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        self.check(weight, name)
+        self.check(weight, name, batched=True)
         return weight
 
     def scheme(self) -> None:

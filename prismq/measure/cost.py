@@ -67,47 +67,85 @@ class LinearStats:
             raise PrismqError(f"the probe has no {exc.args[0]}; rerun `prismq probe`") from None
 
 
-def format_cost(format_name: str, weight: torch.Tensor, stats: LinearStats, shared_amax: torch.Tensor,
-                shared_input_amax: torch.Tensor, name: str = "weight") -> CostRow:
-    """Cost of one Linear in one format, from the codec's own fake-quantization of the weight and input."""
+def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats], shared_amax: torch.Tensor,
+                shared_input_amax: torch.Tensor, names: list[str]) -> list[CostRow]:
+    """Costs of B equal-shape Linears [B, out, in] in one format, vectorized over the batch.
+
+    shared_amax / shared_input_amax [B]: each Linear's sibling-joint weight and input maxima. Every number is what
+    that Linear alone would get (the codec's batched qdq is exact per matrix)."""
     fmt = get_format(format_name)
-    x_sq = stats.x_sq.to(weight.device, torch.float32)
-    dequantized = fmt.qdq(weight, shared_amax=shared_amax, name=name)
-    delta = (weight.float() - dequantized.float())
-    weight_err = (delta.square() * x_sq).sum(dim=1)  # [out]
+    x_sq = torch.stack([s.x_sq for s in stats]).to(weights.device, torch.float32)  # [B, in]
+    dequantized = fmt.qdq(weights, shared_amax=shared_amax, name=names[0])
+    delta = weights.float() - dequantized.float()
+    weight_err = (delta.square() * x_sq.unsqueeze(1)).sum(dim=-1)  # [B, out]
     act_err = torch.zeros_like(weight_err)
     if fmt.quantizes_activations:
-        x = stats.x_sample.to(weight.device, weight.dtype)
-        igs = global_scale(shared_input_amax.to(weight.dtype)) if fmt.needs_input_amax else None
-        exact = x.float() @ weight.float().T
-        served = fmt.qdq_activation(x, igs).float() @ dequantized.float().T
-        weight_only = x.float() @ dequantized.float().T
-        act_err = ((exact - served).square().mean(0) - (exact - weight_only).square().mean(0)).clamp(min=0)
-    sensitivity = stats.fisher_out.to(weight.device, torch.float64) / x_sq.double().sum().clamp(min=1e-30)
+        x = torch.stack([s.x_sample for s in stats]).to(weights.device, weights.dtype)  # [B, rows, in]
+        igs = None
+        if fmt.needs_input_amax:
+            igs = global_scale(shared_input_amax.to(weights.dtype).reshape(-1)).reshape(-1, 1, 1)
+        exact = x.float() @ weights.float().transpose(1, 2)
+        served = fmt.qdq_activation(x, igs).float() @ dequantized.float().transpose(1, 2)
+        weight_only = x.float() @ dequantized.float().transpose(1, 2)
+        act_err = ((exact - served).square().mean(1) - (exact - weight_only).square().mean(1)).clamp(min=0)
+    fisher_out = torch.stack([s.fisher_out for s in stats]).to(weights.device, torch.float64)
+    sensitivity = fisher_out / x_sq.double().sum(dim=1, keepdim=True).clamp(min=1e-30)
     output_err = weight_err.double() + act_err.double()
-    return CostRow(
-        linear=name, format=fmt.name, bytes=fmt.nbytes(tuple(weight.shape), weight.dtype), params=weight.numel(),
-        weight_mse=float(delta.square().mean()), output_err=float(output_err.sum()), act_err=float(act_err.sum()),
-        predicted_dloss=float(0.5 * (sensitivity * output_err).sum()),
-    )
+    dloss = 0.5 * (sensitivity * output_err).sum(dim=1)
+    shape, size = tuple(weights.shape[1:]), fmt.nbytes(tuple(weights.shape[1:]), weights.dtype)
+    weight_mse, output_sum, act_sum = delta.square().mean(dim=(1, 2)), output_err.sum(1), act_err.sum(1)
+    return [CostRow(linear=name, format=fmt.name, bytes=size, params=shape[0] * shape[1],
+                    weight_mse=float(weight_mse[b]), output_err=float(output_sum[b]), act_err=float(act_sum[b]),
+                    predicted_dloss=float(dloss[b])) for b, name in enumerate(names)]
+
+
+def format_cost(format_name: str, weight: torch.Tensor, stats: LinearStats, shared_amax: torch.Tensor,
+                shared_input_amax: torch.Tensor, name: str = "weight") -> CostRow:
+    """Cost of one Linear in one format (a batch of one)."""
+    return batch_costs(format_name, weight.unsqueeze(0), [stats], shared_amax.reshape(1),
+                       shared_input_amax.reshape(1), [name])[0]
 
 
 def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears: list[str], formats: list[str],
-                  device: torch.device, progress: bool = True) -> list[CostRow]:
-    """Cost rows of every Linear for every format legal for its shape, sibling groups sharing their scales."""
-    rows: list[CostRow] = []
-    groups = sibling_groups(linears)
-    for group in tqdm(groups, desc="cost", unit="unit", disable=not progress):
-        weights = {n: source.get(f"{n}.weight").to(device) for n in group}
-        stats = {n: LinearStats.from_probe(probe, n) for n in group}
-        shared_amax = torch.stack([w.abs().amax() for w in weights.values()]).amax()
-        shared_input = torch.stack([s.x_absmax.reshape(()).float() for s in stats.values()]).amax()
-        for format_name in formats:
-            if not all(get_format(format_name).legal(tuple(w.shape)) for w in weights.values()):
-                continue
-            rows.extend(format_cost(format_name, weights[n], stats[n], shared_amax, shared_input, name=n)
-                        for n in group)
-    return rows
+                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 26) -> list[CostRow]:
+    """Cost rows of every Linear for every format legal for its shape, sibling groups sharing their scales.
+
+    Linears of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
+    one shape bucket at a time, so memory holds one bucket (not the model)."""
+    joint_amax: dict[str, torch.Tensor] = {}
+    joint_input: dict[str, torch.Tensor] = {}
+    for group in sibling_groups(linears):
+        weight_amax = torch.stack([source.get(f"{n}.weight").abs().amax() for n in group]).amax()
+        input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
+        joint_amax.update(dict.fromkeys(group, weight_amax))
+        joint_input.update(dict.fromkeys(group, input_amax))
+    buckets: dict[tuple[int, ...], list[str]] = {}
+    for name in linears:
+        buckets.setdefault(source.shape(f"{name}.weight"), []).append(name)
+    legal_for_group = {n: [f for f in formats if all(get_format(f).legal(source.shape(f"{m}.weight"))
+                                                     for m in group)]
+                       for group in sibling_groups(linears) for n in group}
+    rows: dict[tuple[str, str], CostRow] = {}
+    bar = tqdm(total=len(linears), desc="cost", unit="linear", disable=not progress)
+    for shape, names in buckets.items():
+        step = max(1, max_batch_elements // (shape[0] * shape[1]))
+        for start in range(0, len(names), step):
+            chunk = names[start:start + step]
+            weights = torch.stack([source.get(f"{n}.weight") for n in chunk]).to(device)
+            stats = [LinearStats.from_probe(probe, n) for n in chunk]
+            for format_name in formats:
+                members = [i for i, n in enumerate(chunk) if format_name in legal_for_group[n]]
+                if not members:
+                    continue
+                index = torch.tensor(members, device=device)
+                batch = batch_costs(format_name, weights[index], [stats[i] for i in members],
+                                    torch.stack([joint_amax[chunk[i]] for i in members]).to(device),
+                                    torch.stack([joint_input[chunk[i]] for i in members]).to(device),
+                                    [chunk[i] for i in members])
+                rows.update(((r.linear, r.format), r) for r in batch)
+            bar.update(len(chunk))
+    bar.close()
+    return [rows[(n, f)] for n in linears for f in formats if (n, f) in rows]
 
 
 def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[str], device: torch.device,
