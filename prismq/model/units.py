@@ -1,0 +1,109 @@
+"""Decision units: the sets of Linears that take one format together, because vLLM serves them as one layer.
+
+The allocator chooses one format per unit, never per Linear. A unit is the vLLM layer its members are loaded into
+(the grouping rule is `prismq.model.siblings`, shared with the exporter and the cost stage):
+
+- Llama, Mistral, Qwen2, Qwen3, Gemma: q/k/v -> `self_attn.qkv_proj`, gate/up -> `mlp.gate_up_proj`; o_proj and
+  down_proj alone (vLLM's `packed_modules_mapping` for these model classes).
+- Phi-3: qkv_proj and gate_up_proj are single Linears in the checkpoint already: every Linear is its own unit.
+- MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): vLLM serves all routed experts of a layer as one FusedMoE layer with one
+  scheme for gate, up and down, so expert Linears `<block>.experts.<i>.*` form one unit per layer. In transformers
+  5 these models hold their experts as fused 3-D parameters, not Linears: they never reach the units, stay in the
+  model dtype, and `decision_units` warns so. Routers (`mlp.gate`, `block_sparse_moe.gate`) and Qwen2-MoE's
+  `shared_expert_gate` are built unquantized by vLLM (`quant_config=None`, a plain torch Linear): their units are
+  pinned to BF16. Shared experts are ordinary MLPs: gate/up fused, down alone.
+
+lm_head and the embeddings are policy, not units: `quantizable` drops lm_head (kept BF16: vLLM's ParallelLMHead
+takes no compressed scheme) and embeddings are not Linears. DESIGN.md §5.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from prismq.errors import PrismqError
+from prismq.formats import get_format
+from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.siblings import EXPERT, fused_name, sibling_groups
+
+# model_type values whose fusion the rule above was checked against (vLLM model files, packed_modules_mapping).
+VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3",
+                                  "mixtral", "qwen2_moe", "qwen3_moe"})
+MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+
+# Leaf names of Linears vLLM builds without a quantization method: MoE routers and the shared-expert gate.
+UNQUANTIZED_LEAVES = frozenset({"gate", "router", "shared_expert_gate"})
+RUNTIME_FORMAT = "BF16"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One decision: `members` (model order, with their [out, in] `shapes`) take one format.
+
+    name: the vLLM layer they form, e.g. 'model.layers.3.self_attn.qkv_proj'. pinned: the only format the runtime
+    accepts for it (BF16 for routers), or None when the allocator is free to choose."""
+
+    name: str
+    members: tuple[str, ...]
+    shapes: tuple[tuple[int, int], ...]
+    pinned: str | None = None
+
+    @property
+    def params(self) -> int:
+        """Weights in the unit (sum of out * in over its members)."""
+        return sum(out * in_ for out, in_ in self.shapes)
+
+
+def decision_units(shapes: dict[str, tuple[int, int]], model_type: str | None = None) -> list[Unit]:
+    """The decision units of a model's Linears {name: [out, in]} in model order (by first member).
+
+    lm_head is dropped (policy, not a decision). model_type (config.json's) selects no different rule; it says when
+    the rule was not checked for the family, and when a MoE family's experts are missing from `shapes` (transformers
+    5 holds them as 3-D parameters: they stay in the model dtype)."""
+    shapes = quantizable(shapes)
+    if model_type is not None:
+        _notice(model_type, shapes)
+    units = []
+    for group in sibling_groups(shapes):
+        pinned = RUNTIME_FORMAT if any(name.rpartition(".")[2] in UNQUANTIZED_LEAVES for name in group) else None
+        units.append(Unit(fused_name(group[0]), tuple(group), tuple(tuple(shapes[n]) for n in group), pinned))
+    return units
+
+
+def legal_formats(unit: Unit, formats: list[str]) -> list[str]:
+    """The formats of `formats` (canonical names, first-seen order) legal for every member's shape.
+
+    A pinned unit offers its pinned format alone, whatever `formats` says: the runtime accepts nothing else, and
+    keeping the model dtype is always possible."""
+    if unit.pinned is not None:
+        return [get_format(unit.pinned).name]
+    offered: list[str] = []
+    for name in formats:
+        fmt = get_format(name)
+        if fmt.name not in offered and all(fmt.legal(shape) for shape in unit.shapes):
+            offered.append(fmt.name)
+    return offered
+
+
+def model_units(model_dir: Path) -> list[Unit]:
+    """The decision units of the checkpoint in `model_dir` (its architecture is built on the meta device)."""
+    try:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise PrismqError(f"cannot read {model_dir}/config.json: {exc}") from exc
+    return decision_units(linear_shapes(Path(model_dir)), model_type)
+
+
+def _notice(model_type: str, shapes: dict[str, tuple[int, int]]) -> None:
+    """Warn where the units may not be what vLLM serves: an unchecked family, or MoE experts that are no Linears."""
+    if model_type not in VERIFIED_MODEL_TYPES:
+        warnings.warn(f"model_type {model_type!r}: fused layers follow the Llama rule (q/k/v, gate/up, MoE experts "
+                      f"per layer); prismq checked it against vLLM for {', '.join(sorted(VERIFIED_MODEL_TYPES))} only",
+                      stacklevel=3)
+    if model_type in MOE_MODEL_TYPES and not any(EXPERT.match(name) for name in shapes):
+        warnings.warn(f"{model_type}: the routed experts are fused 3-D parameters in transformers 5, not Linear "
+                      f"layers, so prismq keeps them in the model dtype (BF16) and allocates only the Linears "
+                      f"(attention, dense and shared-expert MLPs)", stacklevel=3)
