@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prismq import __version__
-from prismq.config import BUDGET_KEYS, QuantizeConfig, merge_overrides, read_config_file, validate_config
+from prismq.config import QuantizeConfig, merge_overrides, read_config_file, validate_config
 from prismq.errors import PrismqError
 
 EXIT_ERROR = 1
@@ -97,8 +97,10 @@ def _add_quantize(commands: Any) -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
-    sub.add_argument("--calib-blocks", type=int, metavar="N", help="blocks for activation ranges (default 8)")
-    sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per calibration block (default 256)")
+    sub.add_argument("--calib-blocks", type=int, metavar="N", help="calibration blocks for the probe (default 32)")
+    sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per block (default 512)")
+    sub.add_argument("--heldout-blocks", type=int, metavar="N",
+                     help="held-out blocks on which the exported checkpoint's KL is measured (default 16)")
 
 
 def _add_probe_flags(sub: argparse.ArgumentParser) -> None:
@@ -152,12 +154,8 @@ def _not_implemented(what: str, instead: str = "") -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    """Validate the settings and run the pipeline; budgets other than --uniform are not built yet."""
+    """Validate the settings and run the pipeline (GPTQ rounding is not built yet)."""
     settings = quantize_settings(args)
-    if settings.get("uniform") is None:
-        for key in BUDGET_KEYS[:2]:
-            if settings.get(key) is not None:
-                return _not_implemented("--" + key.replace("_", "-"), "use --uniform FORMAT")
     rounding = settings.get("rounding", "rtn")
     if rounding in ("gptq", "gptq+sweep"):
         return _not_implemented(f"--rounding {rounding}", "use rtn")

@@ -80,8 +80,9 @@ class QuantizeConfig(BaseModel):
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
-    calib_blocks: int = Field(8, gt=0)
-    calib_seqlen: int = Field(256, gt=0)
+    calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input ranges)")
+    calib_seqlen: int = Field(512, gt=1, description="tokens per block, calibration and held-out")
+    heldout_blocks: int = Field(16, gt=0, description="held-out blocks for the KL of the exported checkpoint")
 
     @field_validator("formats", mode="before")
     @classmethod

@@ -1,76 +1,150 @@
-"""`prismq quantize`: MODEL in, compressed-tensors checkpoint out.
+"""`prismq quantize`: MODEL in, compressed-tensors checkpoint out, through one resumable work directory.
 
-Today it builds uniform baselines (`--uniform FORMAT`): every quantizable Linear in one format (BF16 where the
-format cannot take its shape), calibrated input ranges where the format ships a static input scale, then the export.
-The mixed-precision stages (probe, cost, allocate, select) plug in between as they are built.
+probe (per-token Fisher, input statistics) -> cost (every (Linear, format) priced on the bytes that ship) ->
+allocate (a multiple-choice knapsack under the byte budget, or one format with --uniform; a predicted frontier over a
+sweep of budgets) -> export (the chosen assignment, input scales from the probe) -> eval (held-out KL of the exported
+checkpoint loaded through transformers + compressed-tensors) -> report.md + summary.json.
 """
 
 from __future__ import annotations
 
-import re
+import json
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from prismq.allocate.budget import Problem, budget_bytes, build_problem
 from prismq.config import QuantizeConfig
-from prismq.data import calibration_and_heldout
 from prismq.errors import PrismqError
-from prismq.export.writer import ExportResult, write_checkpoint
+from prismq.export.writer import ExportResult, SourceTensors, write_checkpoint
 from prismq.formats import get_format
-from prismq.measure.input_range import input_absmax
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
 from prismq.model.siblings import sibling_groups
-from prismq.model.source import load_model, load_tokenizer, resolve_model
+from prismq.model.source import resolve_model
+from prismq.report import write_report
+from prismq.stages import MeasureConfig, heldout_blocks, stage_cost, stage_probe
 
 
-def uniform_assignment(shapes: dict[str, tuple[int, int]], format_name: str,
-                       force: list[tuple[re.Pattern[str], str]] = ()) -> dict[str, str]:
-    """Every Linear in `format_name`, except --force matches (first rule wins) and shapes the format cannot take
-    (BF16); fused siblings fall back together so they keep sharing one format."""
-    assignment: dict[str, str] = {}
-    for group in sibling_groups(shapes):
-        forced = {next((f for pattern, f in force if pattern.search(name)), None) for name in group}
-        if len(forced) > 1:
-            raise PrismqError(f"--force rules split fused siblings {', '.join(group)}: they must share one format")
-        chosen = forced.pop() or format_name
-        if not all(get_format(chosen).legal(shapes[name]) for name in group):
-            if chosen != format_name:
-                raise PrismqError(f"--force {chosen}: {get_format(chosen).illegal_reason(shapes[group[0]])} "
-                                  f"({group[0]})")
-            chosen = "BF16"
-        assignment.update({name: get_format(chosen).name for name in group})
-    return assignment
+def _formats(config: QuantizeConfig) -> list[str]:
+    names = [get_format(f).name for f in ([config.uniform, "BF16"] if config.uniform else config.formats)]
+    names = list(dict.fromkeys(names))
+    for pattern_rule in config.force:
+        names.append(get_format(pattern_rule.rpartition("=")[2]).name)
+    names = list(dict.fromkeys(names))
+    for name in names:
+        if not get_format(name).exportable:
+            raise PrismqError(f"{name} is a research format no runtime serves yet; it cannot be exported")
+    return names
+
+
+def _allocate(config: QuantizeConfig, problem: Problem, other_bytes: int, work: Path) -> tuple[np.ndarray, str, Any]:
+    """The chosen format index per unit, a one-line budget description, and the frontier (None for --uniform)."""
+    if config.uniform is not None:
+        target = get_format(config.uniform).name
+        k, bf16 = problem.formats.index(target), problem.formats.index("BF16")
+        finite = ~np.isinf(problem.cost)  # --force pins leave a unit a single finite option
+        choice = np.where(finite[:, k], k, np.where(finite[:, bf16], bf16, np.argmin(problem.cost, axis=1)))
+        return choice, f"uniform {target} (BF16 where it cannot take the shape)", None
+    from prismq.allocate.knapsack import solve
+    from prismq.allocate.pareto import budgets_from_bits, frontier_json, knee, plot_frontier, sweep
+
+    budget = budget_bytes(problem, config.target_bits, config.target_size, other_bytes)
+    label = (f"--target-bits {config.target_bits} -> {budget:,} bytes for the allocated Linears" if config.target_bits
+             else f"--target-size {config.target_size} GB -> {budget:,} bytes for the allocated Linears")
+    largest = int(np.where(np.isinf(problem.cost), 0, problem.size).max(axis=1).sum())
+    if budget >= largest:
+        print(f"prismq: the budget ({budget:,} bytes) covers the largest format of every Linear: nothing to trade off")
+        label += " (at or above the all-largest assignment)"
+    allocation = solve(problem.cost, problem.size, budget, params=problem.params)
+    points = sweep(problem.cost, problem.size, budgets_from_bits(np.arange(4.25, 8.51, 0.25), problem.params),
+                   problem.params)
+    knee_index = knee(points) if points else None
+    uniform = {}
+    for name in problem.formats:
+        size = problem.bytes_of(name)
+        if size is not None:
+            k = problem.formats.index(name)
+            uniform[name] = (8 * size / problem.params, float(problem.cost[:, k].sum()))
+    plot = work / "frontier.png"
+    if points:
+        plot_frontier(points, knee_index, uniform, plot, f"predicted frontier ({problem.params:,} weights)")
+        (work / "frontier.json").write_text(json.dumps(frontier_json(points, knee_index), indent=1) + "\n")
+    knee_bits = points[knee_index].bits_per_param if points and knee_index is not None else None
+    return allocation.choice, label + f"; knapsack gap {allocation.gap:.3g}", (plot if points else None, knee_bits)
+
+
+def _other_bytes(model_dir: Path, linears: list[str]) -> int:
+    """Bytes of every source tensor that is not an allocated Linear's weight (they ship unchanged)."""
+    allocated = {f"{n}.weight" for n in linears}
+    with ExitStack() as stack:
+        source = SourceTensors(model_dir, stack)
+        total = 0
+        for key in source.names():
+            if key not in allocated:
+                handle = source.location[key].get_slice(key)
+                total += int(np.prod(handle.get_shape())) * {"BF16": 2, "F16": 2, "F32": 4}.get(handle.get_dtype(), 4)
+    return total
+
+
+def _evaluate(model_dir: Path, out: Path, work: Path, device: str) -> dict[str, Any]:
+    from prismq.measure.evaluate import load_quantized
+    from prismq.measure.kl import evaluate_kl
+    from prismq.model.source import load_model
+
+    reference = load_model(model_dir, device=device)
+    quantized = load_quantized(str(out), model_dir, device)
+    return evaluate_kl(reference, quantized, heldout_blocks(work)).to_json()
 
 
 def quantize(config: QuantizeConfig) -> ExportResult:
-    """Run `prismq quantize` as configured and print a short summary; returns what was written."""
-    if config.uniform is None:
-        raise PrismqError("only --uniform FORMAT is implemented so far")
-    fmt = get_format(config.uniform)
-    if not fmt.exportable:
-        raise PrismqError(f"{fmt.name} is a research format no runtime serves yet; it cannot be exported")
+    """Run `prismq quantize` as configured, print a short summary, write the report; returns what was written."""
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise PrismqError(f"output {out} already exists (pass --overwrite to replace it)")
+    formats = _formats(config)
+    work = Path(config.work_dir) if config.work_dir else out.with_name(out.name + ".work")
     model_dir = resolve_model(config.model)
-    shapes = quantizable(linear_shapes(model_dir))
-    assignment = uniform_assignment(shapes, fmt.name, config.force_rules())
-    kept = [name for name, f in assignment.items() if f == "BF16" and fmt.name != "BF16"]
-    if kept:
-        print(f"prismq: {len(kept)} Linear(s) kept in BF16 ({fmt.name} cannot take their shape), e.g. {kept[0]}")
+    linears = list(quantizable(linear_shapes(model_dir)))
+    measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
+                            calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
+                            seqlen=config.calib_seqlen, formats=formats, device=config.device)
+    stage_probe(measure)
+    rows = stage_cost(work, formats, config.device)
+    problem = build_problem(rows, sibling_groups(linears), formats, config.force_rules())
+    choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
+    assignment = problem.assignment(choice)
 
-    input_amax = {}
-    needs_range = [name for name, f in assignment.items() if get_format(f).needs_input_amax]
-    if needs_range:
-        model = load_model(model_dir, device=config.device)
-        tokenizer = load_tokenizer(model_dir)
-        blocks, _ = calibration_and_heldout(config.calib, config.heldout, tokenizer, config.calib_blocks, 0,
-                                            config.calib_seqlen)
-        input_amax = input_absmax(model, blocks, needs_range)
-        del model
+    from prismq.measure.probe_stage import read_probe
 
+    probe, _ = read_probe(work)
+    input_amax = {n: probe[f"{n}.x_absmax"] for n, f in assignment.items() if get_format(f).needs_input_amax}
     result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
+    evaluation = _evaluate(model_dir, out, work, config.device)
+    per_format: dict[str, dict[str, int]] = {}
+    by_row = {(r.linear, r.format): r for r in rows}
+    for name, fmt in assignment.items():
+        entry = per_format.setdefault(fmt, {"bytes": 0, "params": 0})
+        entry["bytes"] += by_row[(name, fmt)].bytes
+        entry["params"] += by_row[(name, fmt)].params
+    summary = {
+        "model": str(config.model or "embedded default (SmolLM2-135M-Instruct)"), "out": str(out),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.model_dump().items()},
+        "budget": budget_label, "kept": [LM_HEAD + " (BF16: vLLM's ParallelLMHead takes no compressed scheme)",
+                                         "embeddings (BF16)"],
+        "checkpoint_bytes": result.checkpoint_bytes, "linear_bytes": result.linear_bytes,
+        "linear_params": result.linear_params, "bits_per_param": result.linear_bits_per_param,
+        "predicted_dloss": float(problem.cost[np.arange(len(choice)), choice].sum()),
+        "per_format": per_format, "eval": evaluation,
+        "knee_bits": None if frontier is None else frontier[1],
+    }
+    report = write_report(work, summary, assignment, None if frontier is None else frontier[0])
     print(f"prismq: wrote {result.path}: {result.checkpoint_bytes / 1e9:.3f} GB of tensors; "
           f"{len(assignment)} Linears at {result.linear_bits_per_param:.3f} bits/param "
-          f"({', '.join(sorted(set(assignment.values())))})")
+          f"({', '.join(f'{f} x{sum(1 for v in assignment.values() if v == f)}' for f in per_format)})")
+    print(f"prismq: held-out mean KL {evaluation['mean_kl']:.5f}, same top-1 {evaluation['same_top1']:.2%}, "
+          f"PPL ratio {evaluation['ppl_ratio']:.4f}; report: {report}")
     print(f"prismq: serve it with: vllm serve {result.path} --quantization compressed-tensors")
     return result

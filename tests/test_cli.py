@@ -58,11 +58,10 @@ def test_unbuilt_stages_exit_2_with_message(name, capsys):
     assert capsys.readouterr().err.strip() == f"prismq: '{name}' is not implemented yet"
 
 
-@pytest.mark.parametrize("flag", ["--target-bits", "--target-size"])
-def test_budgets_not_built_yet(flag, capsys, fake_pipeline):
-    assert main(["quantize", flag, "4.5", "--out", "x"]) == 2
-    assert capsys.readouterr().err.strip() == f"prismq: {flag} is not implemented yet (use --uniform FORMAT)"
-    assert fake_pipeline == []
+@pytest.mark.parametrize("flag, key", [("--target-bits", "target_bits"), ("--target-size", "target_size")])
+def test_budgets_reach_the_pipeline(flag, key, fake_pipeline):
+    assert main(["quantize", flag, "4.5", "--out", "x"]) == 0
+    assert getattr(fake_pipeline[0], key) == 4.5 and fake_pipeline[0].uniform is None
 
 
 def test_gptq_not_built_yet(capsys, fake_pipeline):
@@ -79,7 +78,7 @@ def test_uniform_runs_pipeline_with_defaults(fake_pipeline):
     assert config.formats == ["NVFP4", "MXFP8", "BF16"]
     assert (config.rounding, config.device, config.overwrite) == ("rtn", "auto", False)
     assert config.max_shard_bytes == 5 * 10**9
-    assert (config.calib_blocks, config.calib_seqlen) == (8, 256)
+    assert (config.calib_blocks, config.calib_seqlen, config.heldout_blocks) == (32, 512, 16)
 
 
 def test_all_flags_reach_the_config(fake_pipeline):

@@ -1,16 +1,19 @@
-"""The uniform assignment and the input-range calibration that feed the exporter."""
+"""The allocation problem built from cost rows, --force pins, budgets, and the input-range calibration."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_llama
 
+from prismq.allocate.budget import budget_bytes, build_problem
 from prismq.errors import PrismqError
+from prismq.measure.cost import CostRow
 from prismq.measure.input_range import input_absmax
-from prismq.pipeline import uniform_assignment
+from prismq.model.siblings import sibling_groups
 
 SHAPES = {
     "model.layers.0.self_attn.q_proj": (64, 256), "model.layers.0.self_attn.k_proj": (32, 256),
@@ -18,24 +21,66 @@ SHAPES = {
     "model.layers.0.mlp.gate_proj": (96, 256), "model.layers.0.mlp.up_proj": (96, 256),
     "model.layers.0.mlp.down_proj": (256, 96),
 }
+FORMATS = ["NVFP4A16", "INT4_W4A16", "MXFP8", "BF16"]
 
 
-def test_uniform_falls_back_to_bf16_where_the_format_cannot_take_the_shape() -> None:
-    assignment = uniform_assignment(SHAPES, "INT4_W4A16")
-    assert assignment["model.layers.0.self_attn.q_proj"] == "INT4_W4A16"
-    assert assignment["model.layers.0.self_attn.o_proj"] == "BF16"  # in=64 is not a multiple of 128
-    assert assignment["model.layers.0.mlp.down_proj"] == "BF16"
+def rows_for(shapes, formats) -> list[CostRow]:
+    """Cost rows as the cost stage writes them: legal formats only, cheaper formats predicted worse."""
+    from prismq.formats import get_format
+
+    rows = []
+    for i, (name, shape) in enumerate(shapes.items()):
+        for fmt in formats:
+            f = get_format(fmt)
+            if f.legal(shape):
+                bits = f.bits_per_weight(shape)
+                rows.append(CostRow(name, f.name, f.nbytes(shape), shape[0] * shape[1], 0.0, 0.0, 0.0,
+                                    0.0 if fmt == "BF16" else (i + 1) / bits ** 2))
+    return rows
 
 
-def test_force_rules_pin_modules_and_may_not_split_siblings() -> None:
-    rules = [(re.compile(r"mlp\.(gate|up)_proj"), "MXFP8"), (re.compile("proj"), "FP8")]
-    assignment = uniform_assignment(SHAPES, "NVFP4A16", rules)
-    assert assignment["model.layers.0.mlp.up_proj"] == "MXFP8" and assignment["model.layers.0.mlp.gate_proj"] == "MXFP8"
-    assert assignment["model.layers.0.self_attn.q_proj"] == "FP8"
-    with pytest.raises(PrismqError, match="split fused siblings"):
-        uniform_assignment(SHAPES, "NVFP4A16", [(re.compile("k_proj"), "FP8")])
-    with pytest.raises(PrismqError, match="--force INT4_W4A16.*divisible by 128.*o_proj"):
-        uniform_assignment(SHAPES, "NVFP4A16", [(re.compile("o_proj"), "INT4_W4A16")])
+def test_units_sum_their_members_and_offer_only_formats_legal_for_all() -> None:
+    problem = build_problem(rows_for(SHAPES, FORMATS), sibling_groups(SHAPES), FORMATS)
+    assert [len(u) for u in problem.units] == [3, 1, 2, 1]
+    k_int4 = problem.formats.index("INT4_W4A16")
+    assert np.isinf(problem.cost[1, k_int4]) and np.isinf(problem.cost[3, k_int4])  # in=64 and in=96
+    assert problem.size[0, 0] == sum(r.bytes for r in rows_for(SHAPES, ["NVFP4A16"]) if "self_attn" in r.linear
+                                     and "o_proj" not in r.linear)
+    assert problem.params == sum(a * b for a, b in SHAPES.values())
+    assert problem.bytes_of("INT4_W4A16") is None and problem.bytes_of("BF16") == 2 * problem.params
+    choice = np.array([0, 3, 2, 3])
+    assignment = problem.assignment(choice)
+    assert assignment["model.layers.0.mlp.up_proj"] == "MXFP8" and assignment["model.layers.0.self_attn.k_proj"] == "NVFP4A16"
+
+
+def test_force_rules_pin_units_and_may_not_split_siblings() -> None:
+    rows = rows_for(SHAPES, FORMATS)
+    rules = [(re.compile(r"mlp\.(gate|up)_proj"), "MXFP8"), (re.compile("down"), "BF16")]
+    problem = build_problem(rows, sibling_groups(SHAPES), FORMATS, rules)
+    assert np.isfinite(problem.cost[2]).sum() == 1 and np.isfinite(problem.cost[2, FORMATS.index("MXFP8")])
+    assert np.isfinite(problem.cost[3]).sum() == 1
+    with pytest.raises(PrismqError, match="split the fused unit"):
+        build_problem(rows, sibling_groups(SHAPES), FORMATS, [(re.compile("k_proj"), "MXFP8")])
+    with pytest.raises(PrismqError, match="--force INT4_W4A16.*o_proj cannot take it"):
+        build_problem(rows, sibling_groups(SHAPES), FORMATS, [(re.compile("o_proj"), "INT4_W4A16")])
+    with pytest.raises(PrismqError, match="not among --formats"):
+        build_problem(rows, sibling_groups(SHAPES), FORMATS, [(re.compile("o_proj"), "FP8")])
+
+
+def test_a_format_legal_nowhere_and_a_unit_with_no_format_are_clear_errors() -> None:
+    odd = {"model.layers.0.mlp.down_proj": (256, 96)}
+    with pytest.raises(PrismqError, match="INT4_W4A16 is legal for no Linear"):
+        build_problem(rows_for(odd, ["INT4_W4A16", "BF16"]), [[*odd]], ["INT4_W4A16", "BF16"])
+    with pytest.raises(PrismqError, match="no format in INT4_W4A16 can take.*add BF16"):
+        build_problem(rows_for(odd, ["INT4_W4A16"]), [[*odd]], ["INT4_W4A16"])
+
+
+def test_budgets_in_bits_and_whole_checkpoint_size() -> None:
+    problem = build_problem(rows_for(SHAPES, FORMATS), sibling_groups(SHAPES), FORMATS)
+    assert budget_bytes(problem, 4.75, None, 0) == int(4.75 * problem.params / 8)
+    assert budget_bytes(problem, None, 0.001, 400_000) == 1_000_000 - 400_000
+    with pytest.raises(PrismqError, match="below the 0.002 GB the non-quantized tensors"):
+        budget_bytes(problem, None, 0.001, 2_000_000)
 
 
 def test_input_absmax_is_the_max_over_every_input_element() -> None:
