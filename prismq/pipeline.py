@@ -70,7 +70,8 @@ def _allocate(config: QuantizeConfig, problem: Problem, other_bytes: int, work: 
     plot = work / "frontier.png"
     if points:
         plot_frontier(points, knee_index, uniform, plot, f"predicted frontier ({problem.params:,} weights)")
-        (work / "frontier.json").write_text(json.dumps(frontier_json(points, knee_index), indent=1) + "\n")
+        frontier = frontier_json(points, knee_index, problem.formats)
+        (work / "frontier.json").write_text(json.dumps(frontier, indent=1) + "\n")
     knee_bits = points[knee_index].bits_per_param if points and knee_index is not None else None
     return allocation.choice, label + f"; knapsack gap {allocation.gap:.3g}", (plot if points else None, knee_bits)
 

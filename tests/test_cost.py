@@ -60,10 +60,10 @@ def test_activation_error_is_the_extra_output_error_of_quantized_inputs() -> Non
     assert format_cost("MXFP8A16", w, stats, w.abs().amax(), x.abs().amax()).act_err == 0
 
 
-def fake_probe(model_dir: Path, work_dir: Path) -> dict[str, tuple[int, int]]:
+def fake_probe(model_dir: Path, work_dir: Path, seed: int = 2) -> dict[str, tuple[int, int]]:
     """Probe tensors of the right shapes (values random): the cost stage's contract, without running a probe."""
     shapes = quantizable(linear_shapes(model_dir))
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (out, inp) in shapes.items():
         tensors |= {f"{name}.fisher_out": torch.rand(out, generator=g), f"{name}.x_sq": torch.rand(inp, generator=g),
@@ -98,9 +98,13 @@ def test_cost_stage_resumes_and_refuses_a_missing_or_stale_probe(tiny_llama_dir:
 
     monkeypatch.setattr(cost, "measure_costs", lambda *a, **k: pytest.fail("recomputed instead of resuming"))
     assert run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8"], torch.device("cpu")) == first
+    monkeypatch.undo()
+    both = run_cost(tiny_llama_dir, tmp_path, list(shapes), ["BF16", "FP8"], torch.device("cpu"), progress=False)
+    assert read_json(tmp_path / "cost.json", "cost")["formats"] == ["FP8", "BF16"]  # only BF16 was measured
+    assert [r for r in both if r.format == "FP8"] == first
+    fake_probe(tiny_llama_dir, tmp_path, seed=3)  # a new probe (other values): the old costs are stale
     with pytest.raises(PrismqError, match="stale"):
-        run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8", "BF16"], torch.device("cpu"))
-    assert read_json(tmp_path / "cost.json", "cost")["formats"] == ["FP8"]
+        run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8"], torch.device("cpu"))
 
 
 def test_batching_equal_shapes_changes_no_number(tiny_llama_dir: Path, tmp_path: Path) -> None:

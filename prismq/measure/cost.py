@@ -107,7 +107,7 @@ def format_cost(format_name: str, weight: torch.Tensor, stats: LinearStats, shar
 
 
 def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears: list[str], formats: list[str],
-                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 26) -> list[CostRow]:
+                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24) -> list[CostRow]:
     """Cost rows of every Linear for every format legal for its shape, sibling groups sharing their scales.
 
     Linears of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
@@ -150,17 +150,23 @@ def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears
 
 def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[str], device: torch.device,
              progress: bool = True) -> list[CostRow]:
-    """The cost stage: reuse work_dir/cost.json when it matches this model, probe and format list, else measure."""
+    """The cost stage: rows of `formats` for `linears`. Formats already priced in work_dir/cost.json for this model and
+    probe are reused; only missing ones are measured and merged in (a new budget or format list reuses the work).
+    A cost.json made from another model or probe is refused as stale."""
     probe_read = read_tensors(Path(work_dir) / "probe", "probe", expect={"model": fingerprint_model(model_dir)})
     if probe_read is None:
         raise PrismqError(f"no probe in {work_dir}: run `prismq probe` first")
     probe, probe_meta = probe_read
     names = [get_format(f).name for f in formats]
-    expect = {"model": probe_meta["model"], "probe": probe_meta["tensors_sha256"], "formats": names}
+    expect = {"model": probe_meta["model"], "probe": probe_meta["tensors_sha256"]}
     done = read_json(Path(work_dir) / "cost.json", "cost", expect)
-    if done is not None:
-        return [CostRow(**row) for row in done["rows"]]
-    with ExitStack() as stack:
-        rows = measure_costs(SourceTensors(Path(model_dir), stack), probe, linears, names, device, progress)
-    write_json(Path(work_dir) / "cost.json", "cost", {**expect, "rows": [asdict(r) for r in rows]})
-    return rows
+    known = [] if done is None else done["formats"]
+    rows = [] if done is None else [CostRow(**row) for row in done["rows"]]
+    missing = [n for n in names if n not in known]
+    if missing:
+        with ExitStack() as stack:
+            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, linears, missing, device, progress)
+        write_json(Path(work_dir) / "cost.json", "cost",
+                   {**expect, "formats": known + missing, "rows": [asdict(r) for r in rows]})
+    wanted, members = set(names), set(linears)
+    return [r for r in rows if r.format in wanted and r.linear in members]
