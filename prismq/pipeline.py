@@ -9,6 +9,7 @@ checkpoint loaded through transformers + compressed-tensors) -> report.md + summ
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,15 @@ from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult, SourceTensors, write_checkpoint
 from prismq.formats import get_format
 from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
-from prismq.model.siblings import sibling_groups
+from prismq.model.units import model_units
 from prismq.model.source import resolve_model
 from prismq.report import write_report
 from prismq.stages import MeasureConfig, heldout_blocks, stage_cost, stage_probe
 
 
 def _formats(config: QuantizeConfig) -> list[str]:
-    names = [get_format(f).name for f in ([config.uniform, "BF16"] if config.uniform else config.formats)]
+    """The formats offered: --formats (or the --uniform format) and every --force format."""
+    names = [get_format(f).name for f in ([config.uniform] if config.uniform else config.formats)]
     names = list(dict.fromkeys(names))
     for pattern_rule in config.force:
         names.append(get_format(pattern_rule.rpartition("=")[2]).name)
@@ -112,8 +114,11 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, formats=formats, device=config.device)
     stage_probe(measure)
-    rows = stage_cost(work, formats, config.device)
-    problem = build_problem(rows, sibling_groups(linears), formats, config.force_rules())
+    rows = stage_cost(work, [*formats, "BF16"], config.device)
+    units = model_units(model_dir)
+    pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
+    problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(),
+                            fallback=["BF16"])  # for shapes no listed format takes, and units pinned to BF16
     choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 

@@ -98,3 +98,14 @@ def test_input_absmax_is_the_max_over_every_input_element() -> None:
     for n in names:
         assert torch.allclose(got[n], seen[n][0].abs().amax().float(), rtol=2e-2)
         assert got[n] > 0
+
+
+def test_bf16_fallback_is_offered_only_where_no_listed_format_fits() -> None:
+    rows = rows_for(SHAPES, FORMATS)
+    problem = build_problem(rows, sibling_groups(SHAPES), ["INT4_W4A16"], fallback=["BF16"])
+    assert problem.formats == ["INT4_W4A16", "BF16"]
+    assert np.isinf(problem.cost[0, 1]) and np.isfinite(problem.cost[0, 0])  # qkv takes INT4: no BF16
+    assert np.isfinite(problem.cost[1, 1]) and np.isinf(problem.cost[1, 0])  # o_proj (in=64): BF16 only
+    pinned = build_problem(rows, sibling_groups(SHAPES), ["INT4_W4A16"], [(re.compile(r"self_attn\.[qkv]_proj"), "BF16")],
+                           fallback=["BF16"])
+    assert np.isfinite(pinned.cost[0, 1]) and np.isinf(pinned.cost[0, 0])

@@ -34,10 +34,13 @@ class Problem:
 
 
 def build_problem(rows: list[CostRow], units: list[list[str]], formats: list[str],
-                  force: list[tuple[re.Pattern[str], str]] = ()) -> Problem:
+                  force: list[tuple[re.Pattern[str], str]] = (), fallback: list[str] = ()) -> Problem:
     """Sum the cost rows of each unit's members per format; formats not legal for every member are not offered, and
-    --force rules (first match wins) leave only their format to the units they match."""
-    names = [get_format(f).name for f in formats]
+    --force rules (first match wins) leave only their format to the units they match. `fallback` formats (e.g. BF16
+    when the user did not list it) are offered only to units no other format can take, or that a rule pins to them."""
+    names = [get_format(f).name for f in [*formats, *fallback]]
+    names = list(dict.fromkeys(names))
+    extra = np.array([n not in {get_format(f).name for f in formats} for n in names])
     by_key = {(r.linear, r.format): r for r in rows}
     cost = np.full((len(units), len(names)), np.inf)
     size = np.zeros((len(units), len(names)), dtype=np.int64)
@@ -47,6 +50,9 @@ def build_problem(rows: list[CostRow], units: list[list[str]], formats: list[str
             if all(found):
                 cost[u, k] = sum(r.predicted_dloss for r in found)
                 size[u, k] = sum(r.bytes for r in found)
+        full = cost[u].copy()  # every legal option, before the fallback is withheld
+        if (~np.isinf(full) & ~extra).any():
+            cost[u, extra] = np.inf  # a listed format can take it: no fallback
         pinned = {next((f for pattern, f in force if pattern.search(m)), None) for m in members}
         if len(pinned) > 1:
             raise PrismqError(f"--force rules split the fused unit {', '.join(members)}: they must share one format")
@@ -56,15 +62,15 @@ def build_problem(rows: list[CostRow], units: list[list[str]], formats: list[str
             if pin not in names:
                 raise PrismqError(f"--force {pin} ({members[0]}) is not among --formats {','.join(names)}")
             k = names.index(pin)
-            if np.isinf(cost[u, k]):
+            if np.isinf(full[k]):
                 raise PrismqError(f"--force {pin}: {members[0]} cannot take it (its shape is not legal for {pin})")
-            cost[u, np.arange(len(names)) != k] = np.inf
+            cost[u] = np.where(np.arange(len(names)) == k, full, np.inf)
     offered = ~np.isinf(cost)
     if not offered.any(axis=1).all():
         stuck = units[int(np.flatnonzero(~offered.any(axis=1))[0])]
         raise PrismqError(f"no format in {','.join(names)} can take {stuck[0]} (add BF16 to --formats)")
     for k, name in enumerate(names):
-        if not offered[:, k].any():
+        if not offered[:, k].any() and not extra[k]:
             raise PrismqError(f"format {name} is legal for no Linear of this model")
     params_of = {r.linear: r.params for r in rows}
     params = sum(params_of[m] for members in units for m in members)
