@@ -91,14 +91,38 @@ def _other_bytes(model_dir: Path, linears: list[str]) -> int:
     return total
 
 
-def _evaluate(model_dir: Path, out: Path, work: Path, device: str) -> dict[str, Any]:
-    from prismq.measure.evaluate import load_quantized
-    from prismq.measure.kl import evaluate_kl
+def _uniform_baselines(problem: Problem, achieved_bytes: int,
+                       config: QuantizeConfig) -> dict[str, tuple[dict[str, str], float]]:
+    """The uniform assignments (BF16 only where a shape needs it) of each listed format that fit in the bytes the
+    mixed checkpoint takes: what the mixed result must beat."""
+    if config.uniform is not None:
+        return {}
+    baselines = {}
+    finite = ~np.isinf(problem.cost)
+    for k, name in enumerate(problem.formats):
+        if name == "BF16" and "BF16" not in [get_format(f).name for f in config.formats]:
+            continue
+        choice = np.where(finite[:, k], k, np.argmin(problem.cost, axis=1))
+        size = int(problem.size[np.arange(len(choice)), choice].sum())
+        if size <= achieved_bytes:
+            baselines[name] = (problem.assignment(choice), 8 * size / problem.params)
+    return baselines
+
+
+def _evaluate(model_dir: Path, out: Path, work: Path, device: str, baselines: dict[str, tuple[dict[str, str], float]],
+              input_amax: dict) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Held-out KL of the exported checkpoint (loaded through transformers + compressed-tensors) and of each uniform
+    baseline fake-quantized in memory (the same numbers its export gives), one reference pass for all."""
+    from prismq.measure.evaluate import fake_quantized, load_quantized
+    from prismq.measure.kl import evaluate_candidates
     from prismq.model.source import load_model
 
     reference = load_model(model_dir, device=device)
-    quantized = load_quantized(str(out), model_dir, device)
-    return evaluate_kl(reference, quantized, heldout_blocks(work)).to_json()
+    candidates = [load_quantized(str(out), model_dir, device)]
+    for assignment, _ in baselines.values():
+        candidates.append(fake_quantized(load_model(model_dir, device=device), assignment, input_amax))
+    results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout_blocks(work))]
+    return results[0], dict(zip(baselines, results[1:]))
 
 
 def quantize(config: QuantizeConfig) -> ExportResult:
@@ -125,10 +149,14 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     from prismq.measure.probe_stage import read_probe
 
     probe, _ = read_probe(work)
-    input_amax = {n: probe[f"{n}.x_absmax"] for n, f in assignment.items() if get_format(f).needs_input_amax}
+    input_amax = {n: probe[f"{n}.x_absmax"] for n in assignment}
     result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    evaluation = _evaluate(model_dir, out, work, config.device)
+    baselines = _uniform_baselines(problem, result.linear_bytes, config)
+    evaluation, baseline_evals = _evaluate(model_dir, out, work, config.device, baselines, input_amax)
+    comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param): mean KL {b['mean_kl']:.5f}; this "
+                  f"checkpoint's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} relative to it"
+                  for name, b in baseline_evals.items()]
     per_format: dict[str, dict[str, int]] = {}
     by_row = {(r.linear, r.format): r for r in rows}
     for name, fmt in assignment.items():
@@ -143,7 +171,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         "checkpoint_bytes": result.checkpoint_bytes, "linear_bytes": result.linear_bytes,
         "linear_params": result.linear_params, "bits_per_param": result.linear_bits_per_param,
         "predicted_dloss": float(problem.cost[np.arange(len(choice)), choice].sum()),
-        "per_format": per_format, "eval": evaluation,
+        "per_format": per_format, "eval": evaluation, "uniform_baselines": baseline_evals,
+        "comparison": comparison,
         "knee_bits": None if frontier is None else frontier[1],
     }
     report = write_report(work, summary, assignment, None if frontier is None else frontier[0])

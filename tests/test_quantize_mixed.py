@@ -36,6 +36,7 @@ def test_target_bits_stays_within_budget_and_reports(work: Path, tmp_path: Path)
     assert len(frontier["points"]) >= 10 and (work / "frontier.png").stat().st_size > 10_000
     report = (work / "report.md").read_text()
     assert "bits/param" in report and "![frontier](frontier.png)" in report and "| layer |" in report
+    assert "- uniform NVFP4 (4.500 bits/param): mean KL" in report and "NVFP4" in summary["uniform_baselines"]
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["format"] == "mixed-precision" and qconfig["ignore"] == ["lm_head"]
 
