@@ -57,3 +57,14 @@ def test_budget_above_all_bf16_writes_bf16(work: Path, tmp_path: Path, capsys) -
     assert "nothing to trade off" in capsys.readouterr().out
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary["assignment"].values()) == {"BF16"} and summary["eval"]["mean_kl"] == 0.0
+
+
+def test_target_size_bounds_the_whole_checkpoint(work: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sized"
+    assert main(["quantize", "--formats", "NVFP4,MXFP8,BF16", "--target-size", "0.125", "--work-dir", str(work),
+                 "--out", str(out), *SMALL]) == 0
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["checkpoint_bytes"] <= 0.125e9
+    assert summary["checkpoint_bytes"] > 0.124e9  # the budget is used, not wasted
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert written >= summary["checkpoint_bytes"]  # files add only their small headers
