@@ -35,3 +35,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_llama().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model (SmolLM2-135M-Instruct) as a bf16 HF directory; skips where it is not installed
+    (scripts/setup installs it)."""
+    from prismq.model.source import resolve_model
+
+    try:
+        return resolve_model(None)
+    except Exception as exc:
+        pytest.skip(f"embedded default model unavailable: {exc}")

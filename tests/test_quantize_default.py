@@ -13,16 +13,6 @@ pytestmark = pytest.mark.slow
 PROMPT = "Water boils at a temperature of"
 
 
-@pytest.fixture(scope="module")
-def default_model_dir() -> Path:
-    from prismq.model.source import resolve_model
-
-    try:
-        return resolve_model(None)
-    except Exception as exc:  # the embedded model package is installed by scripts/setup
-        pytest.skip(f"embedded default model unavailable: {exc}")
-
-
 def greedy(model, tokenizer, prompt: str, n: int = 16) -> list[int]:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():

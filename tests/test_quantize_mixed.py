@@ -14,13 +14,7 @@ SMALL = ["--calib-blocks", "4", "--calib-seqlen", "128", "--heldout-blocks", "2"
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    from prismq.model.source import resolve_model
-
-    try:
-        resolve_model(None)
-    except Exception as exc:
-        pytest.skip(f"embedded default model unavailable: {exc}")
+def work(tmp_path_factory, default_model_dir: Path) -> Path:
     return tmp_path_factory.mktemp("mixed") / "work"
 
 

@@ -14,13 +14,7 @@ WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wik
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    from prismq.model.source import resolve_model
-
-    try:
-        resolve_model(None)
-    except Exception as exc:
-        pytest.skip(f"embedded default model unavailable: {exc}")
+def work(tmp_path_factory, default_model_dir: Path) -> Path:
     work = tmp_path_factory.mktemp("work")
     args = ["probe", "--work-dir", str(work), "--calib-blocks", "2", "--heldout-blocks", "2", "--seqlen", "64",
             "--sample-rows", "16", "--device", "cpu"]
