@@ -75,7 +75,8 @@ def _allocate(config: QuantizeConfig, problem: Problem, other_bytes: int, work: 
         frontier = frontier_json(points, knee_index, problem.formats)
         (work / "frontier.json").write_text(json.dumps(frontier, indent=1) + "\n")
     knee_bits = points[knee_index].bits_per_param if points and knee_index is not None else None
-    return allocation.choice, label + f"; knapsack gap {allocation.gap:.3g}", (plot if points else None, knee_bits)
+    return (allocation.choice, label + f"; knapsack gap {allocation.gap:.3g}",
+            (plot if points else None, knee_bits, budget))
 
 
 def _other_bytes(model_dir: Path, linears: list[str]) -> int:
@@ -91,10 +92,10 @@ def _other_bytes(model_dir: Path, linears: list[str]) -> int:
     return total
 
 
-def _uniform_baselines(problem: Problem, achieved_bytes: int,
+def _uniform_baselines(problem: Problem, budget: int,
                        config: QuantizeConfig) -> dict[str, tuple[dict[str, str], float]]:
-    """The uniform assignments (BF16 only where a shape needs it) of each listed format that fit in the bytes the
-    mixed checkpoint takes: what the mixed result must beat."""
+    """The uniform assignments (BF16 only where a shape needs it) of each listed format that fit in the same byte
+    budget: what the mixed result must beat."""
     if config.uniform is not None:
         return {}
     baselines = {}
@@ -104,7 +105,7 @@ def _uniform_baselines(problem: Problem, achieved_bytes: int,
             continue
         choice = np.where(finite[:, k], k, np.argmin(problem.cost, axis=1))
         size = int(problem.size[np.arange(len(choice)), choice].sum())
-        if size <= achieved_bytes:
+        if size <= budget:
             baselines[name] = (problem.assignment(choice), 8 * size / problem.params)
     return baselines
 
@@ -152,7 +153,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     input_amax = {n: probe[f"{n}.x_absmax"] for n in assignment}
     result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    baselines = _uniform_baselines(problem, result.linear_bytes, config)
+    baselines = _uniform_baselines(problem, result.linear_bytes if frontier is None else frontier[2], config)
     evaluation, baseline_evals = _evaluate(model_dir, out, work, config.device, baselines, input_amax)
     comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param): mean KL {b['mean_kl']:.5f}; this "
                   f"checkpoint's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} relative to it"
