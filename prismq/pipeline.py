@@ -110,6 +110,15 @@ def _uniform_baselines(problem: Problem, budget: int,
     return baselines
 
 
+def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
+    """The uniform format to ship instead of the allocated mix: the one with the lowest measured KL, when it is lower
+    than the mix's (predictions can misrank; measured KL decides). None when the mix measures best."""
+    if not uniform_kl:
+        return None
+    best = min(uniform_kl, key=uniform_kl.__getitem__)
+    return best if uniform_kl[best] < mixed_kl else None
+
+
 def _evaluate(model_dir: Path, out: Path, work: Path, device: str, baselines: dict[str, tuple[dict[str, str], float]],
               input_amax: dict) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Held-out KL of the exported checkpoint (loaded through transformers + compressed-tensors) and of each uniform
@@ -155,9 +164,18 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
     baselines = _uniform_baselines(problem, result.linear_bytes if frontier is None else frontier[2], config)
     evaluation, baseline_evals = _evaluate(model_dir, out, work, config.device, baselines, input_amax)
-    comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param): mean KL {b['mean_kl']:.5f}; this "
-                  f"checkpoint's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} relative to it"
+    comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param): mean KL {b['mean_kl']:.5f}; the allocated "
+                  f"mix's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} relative to it"
                   for name, b in baseline_evals.items()]
+    fallback = better_uniform(evaluation["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
+    if fallback is not None:
+        print(f"prismq: the allocated mix measured worse (mean KL {evaluation['mean_kl']:.5f}) than uniform {fallback} "
+              f"in the same bytes ({baseline_evals[fallback]['mean_kl']:.5f}): shipping uniform {fallback} instead")
+        comparison.append(f"- **shipped uniform {fallback}**: it measured better than the allocated mix, and prismq "
+                          "never ships a mix worse than a uniform format that fits the same budget")
+        assignment, evaluation = baselines[fallback][0], baseline_evals[fallback]
+        result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
+                                  max_shard_bytes=config.max_shard_bytes, overwrite=True)
     per_format: dict[str, dict[str, int]] = {}
     by_row = {(r.linear, r.format): r for r in rows}
     for name, fmt in assignment.items():
@@ -171,7 +189,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                                          "embeddings (BF16)"],
         "checkpoint_bytes": result.checkpoint_bytes, "linear_bytes": result.linear_bytes,
         "linear_params": result.linear_params, "bits_per_param": result.linear_bits_per_param,
-        "predicted_dloss": float(problem.cost[np.arange(len(choice)), choice].sum()),
+        "predicted_dloss": float(sum(by_row[(n, f)].predicted_dloss for n, f in assignment.items())),
         "per_format": per_format, "eval": evaluation, "uniform_baselines": baseline_evals,
         "comparison": comparison,
         "knee_bits": None if frontier is None else frontier[1],

@@ -109,3 +109,12 @@ def test_bf16_fallback_is_offered_only_where_no_listed_format_fits() -> None:
     pinned = build_problem(rows, sibling_groups(SHAPES), ["INT4_W4A16"], [(re.compile(r"self_attn\.[qkv]_proj"), "BF16")],
                            fallback=["BF16"])
     assert np.isfinite(pinned.cost[0, 1]) and np.isinf(pinned.cost[0, 0])
+
+
+def test_a_uniform_format_that_measures_better_in_the_same_bytes_is_shipped_instead() -> None:
+    from prismq.pipeline import better_uniform
+
+    assert better_uniform(0.0426, {"MXFP8": 0.0380, "NVFP4": 0.448}) == "MXFP8"
+    assert better_uniform(0.333, {"NVFP4": 0.448}) is None
+    assert better_uniform(0.0, {"BF16": 0.0}) is None  # a tie keeps the allocated mix
+    assert better_uniform(0.1, {}) is None
