@@ -28,17 +28,16 @@ from prismq.report import write_report
 from prismq.stages import MeasureConfig, heldout_blocks, stage_cost, stage_probe
 
 
-def _formats(config: QuantizeConfig) -> list[str]:
-    """The formats offered: --formats (or the --uniform format) and every --force format."""
-    names = [get_format(f).name for f in ([config.uniform] if config.uniform else config.formats)]
-    names = list(dict.fromkeys(names))
-    for pattern_rule in config.force:
-        names.append(get_format(pattern_rule.rpartition("=")[2]).name)
-    names = list(dict.fromkeys(names))
-    for name in names:
+def _formats(config: QuantizeConfig) -> tuple[list[str], list[str]]:
+    """The formats offered to every unit (--formats, or the --uniform format) and the fallbacks offered only where
+    needed: BF16 (shapes no listed format takes, pinned routers) and --force formats not listed (their units only)."""
+    names = list(dict.fromkeys(get_format(f).name for f in ([config.uniform] if config.uniform else config.formats)))
+    forced = [get_format(rule.rpartition("=")[2]).name for rule in config.force]
+    fallback = [f for f in dict.fromkeys([*forced, "BF16"]) if f not in names]
+    for name in [*names, *fallback]:
         if not get_format(name).exportable:
             raise PrismqError(f"{name} is a research format no runtime serves yet; it cannot be exported")
-    return names
+    return names, fallback
 
 
 def _allocate(config: QuantizeConfig, problem: Problem, other_bytes: int, work: Path) -> tuple[np.ndarray, str, Any]:
@@ -101,8 +100,8 @@ def _uniform_baselines(problem: Problem, budget: int,
     baselines = {}
     finite = ~np.isinf(problem.cost)
     for k, name in enumerate(problem.formats):
-        if name == "BF16" and "BF16" not in [get_format(f).name for f in config.formats]:
-            continue
+        if name not in [get_format(f).name for f in config.formats]:
+            continue  # a fallback (BF16, a --force format) is not a baseline unless listed
         choice = np.where(finite[:, k], k, np.argmin(problem.cost, axis=1))
         size = int(problem.size[np.arange(len(choice)), choice].sum())
         if size <= budget:
@@ -140,7 +139,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise PrismqError(f"output {out} already exists (pass --overwrite to replace it)")
-    formats = _formats(config)
+    formats, fallback = _formats(config)
     work = Path(config.work_dir) if config.work_dir else out.with_name(out.name + ".work")
     model_dir = resolve_model(config.model)
     linears = list(quantizable(linear_shapes(model_dir)))
@@ -148,11 +147,10 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, formats=formats, device=config.device)
     stage_probe(measure)
-    rows = stage_cost(work, [*formats, "BF16"], config.device)
+    rows = stage_cost(work, [*formats, *fallback], config.device)
     units = model_units(model_dir)
     pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
-    problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(),
-                            fallback=["BF16"])  # for shapes no listed format takes, and units pinned to BF16
+    problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)
     choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 

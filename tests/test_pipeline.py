@@ -118,3 +118,12 @@ def test_a_uniform_format_that_measures_better_in_the_same_bytes_is_shipped_inst
     assert better_uniform(0.333, {"NVFP4": 0.448}) is None
     assert better_uniform(0.0, {"BF16": 0.0}) is None  # a tie keeps the allocated mix
     assert better_uniform(0.1, {}) is None
+
+
+def test_force_formats_outside_the_list_are_offered_to_their_units_only() -> None:
+    rows = rows_for(SHAPES, [*FORMATS, "FP8"])
+    problem = build_problem(rows, sibling_groups(SHAPES), ["NVFP4A16"], [(re.compile("down_proj"), "FP8")],
+                            fallback=["FP8", "BF16"])
+    k_fp8 = problem.formats.index("FP8")
+    assert np.isfinite(problem.cost[3, k_fp8]) and np.isfinite(problem.cost[3]).sum() == 1
+    assert np.isinf(problem.cost[0, k_fp8]) and np.isinf(problem.cost[2, k_fp8])
