@@ -83,12 +83,7 @@ def _other_bytes(model_dir: Path, linears: list[str]) -> int:
     allocated = {f"{n}.weight" for n in linears}
     with ExitStack() as stack:
         source = SourceTensors(model_dir, stack)
-        total = 0
-        for key in source.names():
-            if key not in allocated:
-                handle = source.location[key].get_slice(key)
-                total += int(np.prod(handle.get_shape())) * {"BF16": 2, "F16": 2, "F32": 4}.get(handle.get_dtype(), 4)
-    return total
+        return sum(source.nbytes(key) for key in source.names() if key not in allocated)
 
 
 def _uniform_baselines(problem: Problem, budget: int,

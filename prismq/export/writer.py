@@ -8,6 +8,7 @@ target and renamed into place only when complete: an interrupted export leaves n
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ from prismq.model.siblings import sibling_groups
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ class SourceTensors:
         """Shape without reading the data."""
         return tuple(self.location[name].get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype without reading the data."""
+        return _SAFETENSORS_DTYPES[self.location[name].get_slice(name).get_dtype()]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of one tensor's data, without reading it."""
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor."""
         return self.location[name].get_tensor(name)
@@ -98,7 +110,7 @@ def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceT
     fmt = get_format(assignment[group[0]])
     for name in group:
         if name in encoded:
-            expected = fmt.tensor_specs(source.shape(f"{name}.weight"), _source_dtype(source, name))
+            expected = fmt.tensor_specs(source.shape(f"{name}.weight"), source.dtype(f"{name}.weight"))
             got = {k: (t.dtype, tuple(t.shape)) for k, t in encoded[name].items()}
             if got != expected:
                 raise PrismqError(f"{name}: pre-encoded tensors {got} do not match what {fmt.name} ships: {expected}")
@@ -106,11 +118,6 @@ def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceT
         return {name: encoded[name] for name in group}
     fresh = encode_group(fmt.name, {name: source.get(f"{name}.weight") for name in group}, input_amax)
     return {name: encoded.get(name, fresh[name]) for name in group}
-
-
-def _source_dtype(source: SourceTensors, name: str) -> torch.dtype:
-    dtype = source.location[f"{name}.weight"].get_slice(f"{name}.weight").get_dtype()
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype]
 
 
 @contextmanager
