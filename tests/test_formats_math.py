@@ -78,7 +78,8 @@ def test_mxfp6_e2m3_packing_equals_compressed_tensors() -> None:
 
     w = (torch.randn(8, 64) * 0.1).to(torch.bfloat16)
     fmt = get_format("MXFP6_E2M3")
-    codes, _ = fmt.quantize(w)
+    grid = fmt.grid(w)
+    codes = grid.quantize(w, grid.expand(grid.fit(w)))
     values = E2M3.values(codes).to(torch.bfloat16)
     assert torch.equal(fmt.encode(w)["weight_packed"], pack_fp6_to_uint8(values))
 

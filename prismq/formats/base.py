@@ -94,18 +94,19 @@ class Format(ABC):
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight a loader reconstructs from the shipped tensors, in `dtype`."""
 
+    def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> Grid:
+        """The scale-and-round structure `weight` is encoded on (see Grid); formats that round nothing have none."""
+        raise FormatError(f"{self.name} does not round weights, so it has no quantization grid")
+
     def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
             name: str = "weight") -> torch.Tensor:
-        """Fake-quantized weight, defined as decode(encode(weight)) in the weight's dtype.
+        """Fake-quantized weight, equal to decode(encode(weight)) in the weight's dtype.
 
         weight may also be a batch [B, out, in] of equal-shape Linears (shared_amax then [B]): the cost stage
         prices many Linears in one call; each matrix gets exactly what it would get alone."""
         self.check(weight, name, batched=True)
-        if weight.ndim == 3:
-            amaxes = [None] * len(weight) if shared_amax is None else list(shared_amax)
-            return torch.stack([self.qdq(w, shared_amax=a, name=name) for w, a in zip(weight, amaxes)])
-        tensors = self._encode(weight, shared_amax=shared_amax, input_amax=None, name=name)
-        return self.decode(tensors, weight.dtype)
+        grid = self.grid(weight, shared_amax)
+        return grid.round(weight, grid.fit(weight))
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         """What the runtime does to a Linear's input [..., in]: identity unless the format quantizes it."""
@@ -134,11 +135,57 @@ class Format(ABC):
         return f"<Format {self.name}>"
 
 
+class Grid(ABC):
+    """How one weight rounds under a format: each run of `group_size` consecutive input columns shares one scale,
+    and each element becomes the code nearest to weight / scale.
+
+    Round-to-nearest encoding is `pack(quantize(w, expand(fit(w))), fit(w))`; GPTQ and the scale sweep choose the
+    scales and codes differently but hand them to the same `pack`, so every rounding ships codec bytes and
+    decode(pack(codes, scales)) == dequantize(codes, expand(scales)) exactly. Scales are kept in the form the format
+    stores them (E4M3 values as fp32, E8M0 exponents, model-dtype floats); `quantize`/`dequantize` are elementwise,
+    taking one scale per element, so a caller may round a single column as well as a whole matrix. All arithmetic
+    happens in the weight's dtype exactly where the loader's does.
+    """
+
+    group_size: int
+
+    @abstractmethod
+    def fit(self, weight: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest scales for weight [..., n]: one per group, [..., n / group_size]."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Codes of weight [..., n] under per-element scales (broadcast to its shape)."""
+
+    @abstractmethod
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The values the loader reconstructs from codes under per-element scales, in dtype."""
+
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
+        """The shipped tensors (without input scales) of one weight's codes [out, in] and group scales."""
+
+    def candidates(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales worth trying for each group in place of `scales` (for the scale sweep): [C, *scales.shape],
+        candidate 0 being `scales` itself. Default: no alternatives."""
+        return scales.unsqueeze(0)
+
+    def expand(self, scales: torch.Tensor) -> torch.Tensor:
+        """Per-group scales [..., k] -> per-element scales [..., k * group_size]."""
+        return scales.repeat_interleave(self.group_size, dim=-1)
+
+    def round(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """weight rounded to the nearest codes under per-group `scales`, as decoded values in weight's dtype."""
+        per_element = self.expand(scales)
+        return self.dequantize(self.quantize(weight, per_element), per_element, weight.dtype)
+
+    def encode(self, weight: torch.Tensor) -> Tensors:
+        """Round-to-nearest: the shipped tensors of weight [out, in]."""
+        scales = self.fit(weight)
+        return self.pack(self.quantize(weight, self.expand(scales)), scales)
+
+
 def group_absmax(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Absolute maximum of consecutive groups along the last dimension, in x's dtype: [..., n] -> [..., n/g]."""
     return x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
 
-
-def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """View [..., n] as [..., n/g, g]."""
-    return x.unflatten(-1, (x.shape[-1] // group_size, group_size))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prismq.formats.base import Format, Tensors, TensorSpec, weight_args
+from prismq.formats.base import Format, Grid, Tensors, TensorSpec, weight_args
 from prismq.formats.elements import FP8_E4M3_MAX, round_to_e4m3
 
 
@@ -18,6 +18,26 @@ def row_scales(x: torch.Tensor) -> torch.Tensor:
     """amax / 448 over the last dimension, in x's dtype, keeping that dimension; zero rows get the dtype's eps."""
     scale = x.abs().amax(dim=-1, keepdim=True) / torch.tensor(FP8_E4M3_MAX, dtype=x.dtype, device=x.device)
     return torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+
+
+class ChannelGrid(Grid):
+    """E4M3 values under one model-dtype scale per output row: a single group spanning the input columns."""
+
+    def __init__(self, in_features: int) -> None:
+        self.group_size = in_features
+
+    def fit(self, weight: torch.Tensor) -> torch.Tensor:
+        return row_scales(weight)
+
+    def quantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
+        return round_to_e4m3(weight / scale + 0.0)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return codes.to(dtype) * scale.to(dtype)
+
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
+        return {"weight": codes, "weight_scale": scales}
 
 
 class FP8(Format):
@@ -32,20 +52,15 @@ class FP8(Format):
         out, inp = shape
         return {"weight": (torch.float8_e4m3fn, (out, inp)), "weight_scale": (dtype, (out, 1))}
 
+    def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> ChannelGrid:
+        return ChannelGrid(weight.shape[-1])
+
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
-        scale = row_scales(weight)
-        # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
-        return {"weight": round_to_e4m3(weight / scale + 0.0), "weight_scale": scale}
+        return self.grid(weight).encode(weight)
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        scale = tensors["weight_scale"].to(dtype)
-        return tensors["weight"].to(dtype) * scale
-
-    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
-            name: str = "weight") -> torch.Tensor:
-        self.check(weight, name, batched=True)
-        return self.qdq_activation(weight)
+        return tensors["weight"].to(dtype) * tensors["weight_scale"].to(dtype)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         scale = row_scales(x)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from prismq.formats.base import Format, Tensors, TensorSpec, group_absmax, grouped, weight_args
+from prismq.formats.base import Format, Grid, Tensors, TensorSpec, group_absmax, weight_args
 from prismq.formats.elements import (
     E2M1, E2M3, E3M2, FP8_E4M3_MAX, MiniFloat, e8m0_exponent, e8m0_scale, round_to_e4m3,
 )
@@ -59,50 +59,68 @@ class MX(Format):
         return {"weight" if self.element is None else "weight_packed": values,
                 "weight_scale": (torch.uint8, (out, inp // GROUP))}
 
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(element codes uint8, or e4m3 values for MXFP8; biased exponents uint8) for x [..., n]."""
-        exponent = e8m0_exponent(group_absmax(x, GROUP), self.element_max, self.rounding_mantissa_bits)
-        scaled = grouped(x, GROUP) / e8m0_scale(exponent, x.dtype).unsqueeze(-1)
-        if self.element is None:
-            # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
-            return round_to_e4m3(scaled + 0.0).flatten(-2), exponent
-        return self.element.encode(scaled).flatten(-2), exponent
-
-    def dequantize(self, elements: torch.Tensor, exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """element value * 2**(e-127), in dtype."""
-        values = elements if self.element is None else self.element.values(elements)
-        return (grouped(values.to(dtype), GROUP) * e8m0_scale(exponent, dtype).unsqueeze(-1)).flatten(-2)
+    def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> MXGrid:
+        return MXGrid(self)
 
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
-        elements, exponent = self.quantize(weight)
-        if self.element is None:
-            return {"weight": elements, "weight_scale": exponent}
-        packed = pack_nibbles(elements) if self.element.bits == 4 else pack_sextets(elements)
-        return {"weight_packed": packed, "weight_scale": exponent}
+        return MXGrid(self).encode(weight)
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        grid = MXGrid(self)
         if self.element is None:
-            return self.dequantize(tensors["weight"], tensors["weight_scale"], dtype)
-        packed = tensors["weight_packed"]
-        codes = unpack_nibbles(packed) if self.element.bits == 4 else unpack_sextets(packed)
-        return self.dequantize(codes, tensors["weight_scale"], dtype)
-
-    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
-            name: str = "weight") -> torch.Tensor:
-        self.check(weight, name, batched=True)
-        return self.dequantize(*self.quantize(weight), weight.dtype)
+            codes = tensors["weight"]
+        else:
+            packed = tensors["weight_packed"]
+            codes = unpack_nibbles(packed) if self.element.bits == 4 else unpack_sextets(packed)
+        return grid.dequantize(codes, grid.expand(tensors["weight_scale"]), dtype)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.quantizes_activations:
             return x
-        return self.dequantize(*self.quantize(x), x.dtype)
+        grid = MXGrid(self)
+        return grid.round(x, grid.fit(x))
 
     def scheme(self) -> dict[str, Any]:
         args = weight_args(num_bits=self.element_bits, group_size=GROUP, strategy="group", scale_dtype="torch.uint8")
         activations = {**args, "dynamic": True} if self.quantizes_activations else None
         ct_format = {4: "mxfp4-pack-quantized", 6: "mxfp6-pack-quantized", 8: "mxfp8-quantized"}[self.element_bits]
         return {"weights": args, "input_activations": activations, "format": ct_format}
+
+
+class MXGrid(Grid):
+    """Element codes (E4M3 values for MXFP8) under E8M0 group exponents e, scale 2**(e-127) in the weight dtype."""
+
+    group_size = GROUP
+
+    def __init__(self, fmt: MX) -> None:
+        self.fmt = fmt
+
+    def fit(self, weight: torch.Tensor) -> torch.Tensor:
+        return e8m0_exponent(group_absmax(weight, GROUP), self.fmt.element_max, self.fmt.rounding_mantissa_bits)
+
+    def quantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        scaled = weight / e8m0_scale(scale, weight.dtype)
+        if self.fmt.element is None:
+            # + 0.0: compressed-tensors adds its all-zero zero-point here, which writes -0.0 as +0.0
+            return round_to_e4m3(scaled + 0.0)
+        return self.fmt.element.encode(scaled)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        values = codes if self.fmt.element is None else self.fmt.element.values(codes)
+        return values.to(dtype) * e8m0_scale(scale, dtype)
+
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
+        element = self.fmt.element
+        if element is None:
+            return {"weight": codes, "weight_scale": scales}
+        packed = pack_nibbles(codes) if element.bits == 4 else pack_sextets(codes)
+        return {"weight_packed": packed, "weight_scale": scales}
+
+    def candidates(self, scales: torch.Tensor) -> torch.Tensor:
+        """The exponent itself, one lower (half the scale: finer steps, the maximum clipped) and one higher."""
+        exponent = scales.to(torch.int16)
+        return torch.stack([exponent, (exponent - 1).clamp(min=0), (exponent + 1).clamp(max=254)]).to(torch.uint8)
 
 
 def mx_formats() -> list[MX]:

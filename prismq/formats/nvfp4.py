@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from prismq.formats.base import Format, FormatError, Tensors, TensorSpec, group_absmax, grouped, weight_args
+from prismq.formats.base import Format, FormatError, Grid, Tensors, TensorSpec, group_absmax, weight_args
 from prismq.formats.elements import E2M1, FP8_E4M3_MAX, round_to_e4m3
 from prismq.formats.packing import pack_nibbles, unpack_nibbles
 
@@ -35,18 +35,50 @@ def group_scales(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
     return torch.where(snapped == 0, _ZERO_SCALE_REPLACEMENT, snapped)
 
 
-def quantize(x: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E2M1 codes (uint8) and the fp32 group scales for x [..., n] under global scale gs."""
-    scales = group_scales(x, gs)
-    effective = (scales / gs.to(x.device)).unsqueeze(-1)
-    codes = E2M1.encode(grouped(x, GROUP) / effective)
-    return codes.flatten(-2), scales
+# E4M3 scale codes tried by the scale sweep, as steps from the round-to-nearest scale (one step ~ 1/16 to 1/8):
+# mostly smaller scales (trading a clipped maximum for finer steps), two larger.
+SWEEP_STEPS = (0, -1, -2, -3, -4, -5, -6, -7, -8, 1, 2)
+_E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN
+
+
+class NVFP4Grid(Grid):
+    """E2M1 codes under fp32 E4M3 group scales divided by one global scale gs ([1], or [B, 1, 1] for a batch)."""
+
+    group_size = GROUP
+
+    def __init__(self, gs: torch.Tensor) -> None:
+        self.gs = gs
+
+    def fit(self, weight: torch.Tensor) -> torch.Tensor:
+        return group_scales(weight, self.gs)
+
+    def quantize(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return E2M1.encode(weight / (scale / self.gs.to(weight.device)))
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (E2M1.values(codes) * (scale.to(torch.float32) / self.gs.to(codes.device))).to(dtype)
+
+    def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
+        return {"weight_packed": pack_nibbles(codes), "weight_scale": scales.to(torch.float8_e4m3fn),
+                "weight_global_scale": self.gs.to(codes.device)}
+
+    def candidates(self, scales: torch.Tensor) -> torch.Tensor:
+        code = scales.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
+        steps = torch.tensor(SWEEP_STEPS, dtype=torch.int16, device=scales.device).reshape(-1, *[1] * scales.ndim)
+        shifted = (code + steps).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
+        return shifted.view(torch.float8_e4m3fn).to(torch.float32)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """E2M1[code] * (scale / gs), computed in fp32 and cast once to dtype (as the loader does)."""
-    effective = (scales.to(torch.float32) / gs.to(codes.device)).unsqueeze(-1)
-    return (grouped(E2M1.values(codes), GROUP) * effective).flatten(-2).to(dtype)
+    """E2M1[code] * (scale / gs) for codes [..., n] and group scales [..., n/16], in dtype (as the loader does)."""
+    grid = NVFP4Grid(gs)
+    return grid.dequantize(codes, grid.expand(scales), dtype)
+
+
+def qdq(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """x [..., n] rounded to the nearest NVFP4 values under global scale gs: what the runtime does to activations."""
+    grid = NVFP4Grid(gs)
+    return grid.round(x, grid.fit(x))
 
 
 class NVFP4(Format):
@@ -73,16 +105,16 @@ class NVFP4(Format):
             specs["input_global_scale"] = (torch.float32, (1,))
         return specs
 
+    def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> NVFP4Grid:
+        """gs from the joint amax of fused siblings when given (a batch [B, out, in] takes amaxes [B])."""
+        amax = weight.abs().amax(dim=(-2, -1)) if shared_amax is None else shared_amax.to(weight.dtype)
+        if weight.ndim == 2:
+            return NVFP4Grid(global_scale(amax.reshape(())))
+        return NVFP4Grid(global_scale(amax.reshape(-1)).reshape(-1, 1, 1))
+
     def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
                 input_amax: torch.Tensor | None, name: str) -> Tensors:
-        amax = weight.abs().amax() if shared_amax is None else shared_amax.to(weight.dtype)
-        gs = global_scale(amax.reshape(()))
-        codes, scales = quantize(weight, gs)
-        tensors = {
-            "weight_packed": pack_nibbles(codes),
-            "weight_scale": scales.to(torch.float8_e4m3fn),
-            "weight_global_scale": gs.to(weight.device),
-        }
+        tensors = self.grid(weight, shared_amax).encode(weight)
         if self.needs_input_amax:
             if input_amax is None:
                 raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
@@ -93,19 +125,12 @@ class NVFP4(Format):
         codes = unpack_nibbles(tensors["weight_packed"])
         return dequantize(codes, tensors["weight_scale"], tensors["weight_global_scale"], dtype)
 
-    def qdq(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
-            name: str = "weight") -> torch.Tensor:
-        self.check(weight, name, batched=True)
-        amax = weight.abs().amax(dim=(-2, -1)) if shared_amax is None else shared_amax.to(weight.dtype)
-        gs = global_scale(amax.reshape(())) if weight.ndim == 2 else global_scale(amax.reshape(-1)).reshape(-1, 1, 1)
-        return dequantize(*quantize(weight, gs), gs, weight.dtype)
-
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.quantizes_activations:
             return x
         if input_global_scale is None:
             raise FormatError(f"{self.name} activation quantization needs the calibrated input_global_scale")
-        return dequantize(*quantize(x, input_global_scale), input_global_scale, x.dtype)
+        return qdq(x, input_global_scale)
 
     def scheme(self) -> dict[str, Any]:
         args = weight_args(num_bits=4, group_size=GROUP, strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
