@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,7 @@ from prismq.errors import PrismqError
 
 Tensors = dict[str, torch.Tensor]
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+Rounding = Callable[["Grid", torch.Tensor], Tensors]  # (grid, weight) -> codes and scales packed by grid.pack
 
 
 class FormatError(PrismqError, ValueError):
@@ -76,19 +77,23 @@ class Format(ABC):
 
     # --- codec -----------------------------------------------------------------------------------------------
     def encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
-               input_amax: torch.Tensor | None = None, name: str = "weight") -> Tensors:
+               input_amax: torch.Tensor | None = None, name: str = "weight",
+               rounding: Rounding | None = None) -> Tensors:
         """The exact tensors that ship for `weight`, keyed by suffix.
 
         shared_amax: absolute maximum over all fused siblings (formats with a tensor-wide scale use it so that
         siblings share one global scale). input_amax: calibrated absolute maximum of the Linear's input (formats
-        with a static input scale need it). name: used in error messages.
+        with a static input scale need it). name: used in error messages. rounding: how codes and scales are chosen
+        on the format's grid (GPTQ, the scale sweep); default round-to-nearest.
         """
         self.check(weight, name)
-        return self._encode(weight, shared_amax=shared_amax, input_amax=input_amax, name=name)
+        grid = self.grid(weight, shared_amax)
+        packed = grid.encode(weight) if rounding is None else rounding(grid, weight)
+        return {**packed, **self.extra_tensors(weight, input_amax, name)}
 
-    @abstractmethod
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors: ...
+    def extra_tensors(self, weight: torch.Tensor, input_amax: torch.Tensor | None, name: str) -> Tensors:
+        """Tensors shipped beside the weight's codes and scales (a static input scale, the weight shape)."""
+        return {}
 
     @abstractmethod
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

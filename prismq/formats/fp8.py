@@ -55,10 +55,6 @@ class FP8(Format):
     def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> ChannelGrid:
         return ChannelGrid(weight.shape[-1])
 
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors:
-        return self.grid(weight).encode(weight)
-
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return tensors["weight"].to(dtype) * tensors["weight_scale"].to(dtype)
 

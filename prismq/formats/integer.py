@@ -70,10 +70,8 @@ class IntegerGroup(Format):
     def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> IntegerGrid:
         return IntegerGrid(self.bits)
 
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors:
-        return {**self.grid(weight).encode(weight),
-                "weight_shape": torch.tensor(tuple(weight.shape), dtype=torch.int64, device=weight.device)}
+    def extra_tensors(self, weight: torch.Tensor, input_amax: torch.Tensor | None, name: str) -> Tensors:
+        return {"weight_shape": torch.tensor(tuple(weight.shape), dtype=torch.int64, device=weight.device)}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         grid = IntegerGrid(self.bits)

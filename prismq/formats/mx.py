@@ -62,10 +62,6 @@ class MX(Format):
     def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> MXGrid:
         return MXGrid(self)
 
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors:
-        return MXGrid(self).encode(weight)
-
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         grid = MXGrid(self)
         if self.element is None:

@@ -112,14 +112,12 @@ class NVFP4(Format):
             return NVFP4Grid(global_scale(amax.reshape(())))
         return NVFP4Grid(global_scale(amax.reshape(-1)).reshape(-1, 1, 1))
 
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors:
-        tensors = self.grid(weight, shared_amax).encode(weight)
-        if self.needs_input_amax:
-            if input_amax is None:
-                raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
-            tensors["input_global_scale"] = global_scale(input_amax.to(weight.dtype)).to(weight.device)
-        return tensors
+    def extra_tensors(self, weight: torch.Tensor, input_amax: torch.Tensor | None, name: str) -> Tensors:
+        if not self.needs_input_amax:
+            return {}
+        if input_amax is None:
+            raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
+        return {"input_global_scale": global_scale(input_amax.to(weight.dtype)).to(weight.device)}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         codes = unpack_nibbles(tensors["weight_packed"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prismq.formats.base import Format, Tensors, TensorSpec
+from prismq.formats.base import Format, Rounding, Tensors, TensorSpec
 
 
 class Passthrough(Format):
@@ -17,8 +17,10 @@ class Passthrough(Format):
     def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
         return {"weight": (dtype, tuple(shape))}
 
-    def _encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None,
-                input_amax: torch.Tensor | None, name: str) -> Tensors:
+    def encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
+               input_amax: torch.Tensor | None = None, name: str = "weight",
+               rounding: Rounding | None = None) -> Tensors:
+        self.check(weight, name)
         return {"weight": weight}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1,0 +1,171 @@
+"""GPTQ on a format's grid: round a Linear's weight column by column, pushing each column's rounding error onto the
+columns not yet rounded so that the layer's output on calibration inputs, not the weight, stays close.
+
+With H = X^T X (calibration inputs of the Linear, fp32) and U the upper Cholesky factor of H^-1, rounding column j
+to q_j costs (w_j - q_j)^2 / U_jj^2 and the optimal update of the remaining columns is
+W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:] (Frantar et al., 2022). Columns are processed in blocks of
+`block_size`; within a block the update is applied column by column, then once to everything after it.
+
+Grid specifics, so the result is exactly what the codec ships:
+- a group's scale is fixed when the group is first reached, from the weights as updated so far (with activation
+  order the groups are fixed up front from the original weights: a group's columns are then scattered over the whole
+  order), optionally chosen by the scale sweep with GPTQ's own column costs 1 / U_jj^2;
+- each column is cast to the model dtype and rounded by the grid's own quantize, and the codes are kept, so `pack`
+  writes exactly the weight whose error was propagated.
+
+Damping adds d * mean(diag H) to the diagonal. Each value in `damping` is tried (more, in steps of x10, while the
+Cholesky factorization fails) and the result with the lowest output error tr(dW H dW^T) on the undamped H wins, with
+round-to-nearest as a candidate too, so GPTQ never returns something worse than RTN on its own objective.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from prismq.formats.base import Grid, Tensors
+from prismq.rounding.scale_sweep import sweep_scales
+
+MAX_DAMPING = 10.0
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """How GPTQ runs: column block width, activation order, damping values tried, the per-group scale sweep."""
+
+    block_size: int = 128
+    act_order: bool = True
+    damping: tuple[float, ...] = (0.01, 0.1)
+    sweep: bool = False
+
+
+@dataclass
+class Rounded:
+    """One weight rounded on a grid: codes [out, in] and group scales as the grid stores them, the decoded weight,
+    and its output error tr(dW H dW^T) on the calibration Hessian."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    weight: torch.Tensor
+    error: float
+    method: str
+
+    def pack(self, grid: Grid) -> Tensors:
+        """The shipped tensors (weight part) of this rounding."""
+        return grid.pack(self.codes, self.scales)
+
+
+def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the summed squared output error of the Linear on the calibration inputs."""
+    delta = weight.to(hessian.dtype) - rounded.to(hessian.dtype)
+    return float(((delta @ hessian) * delta).sum())
+
+
+def round_to_nearest(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> Rounded:
+    """The codec's own encoding of weight, as a Rounded (error 0 when no Hessian is given)."""
+    scales = grid.fit(weight)
+    per_element = grid.expand(scales)
+    codes = grid.quantize(weight, per_element)
+    decoded = grid.dequantize(codes, per_element, weight.dtype)
+    error = 0.0 if hessian is None else output_error(weight, decoded, hessian)
+    return Rounded(codes, scales, decoded, error, "rtn")
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, or None when H is not positive definite."""
+    damped = hessian.clone()
+    damped.diagonal().add_(damping * float(hessian.diagonal().mean()))
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info):
+        return None
+    inverse = torch.cholesky_inverse(factor)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    return None if int(info) else upper
+
+
+def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: torch.Tensor | None,
+               settings: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GPTQ run with the factor `upper` (of the permuted H when `order` is given): (codes, scales)."""
+    dtype, (rows, columns), g = weight.dtype, weight.shape, grid.group_size
+    work = weight.to(upper.dtype).clone()
+    importance = upper.diagonal().square().reciprocal()  # GPTQ's cost per unit squared error, permuted order
+    static = order is not None or g > settings.block_size
+    if static:  # every group's scale fixed up front, from the original weights
+        natural_importance = importance if order is None else importance[torch.argsort(order)]
+        scales = _fit(grid, weight, natural_importance, settings.sweep)
+        if order is not None:
+            work = work[:, order]
+    else:  # overwritten group by group as each is first reached
+        scales = grid.fit(weight).clone()
+    group_of = (order if order is not None else torch.arange(columns, device=weight.device)) // g
+    codes = None
+    for start in range(0, columns, settings.block_size):
+        end = min(start + settings.block_size, columns)
+        block, block_upper = work[:, start:end].clone(), upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            column = start + i
+            if not static and column % g == 0:  # a group is first reached: fix its scale from the current weights
+                local = slice(i, i + g)
+                scales[:, column // g] = _fit(grid, block[:, local].to(dtype), importance[column:column + g],
+                                              settings.sweep).squeeze(-1)
+            scale = scales[:, group_of[column]].unsqueeze(1)
+            current = block[:, i:i + 1].to(dtype)
+            code = grid.quantize(current, scale)
+            if codes is None:
+                codes = torch.empty((rows, columns), dtype=code.dtype, device=weight.device)
+            codes[:, column:column + 1] = code
+            quantized = grid.dequantize(code, scale, dtype).to(work.dtype)
+            errors[:, i:i + 1] = (block[:, i:i + 1] - quantized) / block_upper[i, i]
+            block[:, i:] -= errors[:, i:i + 1] @ block_upper[i:i + 1, i:]
+        work[:, end:] -= errors @ upper[start:end, end:]
+    assert codes is not None
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
+    return codes, scales
+
+
+def _fit(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, sweep: bool) -> torch.Tensor:
+    """Round-to-nearest scales of weight [out, k*g], improved by the scale sweep when asked."""
+    scales = grid.fit(weight)
+    return sweep_scales(grid, weight, importance, scales) if sweep else scales
+
+
+def gptq(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQSettings = GPTQSettings(),
+         name: str = "weight") -> Rounded:
+    """Round weight [out, in] (model dtype) on `grid` with GPTQ under H = X^T X [in, in]; falls back to
+    round-to-nearest, with a warning, when no damping makes H positive definite. The updates are computed in fp32,
+    or in fp64 when H is given in fp64."""
+    if hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"{name}: Hessian {tuple(hessian.shape)} does not match the weight {tuple(weight.shape)}")
+    hessian = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
+    if not bool(torch.isfinite(hessian).all()):
+        warnings.warn(f"{name}: the calibration Hessian has non-finite entries; rounding to nearest instead of GPTQ",
+                      stacklevel=2)
+        return round_to_nearest(grid, weight)
+    dead = hessian.diagonal() == 0  # inputs that were always zero: any value works, keep the problem regular
+    hessian[dead, dead] = 1.0
+    best = round_to_nearest(grid, weight, hessian)
+    order = torch.argsort(hessian.diagonal(), descending=True) if settings.act_order else None
+    permuted = hessian if order is None else hessian[order][:, order]
+    tried = 0
+    for damping in settings.damping:
+        upper = _inverse_cholesky(permuted, damping)
+        while upper is None and damping < MAX_DAMPING:
+            damping *= 10
+            upper = _inverse_cholesky(permuted, damping)
+        if upper is None:
+            continue
+        tried += 1
+        codes, scales = _gptq_pass(grid, weight, upper, order, settings)
+        decoded = grid.dequantize(codes, grid.expand(scales), weight.dtype)
+        error = output_error(weight, decoded, hessian)
+        if error < best.error or not math.isfinite(best.error):
+            best = Rounded(codes, scales, decoded, error, f"gptq(damp={damping:g})")
+    if not tried:
+        warnings.warn(f"{name}: the calibration Hessian stays singular at damping {MAX_DAMPING:g}; "
+                      "rounding to nearest instead of GPTQ", stacklevel=2)
+    return best

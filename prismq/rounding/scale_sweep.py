@@ -1,0 +1,29 @@
+"""Closed-form per-group scale sweep: try a few scales around each group's round-to-nearest scale, keep the best.
+
+For each group the format's grid proposes candidate scales (NVFP4: neighbouring E4M3 codes, so every candidate is a
+scale the checkpoint can store; MX: the E8M0 exponent +-1; INT: the scale shrunk by up to 20 % in 2 % steps). Every
+weight of the group is rounded to its nearest code under each candidate, and the candidate with the lowest
+importance-weighted squared error sum_j a_j (w_j - q_j)^2 wins, where a_j is how much column j's error costs (the
+calibration input energy E[x_j^2], or GPTQ's 1 / [H^-1]_jj). Candidate 0 is the incoming scale and ties keep it, so
+the sweep only ever replaces a scale by one that measures strictly better on that objective (improve-or-keep).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prismq.formats.base import Grid
+
+
+def sweep_scales(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The best candidate scale per group for weight [out, k * g] (model dtype) given its incoming scales [out, k]
+    and per-column importance [k * g] (or per-element [out, k * g]); same shape and dtype as `scales`."""
+    candidates = grid.candidates(scales)  # [C, out, k]
+    if len(candidates) == 1:
+        return scales
+    per_element = grid.expand(candidates)
+    rounded = grid.dequantize(grid.quantize(weight.unsqueeze(0), per_element), per_element, weight.dtype)
+    error = (weight.float() - rounded.float()).square() * importance.float()
+    group_error = error.unflatten(-1, (scales.shape[-1], -1)).sum(-1)  # [C, out, k]
+    best = group_error.argmin(dim=0, keepdim=True)  # the first minimum: candidate 0 wins ties
+    return candidates.gather(0, best).squeeze(0)
