@@ -82,7 +82,10 @@ def _add_quantize(commands: Any) -> None:
     budget.add_argument("--target-bits", type=float, metavar="B", help="mean bits per weight over the Linears")
     budget.add_argument("--target-size", type=float, metavar="GB", help="size of the whole checkpoint in GB")
     budget.add_argument("--uniform", metavar="FORMAT", help="one format for every Linear (a baseline)")
-    sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep"], help="weight rounding (default rtn)")
+    sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep", "best"],
+                     help="how weights are rounded to the format's codes: rtn (round to nearest), gptq (GPTQ on "
+                     "calibration inputs, layer by layer), gptq+sweep (GPTQ with a per-group scale search); "
+                     "best (default): build all three and ship the one with the lowest held-out KL")
     sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: text shipped with prismq)")
     sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text for KL, disjoint from --calib")
     sub.add_argument(
@@ -135,6 +138,9 @@ def _add_eval(commands: Any) -> None:
     sub.add_argument("--blocks", type=int, default=16, metavar="N", help="number of blocks (default 16)")
     sub.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per block (default 512)")
     sub.add_argument("--json", type=Path, metavar="PATH", help="write the statistics as JSON here")
+    sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep"], default="rtn",
+                     help="how an assignment file's weights are rounded (GPTQ on the default calibration blocks, "
+                     "as `prismq quantize` would export them; default rtn)")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="where to compute (default auto)")
 
@@ -154,11 +160,8 @@ def _not_implemented(what: str, instead: str = "") -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    """Validate the settings and run the pipeline (GPTQ rounding is not built yet)."""
+    """Validate the settings and run the pipeline."""
     settings = quantize_settings(args)
-    rounding = settings.get("rounding", "rtn")
-    if rounding in ("gptq", "gptq+sweep"):
-        return _not_implemented(f"--rounding {rounding}", "use rtn")
     config = validate_config(QuantizeConfig, settings)
     from prismq.pipeline import quantize
 
@@ -170,7 +173,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """Run the KL evaluator as the flags say."""
     from prismq.measure.evaluate import run_eval
 
-    run_eval(args.reference, args.quantized, args.text, args.blocks, args.seqlen, args.json, args.device)
+    run_eval(args.reference, args.quantized, args.text, args.blocks, args.seqlen, args.json, args.device,
+             rounding=args.rounding)
     return 0
 
 

@@ -10,7 +10,7 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -71,7 +71,12 @@ class QuantizeConfig(BaseModel):
     target_bits: float | None = Field(None, gt=0, description="mean bits per weight over the allocated Linears")
     target_size: float | None = Field(None, gt=0, description="whole-checkpoint size in GB")
     uniform: str | None = Field(None, description="one format for every Linear")
-    rounding: Literal["rtn"] = "rtn"
+    rounding: Literal["rtn", "gptq", "gptq+sweep", "best"] = Field(
+        "best", description="weight rounding; best: build rtn, gptq and gptq+sweep, ship the lowest held-out KL")
+    gptq_act_order: bool = Field(True, description="GPTQ visits columns by decreasing input energy")
+    gptq_damping: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.01, 0.1], min_length=1,
+                                      description="GPTQ damping values tried (x mean diag H); the best is kept")
+    gptq_block_size: int = Field(128, gt=0, description="GPTQ columns per lazy-update block")
     calib: str | None = None
     heldout: str | None = None
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")

@@ -2,8 +2,10 @@
 
 probe (per-token Fisher, input statistics) -> cost (every (Linear, format) priced on the bytes that ship) ->
 allocate (a multiple-choice knapsack under the byte budget, or one format with --uniform; a predicted frontier over a
-sweep of budgets) -> export (the chosen assignment, input scales from the probe) -> eval (held-out KL of the exported
-checkpoint loaded through transformers + compressed-tensors) -> report.md + summary.json.
+sweep of budgets) -> round (input ranges clipped on calibration data; weights rounded by rtn / gptq / gptq+sweep,
+layer by layer, each measured on held-out KL when --rounding best) -> export (exactly the tensors that were
+measured) -> eval (held-out KL of the exported checkpoint loaded through transformers + compressed-tensors, against
+the uniform formats that fit the same budget, rounded the same way) -> report.md + summary.json.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
 from prismq.model.units import model_units
 from prismq.model.source import resolve_model
 from prismq.report import write_report
-from prismq.stages import MeasureConfig, heldout_blocks, stage_cost, stage_probe
+from prismq.stages import MeasureConfig, calibration_blocks, heldout_blocks, stage_cost, stage_probe
 
 
 def _formats(config: QuantizeConfig) -> tuple[list[str], list[str]]:
@@ -113,20 +115,37 @@ def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
     return best if uniform_kl[best] < mixed_kl else None
 
 
-def _evaluate(model_dir: Path, out: Path, work: Path, device: str, baselines: dict[str, tuple[dict[str, str], float]],
-              input_amax: dict) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Held-out KL of the exported checkpoint (loaded through transformers + compressed-tensors) and of each uniform
-    baseline fake-quantized in memory (the same numbers its export gives), one reference pass for all."""
-    from prismq.measure.evaluate import fake_quantized, load_quantized
-    from prismq.measure.kl import evaluate_candidates
-    from prismq.model.source import load_model
+def _input_ranges(reference: Any, calibration: Any, assignments: list[dict[str, str]]) -> dict:
+    """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format."""
+    from prismq.rounding.clip import calibrated_input_amax
 
-    reference = load_model(model_dir, device=device)
-    candidates = [load_quantized(str(out), model_dir, device)]
-    for assignment, _ in baselines.values():
-        candidates.append(fake_quantized(load_model(model_dir, device=device), assignment, input_amax))
-    results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout_blocks(work))]
-    return results[0], dict(zip(baselines, results[1:]))
+    needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
+    return calibrated_input_amax(reference, calibration, needing)
+
+
+def _round(model_dir: Path, device: str, assignment: dict[str, str], methods: list[str], calibration: Any,
+           input_amax: dict, config: QuantizeConfig) -> list[tuple[Any, Any]]:
+    """A fresh model fake-quantized per rounding method, with its exact tensors to ship: [(model, RoundedModel)]."""
+    from prismq.model.source import load_model
+    from prismq.rounding.gptq import GPTQSettings
+    from prismq.rounding.sequential import round_model
+
+    settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
+    built = []
+    for method in methods:
+        model = load_model(model_dir, device=device)
+        built.append((model, round_model(model, assignment, method, calibration, input_amax, settings)))
+    return built
+
+
+def _rounding_summary(methods: list[str], chosen: str, kls: dict[str, float], rounded: Any) -> dict[str, Any]:
+    """What the rounding stage did: the methods measured, their held-out mean KL, the one shipped, and for GPTQ
+    the output error relative to round-to-nearest (geomean over the Linears) and how many kept RTN."""
+    ratios = list(rounded.error_ratios().values())
+    geomean = float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-30))))) if ratios else None
+    return {"methods": methods, "chosen": chosen, "mean_kl": kls,
+            "output_error_vs_rtn_geomean": geomean,
+            "rtn_kept": sum(1 for method, _, _ in rounded.details.values() if method == "rtn")}
 
 
 def quantize(config: QuantizeConfig) -> ExportResult:
@@ -149,17 +168,36 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 
-    from prismq.measure.probe_stage import read_probe
+    from prismq.measure.evaluate import load_quantized
+    from prismq.measure.kl import evaluate_candidates
+    from prismq.model.source import load_model
+    from prismq.rounding.sequential import METHODS
 
-    probe, _ = read_probe(work)
-    input_amax = {n: probe[f"{n}.x_absmax"] for n in assignment}
-    result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
+    device, calibration, heldout = config.device, calibration_blocks(work), heldout_blocks(work)
+    baselines = _uniform_baselines(problem, frontier[2], config) if frontier is not None else {}
+    reference = load_model(model_dir, device=device)
+    input_amax = _input_ranges(reference, calibration, [assignment, *(a for a, _ in baselines.values())])
+    methods = list(METHODS) if config.rounding == "best" else [config.rounding]
+    built = _round(model_dir, device, assignment, methods, calibration, input_amax, config)
+    kls = {m: r.mean_kl for m, r in zip(methods, evaluate_candidates(reference, [b[0] for b in built], heldout))} \
+        if len(methods) > 1 else {}
+    chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
+    rounded = built[methods.index(chosen)][1]
+    rounding = _rounding_summary(methods, chosen, kls, rounded)
+    del built
+    if len(methods) > 1:
+        print(f"prismq: rounding {chosen} measured best ("
+              + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
+    result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    baselines = _uniform_baselines(problem, result.linear_bytes if frontier is None else frontier[2], config)
-    evaluation, baseline_evals = _evaluate(model_dir, out, work, config.device, baselines, input_amax)
-    comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param): mean KL {b['mean_kl']:.5f}; the allocated "
-                  f"mix's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} relative to it"
-                  for name, b in baseline_evals.items()]
+    baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config)[0]
+                      for name, (a, _) in baselines.items()}
+    candidates = [load_quantized(str(out), model_dir, device), *(m for m, _ in baseline_built.values())]
+    results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout)]
+    evaluation, baseline_evals = results[0], dict(zip(baselines, results[1:]))
+    comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param, {chosen}): mean KL {b['mean_kl']:.5f}; "
+                  f"the allocated mix's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} "
+                  "relative to it" for name, b in baseline_evals.items()]
     fallback = better_uniform(evaluation["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     if fallback is not None:
         print(f"prismq: the allocated mix measured worse (mean KL {evaluation['mean_kl']:.5f}) than uniform {fallback} "
@@ -167,8 +205,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         comparison.append(f"- **shipped uniform {fallback}**: it measured better than the allocated mix, and prismq "
                           "never ships a mix worse than a uniform format that fits the same budget")
         assignment, evaluation = baselines[fallback][0], baseline_evals[fallback]
-        result = write_checkpoint(model_dir, assignment, out, input_amax=input_amax,
-                                  max_shard_bytes=config.max_shard_bytes, overwrite=True)
+        result = write_checkpoint(model_dir, assignment, out, encoded=baseline_built[fallback][1].encoded,
+                                  input_amax=input_amax, max_shard_bytes=config.max_shard_bytes, overwrite=True)
     per_format: dict[str, dict[str, int]] = {}
     by_row = {(r.linear, r.format): r for r in rows}
     for name, fmt in assignment.items():
@@ -184,7 +222,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         "linear_params": result.linear_params, "bits_per_param": result.linear_bits_per_param,
         "predicted_dloss": float(sum(by_row[(n, f)].predicted_dloss for n, f in assignment.items())),
         "per_format": per_format, "eval": evaluation, "uniform_baselines": baseline_evals,
-        "comparison": comparison,
+        "comparison": comparison, "rounding": rounding,
         "knee_bits": None if frontier is None else frontier[1],
     }
     report = write_report(work, summary, assignment, None if frontier is None else frontier[0])

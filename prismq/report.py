@@ -69,6 +69,17 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         "{ppl_ref:.3f} | {ppl_quant:.3f} | {ppl_ratio:.4f} |".format(**s["eval"]),
         "",
     ]
+    rounding = s.get("rounding")
+    if rounding:
+        lines += ["## Rounding", "", f"Shipped: **{rounding['chosen']}**."]
+        if rounding["mean_kl"]:
+            lines += ["Held-out mean KL of each rounding of this assignment (the lowest ships): "
+                      + ", ".join(f"{m} {kl:.5f}" for m, kl in rounding["mean_kl"].items()) + "."]
+        if rounding["output_error_vs_rtn_geomean"] is not None:
+            lines += [f"Per-Linear output error on the calibration inputs relative to round-to-nearest (geomean): "
+                      f"{rounding['output_error_vs_rtn_geomean']:.3f}; Linears where GPTQ did not beat round-to-nearest "
+                      f"and kept it: {rounding['rtn_kept']}."]
+        lines += [""]
     if s.get("comparison"):
         lines += ["## Against uniform baselines", "", *s["comparison"], ""]
     if plot is not None:

@@ -61,6 +61,7 @@ def stage_probe(config: MeasureConfig) -> Path:
                                              config.heldout_blocks, config.seqlen, config.seed)
     write_json(work / "run.json", "run", record)
     write_tensors(work / "heldout", "blocks", {"tokens": heldout}, {"split": "heldout"})
+    write_tensors(work / "calibration", "blocks", {"tokens": calib}, {"split": "calibration"})
     return run_probe(model_dir, work, calib, device=resolve_device(config.device), sample_rows=config.sample_rows,
                      seed=config.seed)
 
@@ -78,6 +79,14 @@ def heldout_blocks(work_dir: Path) -> torch.Tensor:
     stored = read_tensors(Path(work_dir) / "heldout", "blocks")
     if stored is None:
         raise PrismqError(f"{work_dir} has no held-out blocks: run `prismq probe` first")
+    return stored[0]["tokens"]
+
+
+def calibration_blocks(work_dir: Path) -> torch.Tensor:
+    """The calibration token blocks the probe ran on (input ranges and GPTQ use the same ones)."""
+    stored = read_tensors(Path(work_dir) / "calibration", "blocks")
+    if stored is None:
+        raise PrismqError(f"{work_dir} has no calibration blocks: run `prismq probe` first")
     return stored[0]["tokens"]
 
 

@@ -64,9 +64,16 @@ def test_budgets_reach_the_pipeline(flag, key, fake_pipeline):
     assert getattr(fake_pipeline[0], key) == 4.5 and fake_pipeline[0].uniform is None
 
 
-def test_gptq_not_built_yet(capsys, fake_pipeline):
-    assert main(["quantize", "--uniform", "NVFP4", "--rounding", "gptq", "--out", "x"]) == 2
-    assert "--rounding gptq is not implemented yet" in capsys.readouterr().err
+@pytest.mark.parametrize("rounding", ["rtn", "gptq", "gptq+sweep", "best"])
+def test_rounding_reaches_the_pipeline(rounding, fake_pipeline):
+    assert main(["quantize", "--uniform", "NVFP4", "--rounding", rounding, "--out", "x"]) == 0
+    assert fake_pipeline[0].rounding == rounding
+
+
+def test_unknown_rounding_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", "--uniform", "NVFP4", "--rounding", "awq", "--out", "x"])
+    assert exc.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err
 
 
 def test_uniform_runs_pipeline_with_defaults(fake_pipeline):
@@ -76,7 +83,8 @@ def test_uniform_runs_pipeline_with_defaults(fake_pipeline):
     assert config.model is None
     assert config.out == Path("out/x")
     assert config.formats == ["NVFP4", "MXFP8", "BF16"]
-    assert (config.rounding, config.device, config.overwrite) == ("rtn", "auto", False)
+    assert (config.rounding, config.device, config.overwrite) == ("best", "auto", False)
+    assert (config.gptq_act_order, config.gptq_damping, config.gptq_block_size) == (True, [0.01, 0.1], 128)
     assert config.max_shard_bytes == 5 * 10**9
     assert (config.calib_blocks, config.calib_seqlen, config.heldout_blocks) == (32, 512, 16)
 

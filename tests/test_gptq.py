@@ -87,7 +87,7 @@ def test_gptq_output_decodes_through_the_codec_to_the_evaluated_weight(name: str
     hessian = x.T @ x
     fmt = get_format(name)
     rounded = gptq(fmt.grid(weight), weight, hessian, GPTQSettings(sweep=sweep))
-    tensors = fmt.encode(weight, rounding=lambda grid, w: gptq(grid, w, hessian, GPTQSettings(sweep=sweep)).pack(grid))
+    tensors = fmt.encode(weight, rounding=lambda grid, w, _: gptq(grid, w, hessian, GPTQSettings(sweep=sweep)).pack(grid))
     assert {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()} == fmt.tensor_specs(tuple(weight.shape))
     assert torch.equal(fmt.decode(tensors, torch.bfloat16), rounded.weight)
     rtn = round_to_nearest(fmt.grid(weight), weight, hessian)

@@ -215,8 +215,12 @@ def test_assignment_file_errors(tiny_llama_dir: Path, tmp_path: Path) -> None:
         fake_quantized(model, {"model.layers.9.mlp.up_proj": "FP8"}, {})
     with pytest.raises(PrismqError, match="fused siblings must share one format"):
         fake_quantized(model, {"model.layers.0.mlp.up_proj": "FP8", "model.layers.0.mlp.gate_proj": "MXFP8"}, {})
-    with pytest.raises(PrismqError, match="needs its input absmax and no calibration text"):
+    with pytest.raises(PrismqError, match="down_proj: NVFP4 needs its input range, and no calibration text"):
         fake_quantized(model, {"model.layers.0.mlp.down_proj": "NVFP4"}, {})
+    with pytest.raises(PrismqError, match="--rounding gptq needs calibration inputs, and no calibration text"):
+        fake_quantized(model, {"model.layers.0.mlp.down_proj": "FP8"}, {}, rounding="gptq")
+    with pytest.raises(PrismqError, match="applies to an assignment file"):
+        load_quantized(str(tiny_llama_dir), tiny_llama_dir, "cpu", rounding="gptq")
     with pytest.raises(PrismqError, match="must be an exported checkpoint directory or an assignment .json"):
         load_quantized(str(tmp_path / "missing"), tiny_llama_dir, "cpu")
 

@@ -30,7 +30,11 @@ def test_target_bits_stays_within_budget_and_reports(work: Path, tmp_path: Path)
     assert len(frontier["points"]) >= 10 and (work / "frontier.png").stat().st_size > 10_000
     report = (work / "report.md").read_text()
     assert "bits/param" in report and "![frontier](frontier.png)" in report and "| layer |" in report
-    assert "- uniform NVFP4 (4.500 bits/param): mean KL" in report and "NVFP4" in summary["uniform_baselines"]
+    rounding = summary["rounding"]
+    assert rounding["methods"] == ["rtn", "gptq", "gptq+sweep"] and set(rounding["mean_kl"]) == set(rounding["methods"])
+    assert rounding["mean_kl"][rounding["chosen"]] == min(rounding["mean_kl"].values())
+    assert f"- uniform NVFP4 (4.500 bits/param, {rounding['chosen']}): mean KL" in report
+    assert "NVFP4" in summary["uniform_baselines"] and "## Rounding" in report
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["format"] == "mixed-precision" and qconfig["ignore"] == ["lm_head"]
 
@@ -56,7 +60,7 @@ def test_budget_above_all_bf16_writes_bf16(work: Path, tmp_path: Path, capsys) -
 def test_target_size_bounds_the_whole_checkpoint(work: Path, tmp_path: Path) -> None:
     out = tmp_path / "sized"
     assert main(["quantize", "--formats", "NVFP4,MXFP8,BF16", "--target-size", "0.125", "--work-dir", str(work),
-                 "--out", str(out), *SMALL]) == 0
+                 "--out", str(out), "--rounding", "rtn", *SMALL]) == 0
     summary = json.loads((work / "summary.json").read_text())
     assert summary["checkpoint_bytes"] <= 0.125e9
     assert summary["checkpoint_bytes"] > 0.124e9  # the budget is used, not wasted

@@ -6,17 +6,19 @@ import torch
 from torch import nn
 
 from prismq.formats import Tensors, get_format
+from prismq.formats.base import Rounding
 from prismq.model.siblings import sibling_groups
 
 
-def encode_group(format_name: str, weights: dict[str, torch.Tensor],
-                 input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
-    """Encode fused siblings (or one lone Linear) in one format with their joint weight and input maxima."""
+def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax: dict[str, torch.Tensor],
+                 rounding: Rounding | None = None) -> dict[str, Tensors]:
+    """Encode fused siblings (or one lone Linear) in one format with their joint weight and input maxima;
+    `rounding` (e.g. GPTQ) chooses the codes, round-to-nearest by default."""
     fmt = get_format(format_name)
     shared_amax = torch.stack([w.abs().amax() for w in weights.values()]).amax()
     known = [input_amax[n].reshape(()).float() for n in weights if n in input_amax]
     shared_input = torch.stack(known).amax() if len(known) == len(weights) else None
-    return {name: fmt.encode(w, shared_amax=shared_amax, input_amax=shared_input, name=name)
+    return {name: fmt.encode(w, shared_amax=shared_amax, input_amax=shared_input, name=name, rounding=rounding)
             for name, w in weights.items()}
 
 

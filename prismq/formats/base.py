@@ -18,7 +18,7 @@ from prismq.errors import PrismqError
 
 Tensors = dict[str, torch.Tensor]
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
-Rounding = Callable[["Grid", torch.Tensor], Tensors]  # (grid, weight) -> codes and scales packed by grid.pack
+Rounding = Callable[["Grid", torch.Tensor, str], Tensors]  # (grid, weight, name) -> codes and scales by grid.pack
 
 
 class FormatError(PrismqError, ValueError):
@@ -88,7 +88,7 @@ class Format(ABC):
         """
         self.check(weight, name)
         grid = self.grid(weight, shared_amax)
-        packed = grid.encode(weight) if rounding is None else rounding(grid, weight)
+        packed = grid.encode(weight) if rounding is None else rounding(grid, weight, name)
         return {**packed, **self.extra_tensors(weight, input_amax, name)}
 
     def extra_tensors(self, weight: torch.Tensor, input_amax: torch.Tensor | None, name: str) -> Tensors:

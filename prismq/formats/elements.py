@@ -8,7 +8,7 @@ intermediate is computed. The codecs in this package are the only callers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -60,12 +60,18 @@ class MiniFloat:
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 values of codes (-0 decodes to 0)."""
         magnitude_bits = self.exp_bits + self.man_bits
-        table = torch.cat([self.magnitudes, -self.magnitudes]).to(codes.device)
-        return table[(codes & ((1 << (magnitude_bits + 1)) - 1)).long()]
+        return _value_table(self, codes.device)[(codes & ((1 << (magnitude_bits + 1)) - 1)).long()]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """x rounded onto the grid (float32): values(encode(x))."""
         return self.values(self.encode(x))
+
+
+@lru_cache(maxsize=None)
+def _value_table(element: MiniFloat, device: torch.device) -> torch.Tensor:
+    """Signed values of every code of `element` on `device`, built once per device (GPTQ decodes one column at a
+    time, and a host-to-device copy per call would stall the GPU)."""
+    return torch.cat([element.magnitudes, -element.magnitudes]).to(device)
 
 
 E2M1 = MiniFloat("E2M1", exp_bits=2, man_bits=1, bias=1)

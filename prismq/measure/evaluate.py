@@ -3,9 +3,9 @@ blocks, run the KL evaluator, print and optionally write the statistics.
 
 An exported checkpoint is loaded through transformers + compressed-tensors, as a user would load it. An
 assignment file `{"assignment": {linear: FORMAT}, "input_amax": {linear: float}}` is applied to a copy of the
-reference with the codecs (`encode_model` + `apply_fake_quant`), so the model computes what the export of that
-assignment would; missing input ranges are calibrated on the default calibration blocks, exactly as
-`prismq quantize` does without `--calib`.
+reference with the codecs and the chosen rounding (`round_model`), so the model computes what the export of that
+assignment would; missing input ranges are calibrated (and clipped) on the default calibration blocks, where GPTQ
+also rounds, exactly as `prismq quantize` does without `--calib`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from prismq.artifacts import write_json
 from prismq.config import QuantizeConfig
 from prismq.data import calibration_and_heldout, consecutive_blocks, read_text
 from prismq.errors import PrismqError
-from prismq.export.encode import encode_model
 from prismq.formats import get_format
-from prismq.measure.input_range import input_absmax
 from prismq.measure.kl import KLResult, evaluate_kl
-from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.model.source import load_model, load_tokenizer, resolve_model
+from prismq.rounding.clip import calibrated_input_amax
+from prismq.rounding.sequential import round_model
 
 DEFAULT_BLOCKS = 16
 DEFAULT_SEQLEN = 512
@@ -75,27 +74,34 @@ def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
 
 
 def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
-                   calibration: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
-    """Fake-quantize `model` in place to what the export of `assignment` computes, and return it.
+                   calibration: torch.Tensor | None = None, progress: bool = True,
+                   rounding: str = "rtn") -> nn.Module:
+    """Fake-quantize `model` in place to what the export of `assignment` with `rounding` computes, and return it.
 
-    Input ranges missing for formats with a static input scale are measured on `calibration` first (on the
-    unquantized model, as `prismq quantize` does); without calibration blocks that is an error."""
+    Input ranges missing for formats with a static input scale are calibrated (and clipped) on `calibration`
+    first, on the unquantized model, as `prismq quantize` does; GPTQ rounds on the same blocks. Without
+    calibration blocks either is an error."""
     check_assignment(model, assignment)
-    missing = [n for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax]
+    missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax}
+    if (missing or rounding != "rtn") and calibration is None:
+        what = f"{next(iter(missing))}: {assignment[next(iter(missing))]} needs its input range" if missing \
+            else f"--rounding {rounding} needs calibration inputs"
+        raise PrismqError(f"{what}, and no calibration text was given")
     if missing:
-        if calibration is None:
-            raise PrismqError(f"{missing[0]}: {assignment[missing[0]]} needs its input absmax and no calibration "
-                              "text was given")
-        input_amax = {**input_absmax(model, calibration, missing, progress=progress), **input_amax}
-    apply_fake_quant(model, assignment, encode_model(model, assignment, input_amax))
+        input_amax = {**calibrated_input_amax(model, calibration, missing, progress=progress), **input_amax}
+    round_model(model, assignment, rounding, calibration, input_amax, progress=progress)  # type: ignore[arg-type]
     return model
 
 
-def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool = True) -> nn.Module:
+def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool = True,
+                   rounding: str = "rtn") -> nn.Module:
     """The quantized model named by `spec`: an exported checkpoint directory, or an assignment .json applied to a
-    fresh copy of the reference."""
+    fresh copy of the reference with `rounding`."""
     path = Path(spec).expanduser()
     if path.is_dir():
+        if rounding != "rtn":
+            raise PrismqError(f"--rounding {rounding} applies to an assignment file; the bytes of the checkpoint "
+                              f"{spec} are already rounded")
         model = load_model(resolve_model(str(path)), device=device)
         with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward
             model(torch.tensor([[0, 1]], device=next(model.parameters()).device), use_cache=False)
@@ -103,9 +109,10 @@ def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool =
     if path.is_file() and path.suffix.lower() == ".json":
         assignment, amax = read_assignment(path)
         model = load_model(reference_dir, device=device)
-        needs = any(get_format(f).needs_input_amax and n not in amax for n, f in assignment.items())
+        needs = rounding != "rtn" or any(get_format(f).needs_input_amax and n not in amax
+                                         for n, f in assignment.items())
         calibration = default_calibration_blocks(reference_dir) if needs else None
-        return fake_quantized(model, assignment, amax, calibration, progress)
+        return fake_quantized(model, assignment, amax, calibration, progress, rounding)
     raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
 
 
@@ -121,14 +128,14 @@ def eval_blocks(model_dir: Path, text: str | None, n_blocks: int, seqlen: int) -
 
 def run_eval(reference: str | None, quantized: str, text: str | None = None, n_blocks: int = DEFAULT_BLOCKS,
              seqlen: int = DEFAULT_SEQLEN, json_path: Path | None = None, device: str = "auto",
-             progress: bool = True) -> KLResult:
+             progress: bool = True, rounding: str = "rtn") -> KLResult:
     """`prismq eval`: KL statistics of `quantized` against `reference` (None: the embedded default model),
     printed as a summary and written to `json_path` when given."""
     if n_blocks < 1 or seqlen < 2:
         raise PrismqError(f"need --blocks >= 1 and --seqlen >= 2, got {n_blocks} and {seqlen}")
     reference_dir = resolve_model(reference)
     blocks = eval_blocks(reference_dir, text, n_blocks, seqlen)
-    quant_model = load_quantized(quantized, reference_dir, device, progress)
+    quant_model = load_quantized(quantized, reference_dir, device, progress, rounding)
     ref_model = load_model(reference_dir, device=device)
     result = evaluate_kl(ref_model, quant_model, blocks, progress=progress)
     print(f"prismq eval: {quantized} against {reference_dir}")

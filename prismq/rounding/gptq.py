@@ -52,6 +52,7 @@ class Rounded:
     weight: torch.Tensor
     error: float
     method: str
+    rtn_error: float  # the output error round-to-nearest has on the same Hessian, for comparison
 
     def pack(self, grid: Grid) -> Tensors:
         """The shipped tensors (weight part) of this rounding."""
@@ -71,7 +72,7 @@ def round_to_nearest(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor | N
     codes = grid.quantize(weight, per_element)
     decoded = grid.dequantize(codes, per_element, weight.dtype)
     error = 0.0 if hessian is None else output_error(weight, decoded, hessian)
-    return Rounded(codes, scales, decoded, error, "rtn")
+    return Rounded(codes, scales, decoded, error, "rtn", error)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
@@ -100,7 +101,7 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
             work = work[:, order]
     else:  # overwritten group by group as each is first reached
         scales = grid.fit(weight).clone()
-    group_of = (order if order is not None else torch.arange(columns, device=weight.device)) // g
+    group_of = ((order if order is not None else torch.arange(columns)) // g).tolist()  # plain ints: views, no sync
     codes = None
     for start in range(0, columns, settings.block_size):
         end = min(start + settings.block_size, columns)
@@ -164,7 +165,7 @@ def gptq(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQ
         decoded = grid.dequantize(codes, grid.expand(scales), weight.dtype)
         error = output_error(weight, decoded, hessian)
         if error < best.error or not math.isfinite(best.error):
-            best = Rounded(codes, scales, decoded, error, f"gptq(damp={damping:g})")
+            best = Rounded(codes, scales, decoded, error, f"gptq(damp={damping:g})", best.rtn_error)
     if not tried:
         warnings.warn(f"{name}: the calibration Hessian stays singular at damping {MAX_DAMPING:g}; "
                       "rounding to nearest instead of GPTQ", stacklevel=2)

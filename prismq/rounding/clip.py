@@ -1,0 +1,81 @@
+"""Activation clipping for static input scales (NVFP4 W4A4's input_global_scale).
+
+The runtime quantizes a W4A4 Linear's input in groups of 16 with dynamic E4M3 group scales under one static global
+scale gs = 448 * 6 / c, calibrated here. c = the input's absolute maximum loses nothing to clipping, but one outlier
+token then sets the range every token's group scales are expressed in; a smaller c clips the rare values above it.
+The clip value is chosen from calibration data, per input (fused siblings see the same input, so they get the same
+value and stay coherent):
+
+- candidates: the maximum over all calibration tokens of |x|, and the q-quantiles over tokens of each token's own
+  maximum |x| for q in CLIP_QUANTILES (so c = the 0.999 quantile clips at most 0.1 % of the tokens);
+- each candidate quantizes every calibration input exactly as the runtime would (the format's qdq_activation),
+  and the one with the lowest summed squared error wins; ties keep the absolute maximum.
+
+Two passes over the calibration blocks: one for the per-token maxima, one to score the candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prismq.formats import get_format
+from prismq.formats.nvfp4 import global_scale
+from prismq.model.siblings import sibling_groups
+
+CLIP_QUANTILES = (0.9999, 0.999, 0.99)
+
+
+def _run(model: nn.Module, blocks: torch.Tensor, hooks: dict[str, object], desc: str, progress: bool) -> None:
+    """Run every calibration block through the model with forward pre-hooks on the named modules."""
+    modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    handles = [modules[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
+    try:
+        for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
+            model(block.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def calibrated_input_amax(model: nn.Module, blocks: torch.Tensor, assignment: dict[str, str],
+                          progress: bool = True) -> dict[str, torch.Tensor]:
+    """The input range c (fp32 scalar, on the CPU) each Linear of `assignment` whose format ships a static input
+    scale should be encoded with, chosen as the module docstring says; run on the unquantized model."""
+    groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
+    if not groups:
+        return {}
+    token_max: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            token_max[name].append(args[0].detach().abs().amax(dim=-1).flatten().float().cpu())
+        return hook
+
+    _run(model, blocks, {name: record(name) for name in token_max}, "calibrate input ranges", progress)
+    candidates: dict[str, torch.Tensor] = {}
+    for name, maxima in token_max.items():
+        values = torch.cat(maxima)
+        quantiles = torch.quantile(values, torch.tensor(CLIP_QUANTILES)) if values.numel() > 1 else values[:0]
+        candidates[name] = torch.cat([values.max().reshape(1), quantiles]).clamp(min=torch.finfo(torch.float32).tiny)
+    errors = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
+
+    def score(name: str, fmt_name: str):
+        fmt = get_format(fmt_name)
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            gs = global_scale(candidates[name].to(x.dtype)).to(x.device).reshape(-1, 1, 1)
+            quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
+            errors[name] += (quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu()
+        return hook
+
+    _run(model, blocks, {g[0]: score(g[0], assignment[g[0]]) for g in groups}, "choose input clipping", progress)
+    chosen = {}
+    for group in groups:
+        best = int(torch.argmin(errors[group[0]]))  # the first minimum: the absolute maximum wins ties
+        chosen.update({name: candidates[group[0]][best].clone() for name in group})
+    return chosen

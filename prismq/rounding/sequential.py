@@ -1,0 +1,175 @@
+"""Round a whole model the way it will run: decoder layer by decoder layer, each layer's Linears rounded against the
+inputs produced by the already-rounded layers before it.
+
+The calibration blocks are run up to the first decoder layer once and its inputs kept. Then for each layer: hooks
+accumulate H = X^T X (fp32, over every calibration token) for the input each fused sibling group shares; each group
+is encoded by GPTQ (optionally with the scale sweep) through the codecs' `encode`, so the tensors are exactly the
+shipped ones; the layer's weights are replaced by their decoded values and its inputs quantized as the runtime
+does (NVFP4/MXFP4/FP8 activations); finally the layer is run again to produce the next layer's inputs. Only one
+layer's Hessians exist at a time. Linears outside the decoder layers (rare: lm_head is kept BF16) are rounded to
+nearest, with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prismq.errors import PrismqError
+from prismq.export.encode import encode_group, encode_model
+from prismq.formats import Tensors, get_format
+from prismq.formats.base import Grid
+from prismq.model.fake_quant import apply_fake_quant
+from prismq.model.siblings import sibling_groups
+from prismq.rounding.gptq import GPTQSettings, gptq
+
+Method = Literal["rtn", "gptq", "gptq+sweep"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
+LayerInput = tuple[torch.Tensor, dict[str, Any]]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once the first decoder layer's input is recorded."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers: the ModuleList holding the most Linear layers, with its name."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            count = sum(isinstance(m, nn.Linear) for m in module.modules())
+            if count and (best is None or count > best[2]):
+                best = (name, module, count)
+    if best is None:
+        raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
+    return best[0], best[1]
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor,
+                       batch_size: int) -> list[LayerInput]:
+    """(hidden states, keyword arguments) the first decoder layer receives for each batch of calibration blocks."""
+    device = next(model.parameters()).device
+    captured: list[LayerInput] = []
+
+    def capture(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
+    """The layer's outputs for each input, as the next layer's inputs (same keyword arguments)."""
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = layer(hidden, **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    return outputs
+
+
+@torch.no_grad()
+def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
+    """H = sum_t x_t x_t^T (fp32) of each named Linear's input over every calibration token."""
+    hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+                for name, m in modules.items()}
+
+    def accumulate(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            hessians[name].addmm_(x.T, x)
+        return hook
+
+    handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in modules.items()]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+@dataclass
+class RoundedModel:
+    """The exact tensors to ship per Linear, and for each GPTQ-rounded Linear (method used, output error, output
+    error of round-to-nearest on the same calibration inputs)."""
+
+    encoded: dict[str, Tensors]
+    details: dict[str, tuple[str, float, float]] = field(default_factory=dict)
+
+    def error_ratios(self) -> dict[str, float]:
+        """Output error relative to round-to-nearest, per GPTQ-rounded Linear (1.0 where both are zero)."""
+        return {name: (error / rtn if rtn > 0 else 1.0) for name, (_, error, rtn) in self.details.items()}
+
+
+@torch.no_grad()
+def round_model(model: nn.Module, assignment: dict[str, str], method: Method, calibration: torch.Tensor,
+                input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None, batch_size: int = 4,
+                progress: bool = True) -> RoundedModel:
+    """Encode every Linear of `assignment` with `method` and leave `model` computing what the export computes
+    (decoded weights, quantized activations); returns the exact tensors to ship, per Linear."""
+    if method not in METHODS:
+        raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
+    groups_to_round = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).scheme() is not None]
+    if method == "rtn" or not groups_to_round:  # nothing for GPTQ to do
+        encoded = encode_model(model, assignment, input_amax)
+        apply_fake_quant(model, assignment, encoded)
+        return RoundedModel(encoded)
+    settings = settings or GPTQSettings()
+    settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
+    modules = dict(model.named_modules())
+    prefix, layers = decoder_layers(model)
+    by_layer: dict[int, list[list[str]]] = {}
+    outside: dict[str, str] = {}
+    for group in groups_to_round:
+        index = group[0][len(prefix) + 1:].split(".", 1)[0] if group[0].startswith(f"{prefix}.") else ""
+        if index.isdigit():
+            by_layer.setdefault(int(index), []).append(group)
+        else:
+            outside.update({name: assignment[name] for name in group})
+    result = RoundedModel({})
+    encoded = result.encoded
+    if outside:
+        warnings.warn(f"{len(outside)} Linear(s) outside the decoder layers (e.g. {next(iter(outside))}) are rounded "
+                      "to nearest, not by GPTQ", stacklevel=2)
+    inputs = first_layer_inputs(model, layers, calibration, batch_size)
+    for index, layer in enumerate(tqdm(layers, desc=f"round ({method})", unit="layer", disable=not progress)):
+        groups = by_layer.get(index, [])
+        hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in groups}, inputs) if groups else {}
+        for group in groups:
+            hessian = hessians.pop(group[0])
+            format_name = assignment[group[0]]
+
+
+            def rounding(grid: Grid, weight: torch.Tensor, name: str, hessian: torch.Tensor = hessian) -> Tensors:
+                rounded = gptq(grid, weight, hessian, settings, name=name)
+                result.details[name] = (rounded.method, rounded.error, rounded.rtn_error)
+                return rounded.pack(grid)
+
+            weights = {n: modules[n].weight.detach() for n in group}
+            tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
+            apply_fake_quant(model, {n: format_name for n in group}, tensors)
+            encoded.update(tensors)
+        inputs = run_layer(layer, inputs)
+    if outside:
+        rest = encode_model(model, outside, input_amax)
+        apply_fake_quant(model, outside, rest)
+        encoded.update(rest)
+    passthrough = {n: f for n, f in assignment.items() if n not in encoded}
+    encoded.update(encode_model(model, passthrough, input_amax))
+    return result
