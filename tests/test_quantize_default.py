@@ -31,7 +31,7 @@ def test_uniform_nvfp4_checkpoint_loads_and_generates_like_the_source(default_mo
 
     out = tmp_path / "nvfp4"
     assert main(["quantize", "--uniform", "NVFP4", "--out", str(out), "--calib-blocks", "8", "--calib-seqlen", "256",
-                 "--heldout-blocks", "2", "--device", "cpu"]) == 0
+                 "--heldout-blocks", "2", "--device", "cpu", "--rounding", "gptq+sweep"]) == 0
     summary = json.loads((tmp_path / "nvfp4.work" / "summary.json").read_text())
     assert summary["bits_per_param"] == pytest.approx(4.5, abs=1e-3) and 0 < summary["eval"]["mean_kl"] < 2
     assert "| NVFP4 | 210 |" in (tmp_path / "nvfp4.work" / "report.md").read_text()
