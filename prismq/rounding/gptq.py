@@ -8,8 +8,8 @@ W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:] (Frantar et al., 2022). Columns are pr
 
 Grid specifics, so the result is exactly what the codec ships:
 - a group's scale is fixed when the group is first reached, from the weights as updated so far (with activation
-  order the groups are fixed up front from the original weights: a group's columns are then scattered over the whole
-  order), optionally chosen by the scale sweep with GPTQ's own column costs 1 / U_jj^2;
+  order, or groups wider than a block, the groups are fixed up front from the original weights: a group's columns
+  then do not all lie in one block), optionally chosen by the scale sweep with GPTQ's own column costs 1 / U_jj^2;
 - each column is cast to the model dtype and rounded by the grid's own quantize, and the codes are kept, so `pack`
   writes exactly the weight whose error was propagated.
 
@@ -93,7 +93,7 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
     dtype, (rows, columns), g = weight.dtype, weight.shape, grid.group_size
     work = weight.to(upper.dtype).clone()
     importance = upper.diagonal().square().reciprocal()  # GPTQ's cost per unit squared error, permuted order
-    static = order is not None or g > settings.block_size
+    static = order is not None or settings.block_size % g != 0  # else every group lies inside one block
     if static:  # every group's scale fixed up front, from the original weights
         natural_importance = importance if order is None else importance[torch.argsort(order)]
         scales = _fit(grid, weight, natural_importance, settings.sweep)
