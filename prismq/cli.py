@@ -31,6 +31,9 @@ _STAGES = {
 }
 _EVAL_HELP = "compare a quantized model with its reference: KL statistics, perplexity, top-1 agreement"
 _QUANTIZE_HELP = "run the whole pipeline: MODEL in, compressed-tensors checkpoint for vLLM out"
+_COMPUTE_HELP = ("arithmetic dtype of forwards, backwards and KL: auto (default) computes in bf16 on GPUs and on CPUs "
+                 "with native bf16 (AVX512-BF16, AMX, Arm BF16) and in fp32 elsewhere; the quantized bytes do not "
+                 "depend on it")
 _FORMATS_HELP = "list the available formats: bits per weight, shape constraints, what vLLM runs them on"
 
 
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("probe", "cost"):
             stage.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                                help="where to compute (default auto)")
+            stage.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                               help=_COMPUTE_HELP)
         if name == "cost":
             stage.add_argument("--formats", metavar="A,B,...",
                                help="formats to price (default: every exportable format)")
@@ -99,6 +104,7 @@ def _add_quantize(commands: Any) -> None:
     sub.add_argument("--out", type=Path, metavar="DIR", help="output checkpoint directory (required)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
+    sub.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], help=_COMPUTE_HELP)
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     sub.add_argument("--calib-blocks", type=int, metavar="N", help="calibration blocks for the probe (default 32)")
     sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per block (default 512)")
@@ -143,6 +149,7 @@ def _add_eval(commands: Any) -> None:
                      "as `prismq quantize` would export them; default rtn)")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                      help="where to compute (default auto)")
+    sub.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], default="auto", help=_COMPUTE_HELP)
 
 
 def quantize_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -174,7 +181,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from prismq.measure.evaluate import run_eval
 
     run_eval(args.reference, args.quantized, args.text, args.blocks, args.seqlen, args.json, args.device,
-             rounding=args.rounding)
+             rounding=args.rounding, compute_dtype=args.compute_dtype)
     return 0
 
 
@@ -186,7 +193,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     config = validate_config(MeasureConfig, {
         "model": args.model, "work_dir": args.work_dir, "calib": args.calib, "heldout": args.heldout,
         "calib_blocks": args.calib_blocks, "heldout_blocks": args.heldout_blocks, "seqlen": args.seqlen,
-        "seed": args.seed, "sample_rows": args.sample_rows, "device": args.device})
+        "seed": args.seed, "sample_rows": args.sample_rows, "device": args.device,
+        "compute_dtype": args.compute_dtype})
     print(f"prismq: probe written to {stage_probe(config)}.safetensors")
     return 0
 
@@ -197,7 +205,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     from prismq.stages import cost_summary, stage_cost
 
     formats = [f.strip() for f in args.formats.split(",")] if args.formats else format_names(exportable_only=True)
-    rows = stage_cost(args.work_dir, formats, args.device)
+    rows = stage_cost(args.work_dir, formats, args.device, args.compute_dtype)
     print(cost_summary(rows))
     print(f"prismq: {len(rows)} (Linear, format) costs in {args.work_dir / 'cost.json'}")
     return 0

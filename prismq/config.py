@@ -84,6 +84,8 @@ class QuantizeConfig(BaseModel):
     out: Path
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="arithmetic dtype: auto = bf16 on GPUs and CPUs with native bf16, fp32 elsewhere")
     max_shard_size: str = "5GB"
     calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input ranges)")
     calib_seqlen: int = Field(512, gt=1, description="tokens per block, calibration and held-out")

@@ -23,9 +23,10 @@ from prismq.config import QuantizeConfig
 from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult, SourceTensors, write_checkpoint
 from prismq.formats import get_format
-from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
+from prismq.model.linears import LM_HEAD, linear_shapes, model_dtype, quantizable
+from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.units import model_units
-from prismq.model.source import resolve_model
+from prismq.model.source import resolve_device, resolve_model
 from prismq.report import write_report
 from prismq.stages import MeasureConfig, calibration_blocks, heldout_blocks, stage_cost, stage_probe
 
@@ -124,8 +125,9 @@ def _input_ranges(reference: Any, calibration: Any, assignments: list[dict[str, 
 
 
 def _round(model_dir: Path, device: str, assignment: dict[str, str], methods: list[str], calibration: Any,
-           input_amax: dict, config: QuantizeConfig) -> list[tuple[Any, Any]]:
-    """A fresh model fake-quantized per rounding method, with its exact tensors to ship: [(model, RoundedModel)]."""
+           input_amax: dict, config: QuantizeConfig, dtype: Any) -> list[tuple[Any, Any]]:
+    """A fresh model (computing in `dtype`) fake-quantized per rounding method, with its exact tensors to ship:
+    [(model, RoundedModel)]."""
     from prismq.model.source import load_model
     from prismq.rounding.gptq import GPTQSettings
     from prismq.rounding.sequential import round_model
@@ -133,8 +135,9 @@ def _round(model_dir: Path, device: str, assignment: dict[str, str], methods: li
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     built = []
     for method in methods:
-        model = load_model(model_dir, device=device)
-        built.append((model, round_model(model, assignment, method, calibration, input_amax, settings)))
+        model = load_model(model_dir, dtype, device)
+        built.append((model, round_model(model, assignment, method, calibration, input_amax, settings,
+                                         weight_dtype=model_dtype(model_dir))))
     return built
 
 
@@ -159,9 +162,13 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     linears = list(quantizable(linear_shapes(model_dir)))
     measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
-                            seqlen=config.calib_seqlen, formats=formats, device=config.device)
+                            seqlen=config.calib_seqlen, formats=formats, device=config.device,
+                            compute_dtype=config.compute_dtype)
+    target = resolve_device(config.device)
+    dtype = resolve_compute_dtype(config.compute_dtype, target, model_dtype(model_dir))
+    print(f"prismq: computing in {dtype_name(dtype)} on {device_description(target)}")
     stage_probe(measure)
-    rows = stage_cost(work, [*formats, *fallback], config.device)
+    rows = stage_cost(work, [*formats, *fallback], config.device, config.compute_dtype)
     units = model_units(model_dir)
     pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
     problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)
@@ -175,10 +182,10 @@ def quantize(config: QuantizeConfig) -> ExportResult:
 
     device, calibration, heldout = config.device, calibration_blocks(work), heldout_blocks(work)
     baselines = _uniform_baselines(problem, frontier[2], config) if frontier is not None else {}
-    reference = load_model(model_dir, device=device)
+    reference = load_model(model_dir, dtype, device)
     input_amax = _input_ranges(reference, calibration, [assignment, *(a for a, _ in baselines.values())])
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    built = _round(model_dir, device, assignment, methods, calibration, input_amax, config)
+    built = _round(model_dir, device, assignment, methods, calibration, input_amax, config, dtype)
     kls = {m: r.mean_kl for m, r in zip(methods, evaluate_candidates(reference, [b[0] for b in built], heldout))} \
         if len(methods) > 1 else {}
     chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
@@ -190,9 +197,9 @@ def quantize(config: QuantizeConfig) -> ExportResult:
               + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
     result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
                               max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config)[0]
+    baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config, dtype)[0]
                       for name, (a, _) in baselines.items()}
-    candidates = [load_quantized(str(out), model_dir, device), *(m for m, _ in baseline_built.values())]
+    candidates = [load_quantized(str(out), model_dir, device, dtype=dtype), *(m for m, _ in baseline_built.values())]
     results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout)]
     evaluation, baseline_evals = results[0], dict(zip(baselines, results[1:]))
     comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param, {chosen}): mean KL {b['mean_kl']:.5f}; "
@@ -224,6 +231,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         "per_format": per_format, "eval": evaluation, "uniform_baselines": baseline_evals,
         "comparison": comparison, "rounding": rounding,
         "knee_bits": None if frontier is None else frontier[1],
+        "compute_dtype": dtype_name(dtype),
+        "device": device_description(target),
     }
     report = write_report(work, summary, assignment, None if frontier is None else frontier[0])
     print(f"prismq: wrote {result.path}: {result.checkpoint_bytes / 1e9:.3f} GB of tensors; "

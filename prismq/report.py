@@ -52,6 +52,8 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         f"**{s['bits_per_param']:.4f} bits/param** (every scale and global scale counted)",
         f"- budget: {s['budget']}",
         f"- kept unquantized by policy: {', '.join(s['kept'])}",
+        f"- computed in {s['compute_dtype']} on {s['device']} (forwards, backwards, KL; the shipped bytes do not "
+        "depend on it; vLLM serves in bf16)",
         "",
         "| format | Linears | bytes | bits/param |",
         "|---|---|---|---|",

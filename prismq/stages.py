@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +20,8 @@ from prismq.errors import PrismqError
 from prismq.formats import format_names, get_format
 from prismq.measure.cost import CostRow, run_cost
 from prismq.measure.probe_stage import run_probe
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.linears import linear_shapes, model_dtype, quantizable
+from prismq.model.precision import resolve_compute_dtype
 from prismq.model.source import load_tokenizer, resolve_device, resolve_model
 
 
@@ -39,6 +41,7 @@ class MeasureConfig(BaseModel):
     sample_rows: int = Field(128, ge=0)
     formats: list[str] = Field(default_factory=lambda: format_names(exportable_only=True))
     device: str = "auto"
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:
@@ -62,8 +65,10 @@ def stage_probe(config: MeasureConfig) -> Path:
     write_json(work / "run.json", "run", record)
     write_tensors(work / "heldout", "blocks", {"tokens": heldout}, {"split": "heldout"})
     write_tensors(work / "calibration", "blocks", {"tokens": calib}, {"split": "calibration"})
-    return run_probe(model_dir, work, calib, device=resolve_device(config.device), sample_rows=config.sample_rows,
-                     seed=config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_compute_dtype(config.compute_dtype, device, model_dtype(model_dir))
+    return run_probe(model_dir, work, calib, device=device, sample_rows=config.sample_rows, seed=config.seed,
+                     dtype=dtype)
 
 
 def run_model_dir(work_dir: Path) -> Path:
@@ -90,12 +95,15 @@ def calibration_blocks(work_dir: Path) -> torch.Tensor:
     return stored[0]["tokens"]
 
 
-def stage_cost(work_dir: Path, formats: list[str], device: str = "auto") -> list[CostRow]:
-    """Run (or resume) the cost stage for `formats` over the work directory's model and probe."""
+def stage_cost(work_dir: Path, formats: list[str], device: str = "auto", compute_dtype: str = "auto") -> list[CostRow]:
+    """Run (or resume) the cost stage for `formats` over the work directory's model and probe; activation
+    quantization is simulated in `compute_dtype` (auto | bf16 | fp32)."""
     model_dir = run_model_dir(work_dir)
     names = [get_format(f).name for f in formats]
     linears = list(quantizable(linear_shapes(model_dir)))
-    return run_cost(model_dir, Path(work_dir), linears, names, resolve_device(device))
+    target = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, target, model_dtype(model_dir))
+    return run_cost(model_dir, Path(work_dir), linears, names, target, dtype=dtype)
 
 
 def cost_summary(rows: list[CostRow]) -> str:

@@ -22,12 +22,21 @@ def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax:
             for name, w in weights.items()}
 
 
-def encode_model(model: nn.Module, assignment: dict[str, str],
-                 input_amax: dict[str, torch.Tensor] | None = None) -> dict[str, Tensors]:
-    """The exact tensors the exporter would write for every assigned Linear of an in-memory model."""
+def encode_model(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor] | None = None,
+                 weight_dtype: torch.dtype | None = None) -> dict[str, Tensors]:
+    """The exact tensors the exporter would write for every assigned Linear of an in-memory model.
+
+    weight_dtype: the checkpoint's dtype, which the codecs see whatever the model computes in (None: the model's own
+    dtype); a model computing in float32 holds the checkpoint's bf16 values exactly, so the bytes are the same."""
     modules = dict(model.named_modules())
     encoded: dict[str, Tensors] = {}
     for group in sibling_groups(assignment):
-        weights = {name: modules[name].weight.detach() for name in group}
+        weights = {name: stored_weight(modules[name], weight_dtype) for name in group}
         encoded.update(encode_group(assignment[group[0]], weights, input_amax or {}))
     return encoded
+
+
+def stored_weight(module: nn.Module, weight_dtype: torch.dtype | None) -> torch.Tensor:
+    """A Linear's weight as the checkpoint stores it (`weight_dtype`; None: as the module holds it), detached."""
+    weight = module.weight.detach()
+    return weight if weight_dtype is None else weight.to(weight_dtype)

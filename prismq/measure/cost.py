@@ -68,11 +68,12 @@ class LinearStats:
 
 
 def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats], shared_amax: torch.Tensor,
-                shared_input_amax: torch.Tensor, names: list[str]) -> list[CostRow]:
-    """Costs of B equal-shape Linears [B, out, in] in one format, vectorized over the batch.
+                shared_input_amax: torch.Tensor, names: list[str], dtype: torch.dtype | None = None) -> list[CostRow]:
+    """Costs of B equal-shape Linears [B, out, in] (the checkpoint's dtype) in one format, vectorized over the batch.
 
     shared_amax / shared_input_amax [B]: each Linear's sibling-joint weight and input maxima. Every number is what
-    that Linear alone would get (the codec's batched qdq is exact per matrix)."""
+    that Linear alone would get (the codec's batched qdq is exact per matrix). Sampled inputs are quantized in
+    `dtype`, the run's compute dtype (None: the weights' dtype); the products are float32."""
     fmt = get_format(format_name)
     x_sq = torch.stack([s.x_sq for s in stats]).to(weights.device, torch.float32)  # [B, in]
     dequantized = fmt.qdq(weights, shared_amax=shared_amax, name=names[0])
@@ -80,7 +81,7 @@ def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats
     weight_err = (delta.square() * x_sq.unsqueeze(1)).sum(dim=-1)  # [B, out]
     act_err = torch.zeros_like(weight_err)
     if fmt.quantizes_activations:
-        x = torch.stack([s.x_sample for s in stats]).to(weights.device, weights.dtype)  # [B, rows, in]
+        x = torch.stack([s.x_sample for s in stats]).to(weights.device, dtype or weights.dtype)  # [B, rows, in]
         igs = None
         if fmt.needs_input_amax:
             igs = global_scale(shared_input_amax.to(weights.dtype).reshape(-1)).reshape(-1, 1, 1)
@@ -107,7 +108,8 @@ def format_cost(format_name: str, weight: torch.Tensor, stats: LinearStats, shar
 
 
 def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears: list[str], formats: list[str],
-                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24) -> list[CostRow]:
+                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24,
+                  dtype: torch.dtype | None = None) -> list[CostRow]:
     """Cost rows of every Linear for every format legal for its shape, sibling groups sharing their scales.
 
     Linears of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
@@ -141,7 +143,7 @@ def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears
                 batch = batch_costs(format_name, weights[index], [stats[i] for i in members],
                                     torch.stack([joint_amax[chunk[i]] for i in members]).to(device),
                                     torch.stack([joint_input[chunk[i]] for i in members]).to(device),
-                                    [chunk[i] for i in members])
+                                    [chunk[i] for i in members], dtype)
                 rows.update(((r.linear, r.format), r) for r in batch)
             bar.update(len(chunk))
     bar.close()
@@ -149,10 +151,11 @@ def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears
 
 
 def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[str], device: torch.device,
-             progress: bool = True) -> list[CostRow]:
+             progress: bool = True, dtype: torch.dtype | None = None) -> list[CostRow]:
     """The cost stage: rows of `formats` for `linears`. Formats already priced in work_dir/cost.json for this model and
     probe are reused; only missing ones are measured and merged in (a new budget or format list reuses the work).
-    A cost.json made from another model or probe is refused as stale."""
+    A cost.json made from another model or probe is refused as stale. `dtype`: the compute dtype activation
+    quantization is simulated in."""
     probe_read = read_tensors(Path(work_dir) / "probe", "probe", expect={"model": fingerprint_model(model_dir)})
     if probe_read is None:
         raise PrismqError(f"no probe in {work_dir}: run `prismq probe` first")
@@ -165,7 +168,8 @@ def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[
     missing = [n for n in names if n not in known]
     if missing:
         with ExitStack() as stack:
-            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, linears, missing, device, progress)
+            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, linears, missing, device, progress,
+                                  dtype=dtype)
         write_json(Path(work_dir) / "cost.json", "cost",
                    {**expect, "formats": known + missing, "rows": [asdict(r) for r in rows]})
     wanted, members = set(names), set(linears)

@@ -24,7 +24,9 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.kl import KLResult, evaluate_kl
 from prismq.model.siblings import sibling_groups
-from prismq.model.source import load_model, load_tokenizer, resolve_model
+from prismq.model.linears import model_dtype
+from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
+from prismq.model.source import load_model, load_tokenizer, resolve_device, resolve_model
 from prismq.rounding.clip import calibrated_input_amax
 from prismq.rounding.sequential import round_model
 
@@ -75,12 +77,13 @@ def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
 
 def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
                    calibration: torch.Tensor | None = None, progress: bool = True,
-                   rounding: str = "rtn") -> nn.Module:
+                   rounding: str = "rtn", weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Fake-quantize `model` in place to what the export of `assignment` with `rounding` computes, and return it.
 
     Input ranges missing for formats with a static input scale are calibrated (and clipped) on `calibration`
     first, on the unquantized model, as `prismq quantize` does; GPTQ rounds on the same blocks. Without
-    calibration blocks either is an error."""
+    calibration blocks either is an error. weight_dtype: the checkpoint's dtype, which the codecs see (None: the
+    model's own)."""
     check_assignment(model, assignment)
     missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax}
     if (missing or rounding != "rtn") and calibration is None:
@@ -89,30 +92,29 @@ def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dic
         raise PrismqError(f"{what}, and no calibration text was given")
     if missing:
         input_amax = {**calibrated_input_amax(model, calibration, missing, progress=progress), **input_amax}
-    round_model(model, assignment, rounding, calibration, input_amax, progress=progress)  # type: ignore[arg-type]
+    round_model(model, assignment, rounding, calibration, input_amax, progress=progress,  # type: ignore[arg-type]
+                weight_dtype=weight_dtype)
     return model
 
 
 def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool = True,
-                   rounding: str = "rtn") -> nn.Module:
-    """The quantized model named by `spec`: an exported checkpoint directory, or an assignment .json applied to a
-    fresh copy of the reference with `rounding`."""
+                   rounding: str = "rtn", dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized model named by `spec`, computing in `dtype` (None: the checkpoint's): an exported checkpoint
+    directory (loaded by transformers + compressed-tensors), or an assignment .json applied to a fresh copy of the
+    reference with `rounding`."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if rounding != "rtn":
             raise PrismqError(f"--rounding {rounding} applies to an assignment file; the bytes of the checkpoint "
                               f"{spec} are already rounded")
-        model = load_model(resolve_model(str(path)), device=device)
-        with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward
-            model(torch.tensor([[0, 1]], device=next(model.parameters()).device), use_cache=False)
-        return model
+        return load_model(resolve_model(str(path)), dtype, device)
     if path.is_file() and path.suffix.lower() == ".json":
         assignment, amax = read_assignment(path)
-        model = load_model(reference_dir, device=device)
+        model = load_model(reference_dir, dtype, device)
         needs = rounding != "rtn" or any(get_format(f).needs_input_amax and n not in amax
                                          for n, f in assignment.items())
         calibration = default_calibration_blocks(reference_dir) if needs else None
-        return fake_quantized(model, assignment, amax, calibration, progress, rounding)
+        return fake_quantized(model, assignment, amax, calibration, progress, rounding, model_dtype(reference_dir))
     raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
 
 
@@ -128,21 +130,24 @@ def eval_blocks(model_dir: Path, text: str | None, n_blocks: int, seqlen: int) -
 
 def run_eval(reference: str | None, quantized: str, text: str | None = None, n_blocks: int = DEFAULT_BLOCKS,
              seqlen: int = DEFAULT_SEQLEN, json_path: Path | None = None, device: str = "auto",
-             progress: bool = True, rounding: str = "rtn") -> KLResult:
+             progress: bool = True, rounding: str = "rtn", compute_dtype: str = "auto") -> KLResult:
     """`prismq eval`: KL statistics of `quantized` against `reference` (None: the embedded default model),
-    printed as a summary and written to `json_path` when given."""
+    printed as a summary and written to `json_path` when given; both models compute in `compute_dtype`
+    (auto | bf16 | fp32, see prismq.model.precision)."""
     if n_blocks < 1 or seqlen < 2:
         raise PrismqError(f"need --blocks >= 1 and --seqlen >= 2, got {n_blocks} and {seqlen}")
     reference_dir = resolve_model(reference)
+    dtype = resolve_compute_dtype(compute_dtype, resolve_device(device), model_dtype(reference_dir))
     blocks = eval_blocks(reference_dir, text, n_blocks, seqlen)
-    quant_model = load_quantized(quantized, reference_dir, device, progress, rounding)
-    ref_model = load_model(reference_dir, device=device)
+    quant_model = load_quantized(quantized, reference_dir, device, progress, rounding, dtype)
+    ref_model = load_model(reference_dir, dtype, device)
     result = evaluate_kl(ref_model, quant_model, blocks, progress=progress)
-    print(f"prismq eval: {quantized} against {reference_dir}")
+    print(f"prismq eval: {quantized} against {reference_dir}, computed in {dtype_name(dtype)}")
     print(result.summary())
     if json_path is not None:
         payload: dict[str, Any] = {**result.to_json(), "reference": str(reference_dir), "quantized": str(quantized),
-                                   "text": text if text is not None else "default held-out split"}
+                                   "text": text if text is not None else "default held-out split",
+                                   "compute_dtype": dtype_name(dtype), "device": device_description(resolve_device(device))}
         write_json(Path(json_path), "eval", payload)
         print(f"prismq eval: wrote {json_path}")
     return result

@@ -36,7 +36,7 @@ def read_probe(work_dir: Path, expect: dict[str, Any] | None = None
 
 
 def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: str | torch.device,
-              sample_rows: int = 128, seed: int = 0, progress: bool = True) -> Path:
+              sample_rows: int = 128, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
     """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `read_probe`).
 
     If a probe artifact for the same model, blocks, sample_rows and seed is already there it is reused without
@@ -48,7 +48,7 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     if read_tensors(stem, PROBE_KIND, expect) is not None:
         return stem
     names = list(quantizable(linear_shapes(model_dir)))
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, dtype, device)
     tensors = fisher.probe(model, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
     loss = float(tensors.pop("loss"))
     meta = {**expect, "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "seqlen": int(blocks.shape[1]),

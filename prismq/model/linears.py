@@ -37,7 +37,11 @@ def quantizable(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]
 
 
 def model_dtype(model_dir: Path) -> torch.dtype:
-    """The dtype named in config.json (`dtype` or `torch_dtype`), bfloat16 when unnamed."""
-    config = json.loads((model_dir / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return getattr(torch, str(name).removeprefix("torch."))
+    """The dtype the checkpoint stores its weights in, as config.json names it (`dtype` or `torch_dtype`);
+    bfloat16 when unnamed. The codecs always see weights in this dtype."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise PrismqError(f"{model_dir}: config.json names an unknown weight dtype {name!r}")
+    return dtype

