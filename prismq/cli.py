@@ -108,6 +108,8 @@ def _add_quantize(commands: Any) -> None:
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     sub.add_argument("--calib-blocks", type=int, metavar="N", help="calibration blocks for the probe (default 32)")
     sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per block (default 512)")
+    sub.add_argument("--rounding-blocks", type=int, metavar="N",
+                     help="calibration blocks that input ranges and GPTQ run on (default 32, the first N)")
     sub.add_argument("--heldout-blocks", type=int, metavar="N",
                      help="held-out blocks on which the exported checkpoint's KL is measured (default 16)")
 

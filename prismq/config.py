@@ -74,7 +74,7 @@ class QuantizeConfig(BaseModel):
     rounding: Literal["rtn", "gptq", "gptq+sweep", "best"] = Field(
         "best", description="weight rounding; best: build rtn, gptq and gptq+sweep, ship the lowest held-out KL")
     gptq_act_order: bool = Field(True, description="GPTQ visits columns by decreasing input energy")
-    gptq_damping: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.01, 0.1], min_length=1,
+    gptq_damping: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.01], min_length=1,
                                       description="GPTQ damping values tried (x mean diag H); the best is kept")
     gptq_block_size: int = Field(128, gt=0, description="GPTQ columns per lazy-update block")
     calib: str | None = None
@@ -87,7 +87,9 @@ class QuantizeConfig(BaseModel):
     compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="arithmetic dtype: auto = bf16 on GPUs and CPUs with native bf16, fp32 elsewhere")
     max_shard_size: str = "5GB"
-    calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input ranges)")
+    calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input statistics)")
+    rounding_blocks: int = Field(32, gt=0, description="the first N calibration blocks (a uniform sample) that input "
+                                 "ranges and GPTQ run on; more costs time in proportion")
     calib_seqlen: int = Field(512, gt=1, description="tokens per block, calibration and held-out")
     heldout_blocks: int = Field(16, gt=0, description="held-out blocks for the KL of the exported checkpoint")
 

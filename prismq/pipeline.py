@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,16 @@ def _rounding_summary(methods: list[str], chosen: str, kls: dict[str, float], ro
             "rtn_kept": sum(1 for method, _, _ in rounded.details.values() if method == "rtn")}
 
 
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall seconds of the enclosed block to timings[stage] (report.md shows where a run's time went)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+
+
 def quantize(config: QuantizeConfig) -> ExportResult:
     """Run `prismq quantize` as configured, print a short summary, write the report; returns what was written."""
     out = Path(config.out)
@@ -167,12 +179,16 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     target = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, target, model_dtype(model_dir))
     print(f"prismq: computing in {dtype_name(dtype)} on {device_description(target)}")
-    stage_probe(measure)
-    rows = stage_cost(work, [*formats, *fallback], config.device, config.compute_dtype)
+    timings: dict[str, float] = {}
+    with _timed(timings, "probe"):
+        stage_probe(measure)
+    with _timed(timings, "cost"):
+        rows = stage_cost(work, [*formats, *fallback], config.device, config.compute_dtype)
     units = model_units(model_dir)
     pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
     problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)
-    choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
+    with _timed(timings, "allocate"):
+        choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 
     from prismq.measure.evaluate import load_quantized
@@ -180,14 +196,19 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     from prismq.model.source import load_model
     from prismq.rounding.sequential import METHODS
 
-    device, calibration, heldout = config.device, calibration_blocks(work), heldout_blocks(work)
+    device, heldout = config.device, heldout_blocks(work)
+    calibration = calibration_blocks(work)[:config.rounding_blocks]
     baselines = _uniform_baselines(problem, frontier[2], config) if frontier is not None else {}
     reference = load_model(model_dir, dtype, device)
-    input_amax = _input_ranges(reference, calibration, [assignment, *(a for a, _ in baselines.values())])
+    with _timed(timings, "input ranges"):
+        input_amax = _input_ranges(reference, calibration, [assignment, *(a for a, _ in baselines.values())])
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    built = _round(model_dir, device, assignment, methods, calibration, input_amax, config, dtype)
-    kls = {m: r.mean_kl for m, r in zip(methods, evaluate_candidates(reference, [b[0] for b in built], heldout))} \
-        if len(methods) > 1 else {}
+    reference_cache: dict = {}  # the reference's final hidden states per held-out block, shared by both KL passes
+    with _timed(timings, "rounding"):
+        built = _round(model_dir, device, assignment, methods, calibration, input_amax, config, dtype)
+    with _timed(timings, "eval (rounding methods)"):
+        kls = {m: r.mean_kl for m, r in zip(methods, evaluate_candidates(
+            reference, [b[0] for b in built], heldout, reference_cache=reference_cache))} if len(methods) > 1 else {}
     chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
     rounded = built[methods.index(chosen)][1]
     rounding = _rounding_summary(methods, chosen, kls, rounded)
@@ -195,12 +216,17 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     if len(methods) > 1:
         print(f"prismq: rounding {chosen} measured best ("
               + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
-    result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
-                              max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config, dtype)[0]
-                      for name, (a, _) in baselines.items()}
-    candidates = [load_quantized(str(out), model_dir, device, dtype=dtype), *(m for m, _ in baseline_built.values())]
-    results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout)]
+    with _timed(timings, "export"):
+        result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
+                                  max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
+    with _timed(timings, "rounding"):
+        baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config, dtype)[0]
+                          for name, (a, _) in baselines.items()}
+    with _timed(timings, "eval (export and baselines)"):
+        candidates = [load_quantized(str(out), model_dir, device, dtype=dtype),
+                      *(m for m, _ in baseline_built.values())]
+        results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout,
+                                                            reference_cache=reference_cache)]
     evaluation, baseline_evals = results[0], dict(zip(baselines, results[1:]))
     comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param, {chosen}): mean KL {b['mean_kl']:.5f}; "
                   f"the allocated mix's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} "
@@ -212,8 +238,9 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         comparison.append(f"- **shipped uniform {fallback}**: it measured better than the allocated mix, and prismq "
                           "never ships a mix worse than a uniform format that fits the same budget")
         assignment, evaluation = baselines[fallback][0], baseline_evals[fallback]
-        result = write_checkpoint(model_dir, assignment, out, encoded=baseline_built[fallback][1].encoded,
-                                  input_amax=input_amax, max_shard_bytes=config.max_shard_bytes, overwrite=True)
+        with _timed(timings, "export"):
+            result = write_checkpoint(model_dir, assignment, out, encoded=baseline_built[fallback][1].encoded,
+                                      input_amax=input_amax, max_shard_bytes=config.max_shard_bytes, overwrite=True)
     per_format: dict[str, dict[str, int]] = {}
     by_row = {(r.linear, r.format): r for r in rows}
     for name, fmt in assignment.items():
@@ -231,7 +258,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         "per_format": per_format, "eval": evaluation, "uniform_baselines": baseline_evals,
         "comparison": comparison, "rounding": rounding,
         "knee_bits": None if frontier is None else frontier[1],
-        "compute_dtype": dtype_name(dtype),
+        "compute_dtype": dtype_name(dtype), "seconds": {k: round(v, 1) for k, v in timings.items()},
         "device": device_description(target),
     }
     report = write_report(work, summary, assignment, None if frontier is None else frontier[0])

@@ -88,6 +88,11 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         lines += ["## Frontier (predicted)", "", f"![frontier]({plot.name})", "",
                   f"Knee of the predicted frontier: {s.get('knee_bits', 'n/a')} bits/param; "
                   f"chosen point: {s['bits_per_param']:.3f} bits/param.", ""]
+    if s.get("seconds"):
+        lines += ["## Time", "", f"Wall seconds per stage on {s['device']} ({s['compute_dtype']}); stages resumed from "
+                  "the work directory count their reading only.", "", "| stage | seconds |", "|---|---|",
+                  *(f"| {stage} | {sec:.1f} |" for stage, sec in s["seconds"].items()),
+                  f"| total | {sum(s['seconds'].values()):.1f} |", ""]
     lines += ["## Formats per layer", "", layer_table(assignment), ""]
     path = work_dir / "report.md"
     path.write_text("\n".join(lines))

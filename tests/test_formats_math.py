@@ -180,3 +180,40 @@ def test_batched_qdq_equals_each_matrix_alone(name: str) -> None:
     for i in range(3):
         assert torch.equal(batched[i], fmt.qdq(weights[i], shared_amax=shared[i]))
     assert torch.equal(fmt.qdq(weights)[1], fmt.qdq(weights[1]))
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so -0.0 and +0.0 differ."""
+    return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+def _hard_inputs(dtype: torch.dtype) -> torch.Tensor:
+    """[6, 512]: element-grid ties and midpoints at several scales, zeros of both signs, tiny and huge values."""
+    g = torch.Generator().manual_seed(11)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, -0.0, -0.25, -0.1, 7.0, 1e-30, -1e-30, 448.0, 0.5])
+    rows = [ties.repeat(32) * scale for scale in (1.0, 0.01, 300.0)]
+    rows += [torch.randn(512, generator=g) * torch.logspace(-8, 3, 512), torch.zeros(512), -torch.zeros(512)]
+    return torch.stack(rows).to(dtype)
+
+
+@pytest.mark.parametrize("element", [E2M1, E2M3, E3M2], ids=lambda e: e.name)
+def test_minifloat_round_is_values_of_encode_bit_for_bit(element) -> None:
+    x = torch.cat([_hard_inputs(torch.float32).flatten(), element.magnitudes, -element.magnitudes,
+                   (element.magnitudes[1:] + element.magnitudes[:-1]) / 2])
+    assert torch.equal(_bits(element.round(x)), _bits(element.values(element.encode(x))))
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "MXFP4", "MXFP6_E2M3", "MXFP8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grid_round_is_dequantize_of_quantize_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    """The value-level round activations take equals the codec's codes path, -0.0 included, for one matrix, a
+    batch under per-matrix global scales, and a 3-D activation."""
+    from prismq.formats.base import Grid
+
+    x = _hard_inputs(dtype)
+    fmt = get_format(name)
+    for value in (x, torch.stack([x, x * 3, x / 7]), x.reshape(2, 3, 512)):
+        grid = fmt.grid(value, shared_amax=None if value.ndim == 2 else value.abs().amax(dim=(-2, -1)))
+        scales = grid.fit(value)
+        got, expected = grid.round(value, scales), Grid.round(grid, value, scales)
+        assert got.dtype == dtype and torch.equal(_bits(got), _bits(expected))

@@ -136,6 +136,20 @@ def test_several_candidates_share_one_reference_pass() -> None:
     assert together[0].mean_kl < together[1].mean_kl
 
 
+def test_reference_cache_runs_the_reference_trunk_once_per_block_across_calls() -> None:
+    reference = build_tiny_llama()
+    candidates = [perturbed(reference, 0.05, seed=1), perturbed(reference, 0.3, seed=2)]
+    blocks = random_blocks(3, 32)
+    calls = []
+    reference.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    cache: dict = {}
+    first = evaluate_candidates(reference, candidates[:1], blocks, progress=False, reference_cache=cache)
+    second = evaluate_candidates(reference, candidates[1:], blocks, progress=False, reference_cache=cache)
+    assert len(calls) == 2 * 2 + blocks.shape[0]  # two self-checks per call, each block's trunk once in all
+    for candidate, result in zip(candidates, [*first, *second]):
+        assert torch.equal(evaluate_kl(reference, candidate, blocks, progress=False).kl, result.kl)
+
+
 def test_models_that_rescale_their_logits_are_refused() -> None:
     model = build_tiny_llama()
     forward = model.forward

@@ -120,7 +120,7 @@ def test_export_kl_agrees_across_compute_dtypes(default_model_dir: Path, tmp_pat
     names = list(quantizable(linear_shapes(default_model_dir)))
     assignment = dict.fromkeys(names, "NVFP4A16")
     out = write_checkpoint(default_model_dir, assignment, tmp_path / "out", progress=False).path
-    _, blocks = calibration_and_heldout(None, None, load_tokenizer(default_model_dir), 0, 1, 128)
+    _, blocks = calibration_and_heldout(None, None, load_tokenizer(default_model_dir), 0, 1, 64)
     kls, weights = {}, {}
     for dtype in (torch.bfloat16, torch.float32):
         quantized = load_model(out, dtype)

@@ -63,8 +63,15 @@ class MiniFloat:
         return _value_table(self, codes.device)[(codes & ((1 << (magnitude_bits + 1)) - 1)).long()]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        """x rounded onto the grid (float32): values(encode(x))."""
-        return self.values(self.encode(x))
+        """x rounded onto the grid (float32), bit for bit values(encode(x)) (a negative input that rounds to zero
+        gives -0.0, as its code -0 decodes), computed on the values without codes or a table lookup: the magnitude
+        rounded to a multiple of its exponent's quantum 2**(E - man_bits), ties to even."""
+        magnitude = x.abs().float().clamp(max=self.max)
+        exponent = ((magnitude.view(torch.int32) >> 23) - 127).clamp(min=1 - self.bias)
+        inverse_quantum = ((127 + self.man_bits - exponent) << 23).view(torch.float32)
+        quantum = ((127 - self.man_bits + exponent) << 23).view(torch.float32)
+        rounded = torch.round(magnitude * inverse_quantum) * quantum
+        return torch.where(x < 0, -rounded, rounded)
 
 
 @lru_cache(maxsize=None)

@@ -58,6 +58,13 @@ class NVFP4Grid(Grid):
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (E2M1.values(codes) * (scale.to(torch.float32) / self.gs.to(codes.device))).to(dtype)
 
+    def round(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(weight, expand(scales))) bit for bit, on values and broadcast group scales (no codes,
+        no per-element scale tensor): the path activations take on every forward."""
+        step = (scales.to(torch.float32) / self.gs.to(weight.device)).unsqueeze(-1)
+        groups = weight.unflatten(-1, (scales.shape[-1], GROUP))
+        return (E2M1.round(groups / step) * step).to(weight.dtype).flatten(-2)
+
     def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
         return {"weight_packed": pack_nibbles(codes), "weight_scale": scales.to(torch.float8_e4m3fn),
                 "weight_global_scale": self.gs.to(codes.device)}

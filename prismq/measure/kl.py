@@ -27,12 +27,13 @@ class LogitSource:
     On construction it checks, on a few tokens, that head(trunk(x)) is the model's own logits: a model that
     post-processes logits (softcapping, scaling) is refused rather than measured wrongly."""
 
-    def __init__(self, model: nn.Module, name: str = "model") -> None:
+    def __init__(self, model: nn.Module, name: str = "model",
+                 cache: dict[bytes, torch.Tensor] | None = None) -> None:
         get_trunk, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
         trunk, head = (get_trunk() if get_trunk else None), (get_head() if get_head else None)
         if trunk is None or head is None:
             raise PrismqError(f"{name}: cannot find the decoder and output head of {type(model).__name__}")
-        self.model, self.trunk, self.head, self.name = model, trunk, head, name
+        self.model, self.trunk, self.head, self.name, self.cache = model, trunk, head, name, cache
         self.device = next(model.parameters()).device
         self._check()
 
@@ -41,16 +42,25 @@ class LogitSource:
         """Refuse a model whose logits are not head(last hidden state)."""
         tokens = torch.arange(8, device=self.device).remainder(self.head.weight.shape[0]).unsqueeze(0)
         whole = self.model(tokens, use_cache=False).logits.float()
-        split = self.head(self.hidden(tokens[0]).unsqueeze(0)).float()
+        split = self.head(self._run_trunk(tokens[0]).unsqueeze(0)).float()
         if not torch.allclose(whole, split, rtol=0.02, atol=0.02 * float(whole.abs().amax()) + 1e-3):
             raise PrismqError(f"{self.name}: {type(self.model).__name__} transforms its logits after the output "
                               "head (softcapping or scaling?); the KL evaluator does not support it")
 
     @torch.no_grad()
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [L, hidden] of one block of token ids [L]."""
-        out = self.trunk(input_ids=tokens.to(self.device).unsqueeze(0), use_cache=False)
-        return out.last_hidden_state[0]
+        """Final hidden states [L, hidden] of one block of token ids [L], kept in `cache` (when given) by the
+        block's token ids, so a model compared in several passes runs its trunk once per block."""
+        if self.cache is None:
+            return self._run_trunk(tokens)
+        key = tokens.cpu().numpy().tobytes()
+        if key not in self.cache:
+            self.cache[key] = self._run_trunk(tokens)
+        return self.cache[key]
+
+    def _run_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trunk's final hidden states [L, hidden] for token ids [L]."""
+        return self.trunk(input_ids=tokens.to(self.device).unsqueeze(0), use_cache=False).last_hidden_state[0]
 
     @torch.no_grad()
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -165,14 +175,17 @@ def kl_result(kl: torch.Tensor, same_top1: torch.Tensor, nll_ref: torch.Tensor, 
 
 
 def evaluate_candidates(reference: nn.Module, candidates: Sequence[nn.Module], blocks: torch.Tensor,
-                        chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> list[KLResult]:
+                        chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
+                        reference_cache: dict[bytes, torch.Tensor] | None = None) -> list[KLResult]:
     """KL statistics of each candidate against the reference on token blocks [N, L], one reference pass.
 
     Blocks run one at a time (batch 1); per block the reference trunk runs once and its log-probs, chunk by
-    chunk, serve every candidate. Results come back in the order of `candidates`."""
+    chunk, serve every candidate. Results come back in the order of `candidates`. `reference_cache` (a dict the
+    caller keeps) holds the reference's final hidden states per block across calls, so evaluating more candidates
+    later on the same blocks does not rerun the reference trunk."""
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise PrismqError(f"need token blocks of shape [N >= 1, L >= 2], got {tuple(blocks.shape)}")
-    ref = LogitSource(reference, "reference")
+    ref = LogitSource(reference, "reference", reference_cache)
     sources = [LogitSource(model, f"candidate {i}") for i, model in enumerate(candidates)]
     ref_nll, per_block = [], []
     for block in tqdm(blocks, desc="KL eval", unit="block", disable=not progress):

@@ -38,7 +38,7 @@ class GPTQSettings:
 
     block_size: int = 128
     act_order: bool = True
-    damping: tuple[float, ...] = (0.01, 0.1)
+    damping: tuple[float, ...] = (0.01,)
     sweep: bool = False
 
 
