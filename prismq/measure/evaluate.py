@@ -68,11 +68,12 @@ def check_assignment(model: nn.Module, assignment: dict[str, str]) -> None:
 
 
 def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
-    """The blocks `prismq quantize` calibrates input ranges on when given no --calib (same text, count, seed)."""
+    """The blocks `prismq quantize` calibrates input ranges and GPTQ on when given no --calib (same text, count,
+    seed, and the first `rounding_blocks` of them)."""
     fields = QuantizeConfig.model_fields
     blocks, _ = calibration_and_heldout(None, None, load_tokenizer(model_dir), fields["calib_blocks"].default, 0,
                                         fields["calib_seqlen"].default)
-    return blocks
+    return blocks[:fields["rounding_blocks"].default]
 
 
 def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
@@ -98,10 +99,12 @@ def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dic
 
 
 def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool = True,
-                   rounding: str = "rtn", dtype: torch.dtype | None = None) -> nn.Module:
+                   rounding: str = "rtn", dtype: torch.dtype | None = None,
+                   calibration: torch.Tensor | None = None) -> nn.Module:
     """The quantized model named by `spec`, computing in `dtype` (None: the checkpoint's): an exported checkpoint
     directory (loaded by transformers + compressed-tensors), or an assignment .json applied to a fresh copy of the
-    reference with `rounding`."""
+    reference with `rounding`, input ranges and GPTQ calibrated on `calibration` (None: the blocks `prismq quantize`
+    calibrates on by default) where needed."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if rounding != "rtn":
@@ -113,7 +116,8 @@ def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool =
         model = load_model(reference_dir, dtype, device)
         needs = rounding != "rtn" or any(get_format(f).needs_input_amax and n not in amax
                                          for n, f in assignment.items())
-        calibration = default_calibration_blocks(reference_dir) if needs else None
+        if needs and calibration is None:
+            calibration = default_calibration_blocks(reference_dir)
         return fake_quantized(model, assignment, amax, calibration, progress, rounding, model_dtype(reference_dir))
     raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
 
