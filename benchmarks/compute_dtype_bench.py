@@ -9,10 +9,12 @@ Per dtype, each stage runs on a few blocks (bf16 on an AVX2 CPU is slow) and is 
 - probe: per-token Fisher (forward + backward) per 512-token calibration block;
 - cost: every (Linear, format) pair of NVFP4 / MXFP8 from that probe (only activation quantization follows the
   compute dtype; the rest is float32 by design);
-- rounding: GPTQ + scale sweep of every Linear to NVFP4, layer by layer, per 512-token calibration block it runs on;
+- rounding: GPTQ + scale sweep of every Linear to NVFP4, layer by layer, on the calibration blocks (its column loop is
+  a fixed cost; the layer forwards grow with the blocks);
 - eval: KL of an RTN NVFP4 copy against the reference per 512-token held-out block.
-The last column scales the per-unit times to the README's first command (`--uniform NVFP4`: probe 32 blocks, rounding
-best = rtn + gptq + gptq+sweep on 8 x 256 tokens, eval 16 blocks twice).
+Both dtypes encode with the input ranges of the float32 probe, so they ship the same RTN export: its bytes' digest
+must match (the weights reach the codecs in the checkpoint's dtype either way), and the two mean KLs are the same
+export measured in two dtypes.
 
 Run from the repo root:  python benchmarks/compute_dtype_bench.py [--threads N] [--blocks 2]
 Writes benchmarks/results/compute_dtype_<cpu|cuda>.json.
@@ -63,8 +65,9 @@ def _seconds(device: torch.device, work) -> tuple[Any, float]:
 
 
 def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: torch.Tensor,
-              heldout: torch.Tensor) -> dict[str, Any]:
-    """Each stage once in `dtype`; seconds per unit of work, the RTN NVFP4 bytes' digest and the mean KL."""
+              heldout: torch.Tensor, amax: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Each stage once in `dtype`; seconds per unit of work, the RTN NVFP4 bytes' digest and the mean KL. `amax`:
+    the input ranges to encode with (None: this probe's own), so both dtypes can ship the same export."""
     names = list(quantizable(linear_shapes(model_dir)))
     stored = model_dtype(model_dir)
     model = load_model(model_dir, dtype, device)
@@ -76,7 +79,7 @@ def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: 
                                  progress=False, dtype=dtype)
 
     rows, cost_s = _seconds(device, cost)
-    amax = {n: stats[f"{n}.x_absmax"].reshape(()).float().cpu() for n in names}
+    amax = amax or {n: stats[f"{n}.x_absmax"].reshape(()).float().cpu() for n in names}
     assignment = dict.fromkeys(names, "NVFP4")
     gptq_model = load_model(model_dir, dtype, device)
     _, round_s = _seconds(device, lambda: round_model(gptq_model, assignment, "gptq+sweep", calib, amax,
@@ -88,9 +91,9 @@ def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: 
     result, eval_s = _seconds(device, lambda: evaluate_kl(model, rtn_model, heldout, progress=False))
     blocks, held = calib.shape[0], heldout.shape[0]
     return {"dtype": str(dtype).removeprefix("torch."), "probe_s_per_block": probe_s / blocks,
-            "cost_s": cost_s, "cost_rows": len(rows), "round_gptq_sweep_s_per_block": round_s / blocks,
+            "cost_s": cost_s, "cost_rows": len(rows), "round_gptq_sweep_s": round_s,
             "eval_s_per_block": eval_s / held, "mean_kl_rtn_nvfp4": result.mean_kl,
-            "rtn_bytes_sha": _sha(digest)}
+            "rtn_bytes_sha": _sha(digest), "amax": amax}
 
 
 def _sha(data: torch.Tensor) -> str:
@@ -98,13 +101,6 @@ def _sha(data: torch.Tensor) -> str:
     import hashlib
 
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
-
-
-def readme_estimate(row: dict[str, Any]) -> float:
-    """Seconds the README's first command spends in these stages at these rates (see the module docstring)."""
-    round_blocks = 8 * 256 / SEQLEN  # rounding runs on 8 x 256 calibration tokens, twice (gptq, gptq+sweep)
-    return (32 * row["probe_s_per_block"] + row["cost_s"] + 2 * round_blocks * row["round_gptq_sweep_s_per_block"]
-            + 2 * 16 * row["eval_s_per_block"])
 
 
 def main() -> None:
@@ -120,20 +116,22 @@ def main() -> None:
     device = torch.device(args.device)
     model_dir = resolve_model(None)
     calib, heldout, text = blocks_for(model_dir, args.blocks, args.blocks, SEQLEN)
-    rows = [run_dtype(model_dir, dtype, device, calib, heldout) for dtype in (torch.float32, torch.bfloat16)]
+    rows = [run_dtype(model_dir, torch.float32, device, calib, heldout, None)]
+    rows.append(run_dtype(model_dir, torch.bfloat16, device, calib, heldout, rows[0].pop("amax")))
+    rows[1].pop("amax")
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "python": platform.python_version(), "model": model_dir.name, "text": text, "blocks": args.blocks,
               "seqlen": SEQLEN, "rows": rows,
               "command": " ".join(["python", "benchmarks/compute_dtype_bench.py", *sys.argv[1:]])}
     print(f"{result['device']}, {result['threads']} thread(s); torch {result['torch']}; {result['model']}")
-    print("| compute | probe s/block | cost s | GPTQ+sweep s/block | eval s/block | README cmd est. s | "
+    print(f"| compute | probe s/block | cost s | GPTQ+sweep s ({args.blocks} block) | eval s/block | "
           "mean KL (RTN NVFP4) | RTN bytes sha |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['dtype']} | {row['probe_s_per_block']:.2f} | {row['cost_s']:.1f} | "
-              f"{row['round_gptq_sweep_s_per_block']:.2f} | {row['eval_s_per_block']:.2f} | "
-              f"{readme_estimate(row):.0f} | {row['mean_kl_rtn_nvfp4']:.5f} | {row['rtn_bytes_sha']} |")
+              f"{row['round_gptq_sweep_s']:.1f} | {row['eval_s_per_block']:.2f} | "
+              f"{row['mean_kl_rtn_nvfp4']:.5f} | {row['rtn_bytes_sha']} |")
     out = args.out or REPO_ROOT / "benchmarks" / "results" / f"compute_dtype_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
