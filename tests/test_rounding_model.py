@@ -120,3 +120,29 @@ def test_activation_clipping_is_shared_by_fused_siblings() -> None:
     amax = calibrated_input_amax(model, calibration, assignment, progress=False)
     assert set(amax) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
     assert len({float(v) for v in amax.values()}) == 1
+
+
+def test_input_hessians_sum_every_token_although_later_batches_stop_early() -> None:
+    """X^T X of each Linear's input over three batches equals the sum built from inputs captured on full forwards
+    (the early stop after the last Linear's input, from the second batch on, drops nothing)."""
+    from prismq.rounding.sequential import first_layer_inputs, input_hessians
+
+    model = build_tiny_llama()
+    _, layers = decoder_layers(model)
+    inputs = first_layer_inputs(model, layers, torch.randint(0, 512, (3, 16), generator=torch.Generator()), 1)
+    layer = layers[0]
+    modules = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, n=n: captured[n].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        for n, m in modules.items()]
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    for handle in handles:
+        handle.remove()
+    got = input_hessians(layer, modules, inputs)
+    for name, xs in captured.items():
+        x = torch.cat(xs)
+        assert len(xs) == 3
+        torch.testing.assert_close(got[name].double(), x.T @ x, rtol=1e-5, atol=1e-4)

@@ -31,13 +31,17 @@ SCORE_BLOCKS = 8
 
 
 def _run(model: nn.Module, blocks: torch.Tensor, hooks: dict[str, object], desc: str, progress: bool) -> None:
-    """Run every calibration block through the model with forward pre-hooks on the named modules."""
+    """Run every calibration block through the model with forward pre-hooks on the named modules; only through its
+    decoder (no output head, whose logits nobody reads here) when every hooked module lies inside it."""
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inside = {id(m) for m in decoder.modules()} if decoder is not None else set()
+    runner = decoder if decoder is not None and all(id(modules[n]) in inside for n in hooks) else model
     handles = [modules[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
     try:
         for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
-            model(block.unsqueeze(0).to(device), use_cache=False)
+            runner(block.unsqueeze(0).to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -34,7 +34,7 @@ LayerInput = tuple[torch.Tensor, dict[str, Any]]
 
 
 class _Stop(Exception):
-    """Raised by the capture hook once the first decoder layer's input is recorded."""
+    """Raised by a hook once a forward has produced everything it was run for (the rest is skipped)."""
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -85,19 +85,37 @@ def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
 
 @torch.no_grad()
 def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
-    """H = sum_t x_t x_t^T (fp32) of each named Linear's input over every calibration token."""
+    """H = sum_t x_t x_t^T (fp32) of each named Linear's input over every calibration token.
+
+    Only the Linears' inputs are needed, so once the first batch shows each of them runs once per forward, later
+    batches stop as soon as the last one has received its input (the rest of the layer, e.g. down_proj's product,
+    is skipped; the sums are the same)."""
     hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
                 for name, m in modules.items()}
+    calls = dict.fromkeys(modules, 0)
+    seen: set[str] = set()
+    stop_early = False
 
     def accumulate(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             hessians[name].addmm_(x.T, x)
+            calls[name] += 1
+            seen.add(name)
+            if stop_early and len(seen) == len(modules):
+                raise _Stop
         return hook
 
     handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in modules.items()]
     try:
-        run_layer(layer, inputs)
+        for index, (hidden, kwargs) in enumerate(inputs):
+            seen.clear()
+            try:
+                layer(hidden, **kwargs)
+            except _Stop:
+                pass
+            if index == 0:
+                stop_early = all(count == 1 for count in calls.values())
     finally:
         for handle in handles:
             handle.remove()
