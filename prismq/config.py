@@ -18,6 +18,9 @@ from prismq.errors import PrismqError
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
+# The arithmetic dtype of forwards, backwards and KL (prismq.model.precision resolves "auto").
+ComputeSetting = Literal["auto", "bf16", "fp32"]
+
 # The three ways to state a budget; exactly one must be set, and a CLI flag for one replaces a file's choice.
 BUDGET_KEYS = ("target_bits", "target_size", "uniform")
 
@@ -84,7 +87,7 @@ class QuantizeConfig(BaseModel):
     out: Path
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
+    compute_dtype: ComputeSetting = Field(
         "auto", description="arithmetic dtype: auto = bf16 on GPUs and CPUs with native bf16, fp32 elsewhere")
     max_shard_size: str = "5GB"
     calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input statistics)")

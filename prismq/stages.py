@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from prismq.artifacts import read_json, read_tensors, write_json, write_tensors
+from prismq.config import ComputeSetting
 from prismq.data import calibration_and_heldout
 from prismq.errors import PrismqError
 from prismq.formats import format_names, get_format
@@ -41,7 +41,7 @@ class MeasureConfig(BaseModel):
     sample_rows: int = Field(128, ge=0)
     formats: list[str] = Field(default_factory=lambda: format_names(exportable_only=True))
     device: str = "auto"
-    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    compute_dtype: ComputeSetting = "auto"
 
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:

@@ -12,12 +12,11 @@ import functools
 import platform
 import time
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import torch
 
-ComputeSetting = Literal["auto", "bf16", "fp32"]
-COMPUTE_SETTINGS: tuple[str, ...] = ("auto", "bf16", "fp32")
+from prismq.config import ComputeSetting
 
 # x86 /proc/cpuinfo flags (and the Arm "Features" entry) that mean a native bf16 dot product.
 _NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
@@ -91,7 +90,7 @@ def resolve_compute_dtype(setting: str, device: torch.device, weight_dtype: torc
     if setting == "fp32" or weight_dtype == torch.float32:
         return torch.float32
     if setting != "auto":
-        raise ValueError(f"unknown compute dtype {setting!r} (choose from {', '.join(COMPUTE_SETTINGS)})")
+        raise ValueError(f"unknown compute dtype {setting!r} (choose from {', '.join(get_args(ComputeSetting))})")
     if device.type != "cpu":
         return weight_dtype
     return weight_dtype if weight_dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32

@@ -292,7 +292,7 @@ def _cast_decompressed(model: PreTrainedModel, stored: torch.dtype, dtype: torch
     remove_dispatch(model, onload_tensors=True)
     with torch.no_grad():
         for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
+            for _, param in module.named_parameters(recurse=False):
                 if param.dtype == stored:
                     param.data = param.data.to(dtype)
             for name, buffer in module.named_buffers(recurse=False):
