@@ -16,14 +16,17 @@ Both dtypes encode with the input ranges of the float32 probe, so they ship the 
 must match (the weights reach the codecs in the checkpoint's dtype either way), and the two mean KLs are the same
 export measured in two dtypes.
 
-Run from the repo root:  python benchmarks/compute_dtype_bench.py [--threads N] [--blocks 2]
+Before the stages, two kernel timings explain them: a 512x576x1536 matmul (one SmolLM2 MLP projection of a block) in
+each dtype with one thread and with torch's default, and a small `clone` (a parallel region's fixed cost, which stalls
+on some 2-vCPU VMs with two threads). `--kernels-only` stops after those.
+
+Run from the repo root:  python benchmarks/compute_dtype_bench.py [--threads N] [--blocks 2] [--kernels-only]
 Writes benchmarks/results/compute_dtype_<cpu|cuda>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import platform
@@ -64,6 +67,33 @@ def _seconds(device: torch.device, work) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
+def _median_seconds(work, repeats: int) -> float:
+    """Median wall seconds of `work()` over `repeats` calls after one warm-up call."""
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_timings() -> dict[str, float]:
+    """GFLOP/s of a 512x576x1536 matmul per dtype and thread count, and microseconds of a 1000-element clone."""
+    default_threads = torch.get_num_threads()
+    a, b, small = torch.randn(512, 576), torch.randn(576, 1536), torch.randn(1000)
+    out: dict[str, float] = {}
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            seconds = _median_seconds(lambda: x @ y, 5 if dtype == torch.float32 else 3)
+            out[f"matmul_gflops_{str(dtype).removeprefix('torch.')}_{threads}t"] = 2 * 512 * 576 * 1536 / seconds / 1e9
+        out[f"clone_us_{threads}t"] = _median_seconds(lambda: small.clone(), 2000) * 1e6
+    torch.set_num_threads(default_threads)
+    return out
+
+
 def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: torch.Tensor,
               heldout: torch.Tensor, amax: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     """Each stage once in `dtype`; seconds per unit of work, the RTN NVFP4 bytes' digest and the mean KL. `amax`:
@@ -84,7 +114,7 @@ def run_dtype(model_dir: Path, dtype: torch.dtype, device: torch.device, calib: 
     gptq_model = load_model(model_dir, dtype, device)
     _, round_s = _seconds(device, lambda: round_model(gptq_model, assignment, "gptq+sweep", calib, amax,
                                                       progress=False, weight_dtype=stored))
-    rtn_model = copy.deepcopy(model)
+    rtn_model = load_model(model_dir, dtype, device)
     rtn = round_model(rtn_model, assignment, "rtn", calib[:1], amax, progress=False, weight_dtype=stored)
     digest = torch.cat([t.contiguous().view(torch.uint8).flatten().cpu() for n in names
                         for t in rtn.encoded[n].values()])
@@ -110,21 +140,31 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2, help="calibration and held-out blocks per stage (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--kernels-only", action="store_true", help="only the matmul and clone timings")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kernels = kernel_timings()
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "kernels": kernels,
+        "command": " ".join(["python", "benchmarks/compute_dtype_bench.py", *sys.argv[1:]])}
+    print(f"{result['device']}, {result['threads']} thread(s); torch {result['torch']}")
+    print("| kernel | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.2f} |" for k, v in kernels.items()))
+    out = args.out or REPO_ROOT / "benchmarks" / "results" / (
+        f"compute_dtype_{device.type}" + ("_kernels" if args.kernels_only else "") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kernels_only:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        return
     model_dir = resolve_model(None)
     calib, heldout, text = blocks_for(model_dir, args.blocks, args.blocks, SEQLEN)
     rows = [run_dtype(model_dir, torch.float32, device, calib, heldout, None)]
     rows.append(run_dtype(model_dir, torch.bfloat16, device, calib, heldout, rows[0].pop("amax")))
     rows[1].pop("amax")
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version(), "model": model_dir.name, "text": text, "blocks": args.blocks,
-              "seqlen": SEQLEN, "rows": rows,
-              "command": " ".join(["python", "benchmarks/compute_dtype_bench.py", *sys.argv[1:]])}
-    print(f"{result['device']}, {result['threads']} thread(s); torch {result['torch']}; {result['model']}")
+    result.update({"model": model_dir.name, "text": text, "blocks": args.blocks, "seqlen": SEQLEN, "rows": rows})
     print(f"| compute | probe s/block | cost s | GPTQ+sweep s ({args.blocks} block) | eval s/block | "
           "mean KL (RTN NVFP4) | RTN bytes sha |")
     print("|---|---|---|---|---|---|---|")
@@ -132,8 +172,6 @@ def main() -> None:
         print(f"| {row['dtype']} | {row['probe_s_per_block']:.2f} | {row['cost_s']:.1f} | "
               f"{row['round_gptq_sweep_s']:.1f} | {row['eval_s_per_block']:.2f} | "
               f"{row['mean_kl_rtn_nvfp4']:.5f} | {row['rtn_bytes_sha']} |")
-    out = args.out or REPO_ROOT / "benchmarks" / "results" / f"compute_dtype_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
