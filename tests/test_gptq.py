@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prismq.formats import get_format
-from prismq.rounding.gptq import GPTQSettings, gptq, output_error, round_to_nearest
+from prismq.rounding.gptq import GPTQSettings, gptq, gptq_siblings, output_error, round_to_nearest
 from prismq.rounding.scale_sweep import sweep_scales
 
 FORMATS = ["NVFP4A16", "MXFP4A16", "MXFP8A16", "FP8", "INT4_W4A16", "INT8_W8A16"]
@@ -125,3 +125,25 @@ def test_singular_hessian_falls_back_to_round_to_nearest_with_a_warning() -> Non
     assert torch.equal(result.weight, get_format("NVFP4A16").qdq(weight))
     with pytest.warns(UserWarning, match="non-finite"):
         assert gptq(grid, weight, torch.full((64, 64), float("nan"))).method == "rtn"
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "MXFP4A16", "INT4_W4A16"])
+@pytest.mark.parametrize("sweep", [False, True])
+def test_siblings_rounded_together_equal_each_rounded_alone(name: str, sweep: bool) -> None:
+    """q/k/v share H and one grid: stacking their rows changes nothing but the time (float64: exact decisions)."""
+    g = torch.Generator().manual_seed(5)
+    weights = {leaf: (torch.randn(rows, 256, generator=g) * scale).to(torch.bfloat16)
+               for leaf, rows, scale in (("q", 24, 0.02), ("k", 8, 0.05), ("v", 8, 0.01))}
+    x = correlated_inputs(256, seed=6)
+    hessian = (x.T @ x).double()
+    fmt = get_format(name)
+    grid = fmt.grid(weights["q"], shared_amax=torch.stack([w.abs().amax() for w in weights.values()]).amax())
+    settings = GPTQSettings(block_size=64, damping=(0.01, 0.1), sweep=sweep)
+    together = gptq_siblings(grid, weights, hessian, settings)
+    for leaf, weight in weights.items():
+        alone = gptq(grid, weight, hessian, settings)
+        assert torch.equal(as_bits(together[leaf].codes), as_bits(alone.codes))
+        assert torch.equal(together[leaf].scales, alone.scales)
+        assert together[leaf].method == alone.method
+        assert together[leaf].error == pytest.approx(alone.error, rel=1e-9)
+        assert together[leaf].rtn_error == pytest.approx(alone.rtn_error, rel=1e-9)

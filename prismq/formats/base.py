@@ -179,10 +179,17 @@ class Grid(ABC):
         """Per-group scales [..., k] -> per-element scales [..., k * group_size]."""
         return scales.repeat_interleave(self.group_size, dim=-1)
 
+    def round_values(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(weight, scale)) bit for bit, in weight's dtype, with `scale` broadcast against weight
+        (one column and its group scales, or groups and theirs). Formats override it with arithmetic on the values
+        alone (no codes, no lookup table): GPTQ calls it once per column, activations once per Linear call."""
+        return self.dequantize(self.quantize(weight, scale), scale, weight.dtype)
+
     def round(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """weight rounded to the nearest codes under per-group `scales`, as decoded values in weight's dtype."""
-        per_element = self.expand(scales)
-        return self.dequantize(self.quantize(weight, per_element), per_element, weight.dtype)
+        """weight [..., n] rounded to the nearest codes under per-group `scales` [..., n / group_size], as decoded
+        values in weight's dtype (no per-element scale tensor is built)."""
+        groups = weight.unflatten(-1, (scales.shape[-1], self.group_size))
+        return self.round_values(groups, scales.unsqueeze(-1)).flatten(-2)
 
     def encode(self, weight: torch.Tensor) -> Tensors:
         """Round-to-nearest: the shipped tensors of weight [out, in]."""

@@ -66,12 +66,12 @@ class MiniFloat:
         """x rounded onto the grid (float32), bit for bit values(encode(x)) (a negative input that rounds to zero
         gives -0.0, as its code -0 decodes), computed on the values without codes or a table lookup: the magnitude
         rounded to a multiple of its exponent's quantum 2**(E - man_bits), ties to even."""
-        magnitude = x.abs().float().clamp(max=self.max)
-        exponent = ((magnitude.view(torch.int32) >> 23) - 127).clamp(min=1 - self.bias)
-        inverse_quantum = ((127 + self.man_bits - exponent) << 23).view(torch.float32)
-        quantum = ((127 - self.man_bits + exponent) << 23).view(torch.float32)
-        rounded = torch.round(magnitude * inverse_quantum) * quantum
-        return torch.where(x < 0, -rounded, rounded)
+        magnitude = x.abs().float().clamp_(max=self.max)  # in place from here on: every large
+        exponent = (magnitude.view(torch.int32) >> 23).sub_(127).clamp_(min=1 - self.bias)  # CPU allocation costs
+        inverse_quantum = exponent.neg().add_(127 + self.man_bits).bitwise_left_shift_(23)  # a page-faulting pass
+        quantum = exponent.add_(127 - self.man_bits).bitwise_left_shift_(23)
+        rounded = magnitude.mul_(inverse_quantum.view(torch.float32)).round_().mul_(quantum.view(torch.float32))
+        return rounded.copysign_(x + 0.0)  # x + 0.0 turns an input of -0.0 into +0.0, as its code +0 decodes
 
 
 @lru_cache(maxsize=None)

@@ -106,14 +106,12 @@ class MXGrid(Grid):
         values = codes if self.fmt.element is None else self.fmt.element.values(codes)
         return values.to(dtype) * e8m0_scale(scale, dtype)
 
-    def round(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """dequantize(quantize(weight, expand(scales))) bit for bit, on values and broadcast group scales (no codes,
-        no per-element scale tensor): the path activations take on every forward."""
-        step = e8m0_scale(scales, weight.dtype).unsqueeze(-1)
-        scaled = weight.unflatten(-1, (scales.shape[-1], GROUP)) / step
+    def round_values(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        step = e8m0_scale(scale, weight.dtype)
+        scaled = weight / step
         element = self.fmt.element
         values = round_to_e4m3(scaled + 0.0) if element is None else element.round(scaled)
-        return (values.to(weight.dtype) * step).flatten(-2)
+        return values.to(weight.dtype).mul_(step)
 
     def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
         element = self.fmt.element

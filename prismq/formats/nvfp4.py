@@ -58,12 +58,12 @@ class NVFP4Grid(Grid):
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (E2M1.values(codes) * (scale.to(torch.float32) / self.gs.to(codes.device))).to(dtype)
 
+    def round_values(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return _round_on_steps(weight, scale.to(torch.float32) / self.gs.to(weight.device))
+
     def round(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """dequantize(quantize(weight, expand(scales))) bit for bit, on values and broadcast group scales (no codes,
-        no per-element scale tensor): the path activations take on every forward."""
-        step = (scales.to(torch.float32) / self.gs.to(weight.device)).unsqueeze(-1)
-        groups = weight.unflatten(-1, (scales.shape[-1], GROUP))
-        return (E2M1.round(groups / step) * step).to(weight.dtype).flatten(-2)
+        step = scales.to(torch.float32) / self.gs.to(weight.device)  # a batch's gs [B, 1, 1] aligns with [B, out, k]
+        return _round_on_steps(weight.unflatten(-1, (scales.shape[-1], GROUP)), step.unsqueeze(-1)).flatten(-2)
 
     def pack(self, codes: torch.Tensor, scales: torch.Tensor) -> Tensors:
         return {"weight_packed": pack_nibbles(codes), "weight_scale": scales.to(torch.float8_e4m3fn),
@@ -74,6 +74,12 @@ class NVFP4Grid(Grid):
         steps = torch.tensor(SWEEP_STEPS, dtype=torch.int16, device=scales.device).reshape(-1, *[1] * scales.ndim)
         shifted = (code + steps).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
         return shifted.view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _round_on_steps(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """weight rounded to E2M1 multiples of `step` (scale / gs, fp32, broadcast), in weight's dtype: quantize then
+    dequantize bit for bit (division and product in fp32, as there)."""
+    return E2M1.round(weight / step).mul_(step).to(weight.dtype)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,11 +3,37 @@ fake-quantized by the format where the runtime quantizes activations."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from prismq.formats import Tensors, get_format
+from prismq.formats import Format, Tensors, get_format
+from prismq.model.siblings import sibling_groups
+
+
+class _SharedInput:
+    """The quantized input of one fused sibling group (q/k/v, gate/up), computed once per forward: the siblings read
+    the same input tensor under the same input scale, so the second and third quantizations would be repeats. Holds
+    the tensors only until every sibling has read them."""
+
+    def __init__(self, fmt: Format, input_global_scale: torch.Tensor | None, readers: int) -> None:
+        self.fmt, self.input_global_scale, self.readers = fmt, input_global_scale, readers
+        self.source: torch.Tensor | None = None
+        self.quantized: torch.Tensor | None = None
+        self.left = 0
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if self.source is not x or self.quantized is None:  # a new forward (or a sibling was skipped last time)
+            self.source, self.quantized = x, self.fmt.qdq_activation(x, self.input_global_scale)
+            self.left = self.readers
+        quantized = self.quantized
+        self.left -= 1
+        if self.left <= 0:
+            self.source = self.quantized = None
+        return (quantized, *args[1:])
 
 
 def apply_fake_quant(model: nn.Module, assignment: dict[str, str], encoded: dict[str, Tensors],
@@ -20,19 +46,21 @@ def apply_fake_quant(model: nn.Module, assignment: dict[str, str], encoded: dict
     hook handles (remove them to stop quantizing activations; the weights stay replaced)."""
     modules = dict(model.named_modules())
     handles = []
-    for name, format_name in assignment.items():
-        fmt, module = get_format(format_name), modules[name]
-        if fmt.scheme() is None:
-            continue
-        tensors = encoded[name]
-        with torch.no_grad():
-            module.weight.copy_(fmt.decode(tensors, weight_dtype or module.weight.dtype))
-        if fmt.quantizes_activations:
-            igs = tensors.get("input_global_scale")
-
-            def quantize_input(_module: nn.Module, args: tuple, fmt=fmt, igs=igs) -> tuple:
-                return (fmt.qdq_activation(args[0], igs), *args[1:])
-
-            handles.append(module.register_forward_pre_hook(quantize_input))
+    for group in sibling_groups(assignment):
+        hooks: dict[str, tuple[Format, torch.Tensor | None, tuple[str, bytes]]] = {}
+        for name in group:
+            fmt, module = get_format(assignment[name]), modules[name]
+            if fmt.scheme() is None:
+                continue
+            tensors = encoded[name]
+            with torch.no_grad():
+                module.weight.copy_(fmt.decode(tensors, weight_dtype or module.weight.dtype))
+            if fmt.quantizes_activations:
+                igs = tensors.get("input_global_scale")
+                hooks[name] = (fmt, igs, (fmt.name, b"" if igs is None else igs.detach().cpu().numpy().tobytes()))
+        shared: dict[tuple[str, bytes], _SharedInput] = {}  # siblings with one format and input scale share
+        for name, (fmt, igs, key) in hooks.items():
+            if key not in shared:
+                shared[key] = _SharedInput(fmt, igs, readers=sum(1 for *_, k in hooks.values() if k == key))
+            handles.append(modules[name].register_forward_pre_hook(shared[key]))
     return handles
-

@@ -102,10 +102,11 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
     else:  # overwritten group by group as each is first reached
         scales = grid.fit(weight).clone()
     group_of = ((order if order is not None else torch.arange(columns)) // g).tolist()  # plain ints: views, no sync
-    codes = None
+    rounded_inputs = torch.empty((rows, columns), dtype=dtype, device=weight.device)  # what each column rounded
     for start in range(0, columns, settings.block_size):
         end = min(start + settings.block_size, columns)
         block, block_upper = work[:, start:end].clone(), upper[start:end, start:end]
+        diagonal = block_upper.diagonal().tolist()
         errors = torch.zeros_like(block)
         for i in range(end - start):
             column = start + i
@@ -113,19 +114,16 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
                 local = slice(i, i + g)
                 scales[:, column // g] = _fit(grid, block[:, local].to(dtype), importance[column:column + g],
                                               settings.sweep).squeeze(-1)
-            scale = scales[:, group_of[column]].unsqueeze(1)
-            current = block[:, i:i + 1].to(dtype)
-            code = grid.quantize(current, scale)
-            if codes is None:
-                codes = torch.empty((rows, columns), dtype=code.dtype, device=weight.device)
-            codes[:, column:column + 1] = code
-            quantized = grid.dequantize(code, scale, dtype).to(work.dtype)
-            errors[:, i:i + 1] = (block[:, i:i + 1] - quantized) / block_upper[i, i]
-            block[:, i:] -= errors[:, i:i + 1] @ block_upper[i:i + 1, i:]
-        work[:, end:] -= errors @ upper[start:end, end:]
-    assert codes is not None
+            current = rounded_inputs[:, column:column + 1]
+            current.copy_(block[:, i:i + 1])  # cast to the weight dtype: the codec rounds what ships
+            quantized = grid.round_values(current, scales[:, group_of[column]].unsqueeze(1))
+            error = errors[:, i:i + 1]
+            torch.sub(block[:, i:i + 1], quantized, out=error).div_(diagonal[i])
+            block[:, i:].addmm_(error, block_upper[i:i + 1, i:], alpha=-1)
+        work[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1)
     if order is not None:
-        codes = codes[:, torch.argsort(order)]
+        rounded_inputs = rounded_inputs[:, torch.argsort(order)]
+    codes = grid.quantize(rounded_inputs, grid.expand(scales))  # elementwise: the codes each column's rounding chose
     return codes, scales
 
 
@@ -140,16 +138,31 @@ def gptq(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQ
     """Round weight [out, in] (model dtype) on `grid` with GPTQ under H = X^T X [in, in]; falls back to
     round-to-nearest, with a warning, when no damping makes H positive definite. The updates are computed in fp32,
     or in fp64 when H is given in fp64."""
+    return gptq_siblings(grid, {name: weight}, hessian, settings)[name]
+
+
+def gptq_siblings(grid: Grid, weights: dict[str, torch.Tensor], hessian: torch.Tensor,
+                  settings: GPTQSettings = GPTQSettings()) -> dict[str, Rounded]:
+    """GPTQ of fused siblings (q/k/v, gate/up) in one pass: they share their input, hence H, and their grid (one
+    joint amax), and GPTQ treats rows independently, so their stacked rows are rounded together (one column loop
+    instead of one per sibling). Each sibling still gets its own choice between round-to-nearest and the damping
+    values, on its own output error. A single weight is a group of one."""
+    names = list(weights)
+    weight = torch.cat(list(weights.values())) if len(weights) > 1 else weights[names[0]]
+    label = "/".join(names)
     if hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"{name}: Hessian {tuple(hessian.shape)} does not match the weight {tuple(weight.shape)}")
+        raise ValueError(f"{label}: Hessian {tuple(hessian.shape)} does not match the weight {tuple(weight.shape)}")
+    rows = [w.shape[0] for w in weights.values()]
     hessian = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
     if not bool(torch.isfinite(hessian).all()):
-        warnings.warn(f"{name}: the calibration Hessian has non-finite entries; rounding to nearest instead of GPTQ",
+        warnings.warn(f"{label}: the calibration Hessian has non-finite entries; rounding to nearest instead of GPTQ",
                       stacklevel=2)
-        return round_to_nearest(grid, weight)
+        return {n: round_to_nearest(grid, w) for n, w in weights.items()}
     dead = hessian.diagonal() == 0  # inputs that were always zero: any value works, keep the problem regular
     hessian[dead, dead] = 1.0
-    best = round_to_nearest(grid, weight, hessian)
+    rtn = round_to_nearest(grid, weight)
+    rtn_errors = _member_errors(weight, rtn.weight, hessian, rows)
+    best = [("rtn", rtn.codes, rtn.scales, rtn.weight, error) for error in rtn_errors]
     order = torch.argsort(hessian.diagonal(), descending=True) if settings.act_order else None
     permuted = hessian if order is None else hessian[order][:, order]
     tried = 0
@@ -163,10 +176,20 @@ def gptq(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQ
         tried += 1
         codes, scales = _gptq_pass(grid, weight, upper, order, settings)
         decoded = grid.dequantize(codes, grid.expand(scales), weight.dtype)
-        error = output_error(weight, decoded, hessian)
-        if error < best.error or not math.isfinite(best.error):
-            best = Rounded(codes, scales, decoded, error, f"gptq(damp={damping:g})", best.rtn_error)
+        for member, error in enumerate(_member_errors(weight, decoded, hessian, rows)):
+            if error < best[member][4] or not math.isfinite(best[member][4]):
+                best[member] = (f"gptq(damp={damping:g})", codes, scales, decoded, error)
     if not tried:
-        warnings.warn(f"{name}: the calibration Hessian stays singular at damping {MAX_DAMPING:g}; "
+        warnings.warn(f"{label}: the calibration Hessian stays singular at damping {MAX_DAMPING:g}; "
                       "rounding to nearest instead of GPTQ", stacklevel=2)
-    return best
+    bounds = [sum(rows[:k]) for k in range(len(rows) + 1)]
+    return {name: Rounded(*(t[bounds[k]:bounds[k + 1]] for t in (codes, scales, decoded)), error, method,
+                          rtn_errors[k])
+            for k, (name, (method, codes, scales, decoded, error)) in enumerate(zip(names, best))}
+
+
+def _member_errors(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor, rows: list[int]) -> list[float]:
+    """output_error of each sibling's block of rows of a stacked weight."""
+    delta = weight.to(hessian.dtype) - rounded.to(hessian.dtype)
+    per_row = ((delta @ hessian) * delta).sum(dim=1)
+    return [float(part.sum()) for part in per_row.split(rows)]

@@ -21,8 +21,7 @@ def sweep_scales(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, sca
     candidates = grid.candidates(scales)  # [C, out, k]
     if len(candidates) == 1:
         return scales
-    per_element = grid.expand(candidates)
-    rounded = grid.dequantize(grid.quantize(weight.unsqueeze(0), per_element), per_element, weight.dtype)
+    rounded = grid.round(weight.unsqueeze(0), candidates)
     error = (weight.float() - rounded.float()).square() * importance.float()
     group_error = error.unflatten(-1, (scales.shape[-1], -1)).sum(-1)  # [C, out, k]
     best = group_error.argmin(dim=0, keepdim=True)  # the first minimum: candidate 0 wins ties

@@ -3,8 +3,8 @@ inputs produced by the already-rounded layers before it.
 
 The calibration blocks are run up to the first decoder layer once and its inputs kept. Then for each layer: hooks
 accumulate H = X^T X (fp32, over every calibration token) for the input each fused sibling group shares; each group
-is encoded by GPTQ (optionally with the scale sweep) through the codecs' `encode`, so the tensors are exactly the
-shipped ones; the layer's weights are replaced by their decoded values and its inputs quantized as the runtime
+is encoded by GPTQ (optionally with the scale sweep; the siblings' rows stacked into one pass) through the codecs'
+`encode`, so the tensors are exactly the shipped ones; the layer's weights are replaced by their decoded values and its inputs quantized as the runtime
 does (NVFP4/MXFP4/FP8 activations); finally the layer is run again to produce the next layer's inputs. Only one
 layer's Hessians exist at a time. Linears outside the decoder layers (rare: lm_head is kept BF16) are rounded to
 nearest, with a warning.
@@ -26,7 +26,7 @@ from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
-from prismq.rounding.gptq import GPTQSettings, gptq
+from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
@@ -122,6 +122,22 @@ def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear], inputs: list
     return hessians
 
 
+class _SiblingGPTQ:
+    """The codec's rounding callback for one fused group: on the first call, GPTQ of every sibling at once (they
+    share H and the grid, see gptq_siblings); each call returns that sibling's shipped tensors."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], hessian: torch.Tensor, settings: GPTQSettings) -> None:
+        self.weights, self.hessian, self.settings = weights, hessian, settings
+        self.rounded: dict[str, Rounded] = {}
+
+    def __call__(self, grid: Grid, weight: torch.Tensor, name: str) -> Tensors:
+        if weight is not self.weights[name]:
+            raise PrismqError(f"{name}: the codec handed GPTQ a weight other than the one stacked with its siblings")
+        if not self.rounded:
+            self.rounded = gptq_siblings(grid, self.weights, self.hessian, self.settings)
+        return self.rounded[name].pack(grid)
+
+
 @dataclass
 class RoundedModel:
     """The exact tensors to ship per Linear, and for each GPTQ-rounded Linear (method used, output error, output
@@ -173,17 +189,11 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
         groups = by_layer.get(index, [])
         hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in groups}, inputs) if groups else {}
         for group in groups:
-            hessian = hessians.pop(group[0])
             format_name = assignment[group[0]]
-
-
-            def rounding(grid: Grid, weight: torch.Tensor, name: str, hessian: torch.Tensor = hessian) -> Tensors:
-                rounded = gptq(grid, weight, hessian, settings, name=name)
-                result.details[name] = (rounded.method, rounded.error, rounded.rtn_error)
-                return rounded.pack(grid)
-
             weights = {n: stored_weight(modules[n], weight_dtype) for n in group}
+            rounding = _SiblingGPTQ(weights, hessians.pop(group[0]), settings)
             tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
+            result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
             apply_fake_quant(model, {n: format_name for n in group}, tensors, weight_dtype)
             encoded.update(tensors)
         inputs = run_layer(layer, inputs)
