@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from measure_bench import blocks_for  # noqa: E402
 
-from prismq.export.writer import SourceTensors  # noqa: E402
+from prismq.model.checkpoint import SourceTensors  # noqa: E402
 from prismq.measure.cost import measure_costs  # noqa: E402
 from prismq.measure.fisher import probe  # noqa: E402
 from prismq.measure.kl import evaluate_kl  # noqa: E402

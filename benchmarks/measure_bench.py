@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from probe_bench import device_name, peak_rss_mib, reset_peak_rss, synchronize  # noqa: E402
 
 from prismq.data import calibration_and_heldout, consecutive_blocks  # noqa: E402
-from prismq.export.writer import SourceTensors  # noqa: E402
+from prismq.model.checkpoint import SourceTensors  # noqa: E402
 from prismq.formats import format_names  # noqa: E402
 from prismq.measure.cost import measure_costs  # noqa: E402
 from prismq.measure.evaluate import fake_quantized  # noqa: E402

@@ -23,7 +23,8 @@ import numpy as np
 from prismq.allocate.budget import Problem, budget_bytes, build_problem
 from prismq.config import QuantizeConfig
 from prismq.errors import PrismqError
-from prismq.export.writer import ExportResult, SourceTensors, write_checkpoint
+from prismq.export.writer import ExportResult, write_checkpoint
+from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
 from prismq.model.linears import LM_HEAD, linear_shapes, model_dtype, quantizable
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
@@ -118,29 +119,19 @@ def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
     return best if uniform_kl[best] < mixed_kl else None
 
 
-def _input_ranges(reference: Any, calibration: Any, assignments: list[dict[str, str]]) -> dict:
+def _input_ranges(stream: Any, calibration: Any, assignments: list[dict[str, str]]) -> dict:
     """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format."""
-    from prismq.rounding.clip import calibrated_input_amax
+    from prismq.rounding.clip import streamed_input_amax
 
     needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
-    return calibrated_input_amax(reference, calibration, needing)
+    return streamed_input_amax(stream, calibration, needing)
 
 
-def _round(model_dir: Path, device: str, assignment: dict[str, str], methods: list[str], calibration: Any,
-           input_amax: dict, config: QuantizeConfig, dtype: Any) -> list[tuple[Any, Any]]:
-    """A fresh model (computing in `dtype`) fake-quantized per rounding method, with its exact tensors to ship:
-    [(model, RoundedModel)]."""
-    from prismq.model.source import load_model
+def _settings(config: QuantizeConfig) -> Any:
+    """The GPTQ settings of the configuration."""
     from prismq.rounding.gptq import GPTQSettings
-    from prismq.rounding.sequential import round_model
 
-    settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
-    built = []
-    for method in methods:
-        model = load_model(model_dir, dtype, device)
-        built.append((model, round_model(model, assignment, method, calibration, input_amax, settings,
-                                         weight_dtype=model_dtype(model_dir))))
-    return built
+    return GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
 
 
 def _rounding_summary(methods: list[str], chosen: str, kls: dict[str, float], rounded: Any) -> dict[str, Any]:
@@ -191,42 +182,43 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 
+    from prismq.engine.stream import LayerStream
     from prismq.measure.evaluate import load_quantized
-    from prismq.measure.kl import evaluate_candidates
-    from prismq.model.source import load_model
+    from prismq.measure.kl import evaluate_models_against
+    from prismq.rounding.lanes import round_lanes
     from prismq.rounding.sequential import METHODS
 
     device, heldout = config.device, heldout_blocks(work)
     calibration = calibration_blocks(work)[:config.rounding_blocks]
     baselines = _uniform_baselines(problem, frontier[2], config) if frontier is not None else {}
-    reference = load_model(model_dir, dtype, device)
-    with _timed(timings, "input ranges"):
-        input_amax = _input_ranges(reference, calibration, [assignment, *(a for a, _ in baselines.values())])
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    reference_cache: dict = {}  # the reference's final hidden states per held-out block, shared by both KL passes
-    with _timed(timings, "rounding"):
-        built = _round(model_dir, device, assignment, methods, calibration, input_amax, config, dtype)
-    with _timed(timings, "eval (rounding methods)"):
-        kls = {m: r.mean_kl for m, r in zip(methods, evaluate_candidates(
-            reference, [b[0] for b in built], heldout, reference_cache=reference_cache))} if len(methods) > 1 else {}
-    chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
-    rounded = built[methods.index(chosen)][1]
-    rounding = _rounding_summary(methods, chosen, kls, rounded)
-    del built
-    if len(methods) > 1:
-        print(f"prismq: rounding {chosen} measured best ("
-              + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
-    with _timed(timings, "export"):
-        result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
-                                  max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
-    with _timed(timings, "rounding"):
-        baseline_built = {name: _round(model_dir, device, a, [chosen], calibration, input_amax, config, dtype)[0]
-                          for name, (a, _) in baselines.items()}
-    with _timed(timings, "eval (export and baselines)"):
-        candidates = [load_quantized(str(out), model_dir, device, dtype=dtype),
-                      *(m for m, _ in baseline_built.values())]
-        results = [r.to_json() for r in evaluate_candidates(reference, candidates, heldout,
-                                                            reference_cache=reference_cache)]
+    with LayerStream(model_dir, dtype, device) as stream:
+        with _timed(timings, "input ranges"):
+            input_amax = _input_ranges(stream, calibration, [assignment, *(a for a, _ in baselines.values())])
+        with _timed(timings, "rounding + held-out eval"):
+            walk = round_lanes(stream, [(assignment, m) for m in methods], calibration, heldout, input_amax,
+                               _settings(config))
+        kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)} if len(methods) > 1 else {}
+        chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
+        rounded = walk.rounded[methods.index(chosen)]
+        rounding = _rounding_summary(methods, chosen, kls, rounded)
+        if len(methods) > 1:
+            print(f"prismq: rounding {chosen} measured best ("
+                  + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
+        with _timed(timings, "export"):
+            result = write_checkpoint(model_dir, assignment, out, encoded=rounded.encoded, input_amax=input_amax,
+                                      max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
+        baseline_walk = None
+        if baselines:
+            with _timed(timings, "rounding + held-out eval"):
+                baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration,
+                                            heldout, input_amax, _settings(config),
+                                            reference_hidden=walk.reference_hidden)
+        with _timed(timings, "eval (export)"):
+            exported = load_quantized(str(out), model_dir, device, dtype=dtype)
+            (exported_kl,) = evaluate_models_against(stream.head, heldout, walk.reference_hidden, [exported])
+            del exported
+    results = [exported_kl.to_json(), *([r.to_json() for r in baseline_walk.kl] if baseline_walk else [])]
     evaluation, baseline_evals = results[0], dict(zip(baselines, results[1:]))
     comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param, {chosen}): mean KL {b['mean_kl']:.5f}; "
                   f"the allocated mix's mean KL is {evaluation['mean_kl'] / max(b['mean_kl'], 1e-12) - 1:+.1%} "
@@ -239,7 +231,9 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                           "never ships a mix worse than a uniform format that fits the same budget")
         assignment, evaluation = baselines[fallback][0], baseline_evals[fallback]
         with _timed(timings, "export"):
-            result = write_checkpoint(model_dir, assignment, out, encoded=baseline_built[fallback][1].encoded,
+            assert baseline_walk is not None
+            fallback_rounded = baseline_walk.rounded[list(baselines).index(fallback)]
+            result = write_checkpoint(model_dir, assignment, out, encoded=fallback_rounded.encoded,
                                       input_amax=input_amax, max_shard_bytes=config.max_shard_bytes, overwrite=True)
     per_format: dict[str, dict[str, int]] = {}
     by_row = {(r.linear, r.format): r for r in rows}

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from prismq.artifacts import fingerprint_model, read_json, write_tensors
 from prismq.errors import PrismqError
-from prismq.export.writer import SourceTensors, write_checkpoint
+from prismq.export.writer import write_checkpoint
+from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
 from prismq.measure.cost import LinearStats, format_cost, run_cost
 from prismq.model.linears import linear_shapes, quantizable

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from prismq.errors import PrismqError
-from prismq.export.writer import SourceTensors, check_assignment
+from prismq.export.writer import check_assignment
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
 from prismq.model.siblings import sibling_groups
 from prismq.model.units import Unit, decision_units, legal_formats, model_units

@@ -8,7 +8,6 @@ target and renamed into place only when complete: an interrupted export leaves n
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from prismq.errors import PrismqError
@@ -25,16 +23,12 @@ from prismq.export.encode import encode_group
 from prismq.export.qconfig import quantization_config
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.linears import LM_HEAD
 from prismq.model.siblings import sibling_groups
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
-
-
 @dataclass(frozen=True)
 class ExportResult:
     """What was written: where, how many bytes of tensors, and the bytes of the quantized Linears alone."""
@@ -48,37 +42,6 @@ class ExportResult:
     def linear_bits_per_param(self) -> float:
         """8 * bytes / weights over the assigned Linears (every scale counted)."""
         return 8 * self.linear_bytes / max(self.linear_params, 1)
-
-
-class SourceTensors:
-    """Lazy access to every tensor of a safetensors checkpoint (single file or sharded with an index)."""
-
-    def __init__(self, model_dir: Path, stack: ExitStack) -> None:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise PrismqError(f"{model_dir}: no .safetensors files (prismq reads safetensors checkpoints only)")
-        self.handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
-        self.location = {key: handle for handle in self.handles for key in handle.keys()}
-
-    def names(self) -> list[str]:
-        """All tensor names, in file order."""
-        return [key for handle in self.handles for key in handle.keys()]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape without reading the data."""
-        return tuple(self.location[name].get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> torch.dtype:
-        """Dtype without reading the data."""
-        return _SAFETENSORS_DTYPES[self.location[name].get_slice(name).get_dtype()]
-
-    def nbytes(self, name: str) -> int:
-        """Bytes of one tensor's data, without reading it."""
-        return math.prod(self.shape(name)) * self.dtype(name).itemsize
-
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor."""
-        return self.location[name].get_tensor(name)
 
 
 def check_assignment(assignment: dict[str, str], source: SourceTensors) -> list[list[str]]:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_json
 from prismq.errors import PrismqError
-from prismq.export.writer import SourceTensors
+from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
 from prismq.formats.nvfp4 import global_scale
 from prismq.model.siblings import sibling_groups

@@ -187,6 +187,52 @@ def evaluate_candidates(reference: nn.Module, candidates: Sequence[nn.Module], b
         raise PrismqError(f"need token blocks of shape [N >= 1, L >= 2], got {tuple(blocks.shape)}")
     ref = LogitSource(reference, "reference", reference_cache)
     sources = [LogitSource(model, f"candidate {i}") for i, model in enumerate(candidates)]
+    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
+
+
+class HiddenStates:
+    """A model's final hidden states, already computed per block (a streamed walk's), behind the interface
+    `compare_block` reads: `hidden(tokens)`, `log_probs(hidden)` through the given output head, `device`."""
+
+    def __init__(self, head: nn.Module, blocks: torch.Tensor, hidden: Sequence[torch.Tensor]) -> None:
+        if len(blocks) != len(hidden):
+            raise PrismqError(f"{len(hidden)} hidden states for {len(blocks)} blocks")
+        self.head, self.device = head, head.weight.device
+        self.by_block = {block.cpu().numpy().tobytes(): h for block, h in zip(blocks, hidden)}
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The stored final hidden states [L, hidden] of block `tokens`."""
+        return self.by_block[tokens.cpu().numpy().tobytes()]
+
+    @torch.no_grad()
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 log-softmax over the full vocabulary of head(hidden): [c, hidden] -> [c, vocab]."""
+        return torch.log_softmax(self.head(hidden).float(), dim=-1)
+
+
+def evaluate_hidden(head: nn.Module, blocks: torch.Tensor, reference: Sequence[torch.Tensor],
+                    candidates: Sequence[Sequence[torch.Tensor]], chunk_size: int = DEFAULT_CHUNK,
+                    progress: bool = True) -> list[KLResult]:
+    """KL statistics of each candidate against the reference from final hidden states computed elsewhere (one
+    [L, hidden] tensor per block of `blocks`, per model), through the shared output `head`."""
+    ref = HiddenStates(head, blocks, reference)
+    sources = [HiddenStates(head, blocks, hidden) for hidden in candidates]
+    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
+
+
+def evaluate_models_against(head: nn.Module, blocks: torch.Tensor, reference: Sequence[torch.Tensor],
+                            candidates: Sequence[nn.Module], chunk_size: int = DEFAULT_CHUNK,
+                            progress: bool = True) -> list[KLResult]:
+    """KL statistics of in-memory candidate models against a reference given as final hidden states per block
+    (from a streamed walk) and its output `head`."""
+    ref = HiddenStates(head, blocks, reference)
+    sources = [LogitSource(model, f"candidate {i}") for i, model in enumerate(candidates)]
+    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
+
+
+def _evaluate_sources(ref: Any, sources: Sequence[Any], blocks: torch.Tensor, chunk_size: int,
+                      progress: bool) -> list[KLResult]:
+    """KL statistics of each source against `ref`, block by block (see compare_block)."""
     ref_nll, per_block = [], []
     for block in tqdm(blocks, desc="KL eval", unit="block", disable=not progress):
         nll, measures = compare_block(ref, sources, block, chunk_size)

@@ -3,6 +3,7 @@ fake-quantized by the format where the runtime quantizes activations."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,15 +37,16 @@ class _SharedInput:
         return (quantized, *args[1:])
 
 
-def apply_fake_quant(model: nn.Module, assignment: dict[str, str], encoded: dict[str, Tensors],
+def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dict[str, str], encoded: dict[str, Tensors],
                      weight_dtype: torch.dtype | None = None) -> list[RemovableHandle]:
-    """Replace each assigned Linear's weight by decode(encoded[name]) and hook its input quantization, in place.
+    """Replace each assigned Linear's weight by decode(encoded[name]) and hook its input quantization, in place;
+    `model` is a model or its modules by name (a streamed layer's).
 
     `encoded` holds the exact tensors the exporter writes (input_global_scale included for NVFP4 W4A4), so the
     model's forward equals the exported checkpoint's. Weights are decoded in `weight_dtype` (the checkpoint's dtype,
     as a loader decodes them; None: the model's own dtype) and then cast to the model's compute dtype. Returns the
     hook handles (remove them to stop quantizing activations; the weights stay replaced)."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else model
     handles = []
     for group in sibling_groups(assignment):
         hooks: dict[str, tuple[Format, torch.Tensor | None, tuple[str, bytes]]] = {}

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.stream import LayerStream, run_layer
+from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.formats.nvfp4 import global_scale
 from prismq.model.siblings import sibling_groups
@@ -47,43 +49,101 @@ def _run(model: nn.Module, blocks: torch.Tensor, hooks: dict[str, object], desc:
             handle.remove()
 
 
+def _maxima_hook(store: list[torch.Tensor]):
+    """A pre-hook appending each token's max |x| of the module's input to `store`."""
+    def hook(_module: nn.Module, args: tuple) -> None:
+        store.append(args[0].detach().abs().amax(dim=-1).flatten().float().cpu())
+    return hook
+
+
+def _candidates(maxima: list[torch.Tensor]) -> torch.Tensor:
+    """Clip candidates from per-token maxima: the absolute maximum first, then the CLIP_QUANTILES quantiles."""
+    values = torch.cat(maxima)
+    quantiles = torch.quantile(values, torch.tensor(CLIP_QUANTILES)) if values.numel() > 1 else values[:0]
+    return torch.cat([values.max().reshape(1), quantiles]).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _score_hook(candidates: torch.Tensor, fmt_name: str, errors: torch.Tensor):
+    """A pre-hook adding, per candidate, the squared error of quantizing the module's input as the runtime would."""
+    fmt = get_format(fmt_name)
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        gs = global_scale(candidates.to(x.dtype)).to(x.device).reshape(-1, 1, 1)
+        quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
+        errors.add_((quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu())
+    return hook
+
+
+def _scored(blocks: int) -> list[int]:
+    """Indices of the (at most SCORE_BLOCKS, evenly spaced) blocks the candidates are scored on."""
+    return torch.linspace(0, blocks - 1, min(SCORE_BLOCKS, blocks)).round().long().unique().tolist()
+
+
+def _choose(groups: list[list[str]], candidates: dict[str, torch.Tensor],
+            errors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each group's lowest-error candidate (the first minimum: the absolute maximum wins ties), for every member."""
+    chosen = {}
+    for group in groups:
+        best = int(torch.argmin(errors[group[0]]))
+        chosen.update({name: candidates[group[0]][best].clone() for name in group})
+    return chosen
+
+
 @torch.no_grad()
 def calibrated_input_amax(model: nn.Module, blocks: torch.Tensor, assignment: dict[str, str],
                           progress: bool = True) -> dict[str, torch.Tensor]:
     """The input range c (fp32 scalar, on the CPU) each Linear of `assignment` whose format ships a static input
-    scale should be encoded with, chosen as the module docstring says; run on the unquantized model."""
+    scale should be encoded with, chosen as the module docstring says; run on the unquantized in-memory model."""
     groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
     if not groups:
         return {}
     token_max: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
-
-    def record(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            token_max[name].append(args[0].detach().abs().amax(dim=-1).flatten().float().cpu())
-        return hook
-
-    _run(model, blocks, {name: record(name) for name in token_max}, "calibrate input ranges", progress)
-    candidates: dict[str, torch.Tensor] = {}
-    for name, maxima in token_max.items():
-        values = torch.cat(maxima)
-        quantiles = torch.quantile(values, torch.tensor(CLIP_QUANTILES)) if values.numel() > 1 else values[:0]
-        candidates[name] = torch.cat([values.max().reshape(1), quantiles]).clamp(min=torch.finfo(torch.float32).tiny)
+    _run(model, blocks, {name: _maxima_hook(store) for name, store in token_max.items()}, "calibrate input ranges",
+         progress)
+    candidates = {name: _candidates(maxima) for name, maxima in token_max.items()}
     errors = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
+    hooks = {g[0]: _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]]) for g in groups}
+    _run(model, blocks[_scored(len(blocks))], hooks, "choose input clipping", progress)
+    return _choose(groups, candidates, errors)
 
-    def score(name: str, fmt_name: str):
-        fmt = get_format(fmt_name)
 
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            gs = global_scale(candidates[name].to(x.dtype)).to(x.device).reshape(-1, 1, 1)
-            quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
-            errors[name] += (quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu()
-        return hook
-
-    scored = blocks[torch.linspace(0, len(blocks) - 1, min(SCORE_BLOCKS, len(blocks))).round().long().unique()]
-    _run(model, scored, {g[0]: score(g[0], assignment[g[0]]) for g in groups}, "choose input clipping", progress)
-    chosen = {}
-    for group in groups:
-        best = int(torch.argmin(errors[group[0]]))  # the first minimum: the absolute maximum wins ties
-        chosen.update({name: candidates[group[0]][best].clone() for name in group})
-    return chosen
+@torch.no_grad()
+def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: dict[str, str],
+                        progress: bool = True) -> dict[str, torch.Tensor]:
+    """`calibrated_input_amax` on a streamed model, equal to it: each layer read once, its inputs' per-token maxima
+    recorded over every block, then its candidates scored on the scored blocks' inputs of the same layer."""
+    groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
+    if not groups:
+        return {}
+    scored = _scored(len(blocks))
+    inputs = stream.first_inputs(blocks, 1)
+    candidates: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
+    for index in tqdm(range(len(stream)), desc="calibrate input ranges", unit="layer", disable=not progress):
+        with stream.layer(index) as layer:
+            modules = stream.layer_names(index, layer)
+            here = [g for g in groups if g[0] in modules]
+            token_max: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
+            handles = [modules[name].register_forward_pre_hook(_maxima_hook(store))
+                       for name, store in token_max.items()]
+            try:
+                outputs = run_layer(layer, inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, maxima in token_max.items():
+                candidates[name] = _candidates(maxima)
+                errors[name] = torch.zeros(len(candidates[name]), dtype=torch.float64)
+            handles = [modules[g[0]].register_forward_pre_hook(
+                _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]])) for g in here]
+            try:
+                run_layer(layer, [inputs[i] for i in scored])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            inputs = outputs
+    outside = [g[0] for g in groups if g[0] not in candidates]
+    if outside:
+        raise PrismqError(f"{outside[0]} lies outside the decoder layers; its format cannot take a static input scale")
+    return _choose(groups, candidates, errors)

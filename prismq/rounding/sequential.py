@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.stream import LayerInput, decoder_layers, first_layer_inputs, run_layer
 from prismq.errors import PrismqError
 from prismq.export.encode import encode_group, encode_model, stored_weight
 from prismq.formats import Tensors, get_format
@@ -30,57 +31,10 @@ from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
-LayerInput = tuple[torch.Tensor, dict[str, Any]]
 
 
 class _Stop(Exception):
     """Raised by a hook once a forward has produced everything it was run for (the rest is skipped)."""
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers: the ModuleList holding the most Linear layers, with its name."""
-    best: tuple[str, nn.ModuleList, int] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            count = sum(isinstance(m, nn.Linear) for m in module.modules())
-            if count and (best is None or count > best[2]):
-                best = (name, module, count)
-    if best is None:
-        raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
-    return best[0], best[1]
-
-
-@torch.no_grad()
-def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor,
-                       batch_size: int) -> list[LayerInput]:
-    """(hidden states, keyword arguments) the first decoder layer receives for each batch of calibration blocks."""
-    device = next(model.parameters()).device
-    captured: list[LayerInput] = []
-
-    def capture(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, dict(kwargs)))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for batch in blocks.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
-    """The layer's outputs for each input, as the next layer's inputs (same keyword arguments)."""
-    outputs = []
-    for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outputs
 
 
 @torch.no_grad()
@@ -152,6 +106,26 @@ class RoundedModel:
 
 
 @torch.no_grad()
+def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]], assignment: dict[str, str],
+                method: Method, inputs: list[LayerInput], input_amax: dict[str, torch.Tensor],
+                settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel) -> None:
+    """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
+    `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes."""
+    settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
+    to_gptq = [g for g in groups if method != "rtn" and get_format(assignment[g[0]]).scheme() is not None]
+    hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in to_gptq}, inputs) if to_gptq else {}
+    for group in groups:
+        format_name = assignment[group[0]]
+        weights = {n: stored_weight(modules[n], weight_dtype) for n in group}
+        rounding = _SiblingGPTQ(weights, hessians.pop(group[0]), settings) if group[0] in hessians else None
+        tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
+        if rounding is not None:
+            result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
+        apply_fake_quant(modules, {n: format_name for n in group}, tensors, weight_dtype)
+        result.encoded.update(tensors)
+
+
+@torch.no_grad()
 def round_model(model: nn.Module, assignment: dict[str, str], method: Method, calibration: torch.Tensor,
                 input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None, batch_size: int = 4,
                 progress: bool = True, weight_dtype: torch.dtype | None = None) -> RoundedModel:
@@ -168,7 +142,6 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
         apply_fake_quant(model, assignment, encoded, weight_dtype)
         return RoundedModel(encoded)
     settings = settings or GPTQSettings()
-    settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
     modules = dict(model.named_modules())
     prefix, layers = decoder_layers(model)
     by_layer: dict[int, list[list[str]]] = {}
@@ -180,27 +153,20 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
         else:
             outside.update({name: assignment[name] for name in group})
     result = RoundedModel({})
-    encoded = result.encoded
     if outside:
         warnings.warn(f"{len(outside)} Linear(s) outside the decoder layers (e.g. {next(iter(outside))}) are rounded "
                       "to nearest, not by GPTQ", stacklevel=2)
     inputs = first_layer_inputs(model, layers, calibration, batch_size)
     for index, layer in enumerate(tqdm(layers, desc=f"round ({method})", unit="layer", disable=not progress)):
-        groups = by_layer.get(index, [])
-        hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in groups}, inputs) if groups else {}
-        for group in groups:
-            format_name = assignment[group[0]]
-            weights = {n: stored_weight(modules[n], weight_dtype) for n in group}
-            rounding = _SiblingGPTQ(weights, hessians.pop(group[0]), settings)
-            tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
-            result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
-            apply_fake_quant(model, {n: format_name for n in group}, tensors, weight_dtype)
-            encoded.update(tensors)
+        if by_layer.get(index):
+            round_layer(layer, modules, by_layer[index], assignment, method, inputs, input_amax, settings,
+                        weight_dtype, result)
         inputs = run_layer(layer, inputs)
     if outside:
         rest = encode_model(model, outside, input_amax, weight_dtype)
         apply_fake_quant(model, outside, rest, weight_dtype)
-        encoded.update(rest)
+        result.encoded.update(rest)
+    encoded = result.encoded
     passthrough = {n: f for n, f in assignment.items() if n not in encoded}
     encoded.update(encode_model(model, passthrough, input_amax, weight_dtype))
     return result

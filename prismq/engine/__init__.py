@@ -1,0 +1,1 @@
+"""The layer-streaming engine: models run one decoder layer at a time from disk."""

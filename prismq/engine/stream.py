@@ -1,0 +1,212 @@
+"""A causal LM whose decoder layers stay on disk: the layer-streaming engine every model-running stage uses.
+
+The architecture is built on the meta device (no memory). What lies outside the decoder layers (embeddings, rotary
+tables, final norm, output head) is materialized from the checkpoint once; each decoder layer is materialized from
+the safetensors files only while a stage works on it, in the compute dtype, and dropped afterwards. A stage keeps
+hidden states (one list per "lane": the reference, a rounding method, a candidate assignment), never a model copy,
+so peak memory is about one or two layers plus those activations whatever the model's depth.
+
+The decoder layers' inputs are captured from the model's own forward, stopped at the first layer: the embeddings,
+the position embeddings and the attention mask are exactly what the in-memory model computes; the layers are then
+called one by one with those keyword arguments, as the model's own loop calls them, and the final norm and the head
+are the model's own modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prismq.errors import PrismqError
+from prismq.model.checkpoint import SourceTensors
+from prismq.model.linears import model_dtype
+from prismq.model.source import resolve_device
+
+LayerInput = tuple[torch.Tensor, dict[str, Any]]
+
+
+class _Stop(Exception):
+    """Raised by the first layer's pre-hook: the model's forward has produced the layer inputs we wanted."""
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers: the ModuleList holding the most Linear layers, with its name."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            count = sum(isinstance(m, nn.Linear) for m in module.modules())
+            if count and (best is None or count > best[2]):
+                best = (name, module, count)
+    if best is None:
+        raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
+    return best[0], best[1]
+
+
+class LayerStream:
+    """One checkpoint opened for streaming: `first_inputs`, then `layer(i)` for i in order, then `final_hidden`
+    and `head`. Close it (or use it as a context manager) to release the checkpoint files."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        self.device = resolve_device(device)
+        self.weight_dtype = model_dtype(self.model_dir)
+        self.dtype = dtype or self.weight_dtype
+        self._files = ExitStack()
+        self.source = SourceTensors(self.model_dir, self._files)
+        try:
+            config = AutoConfig.from_pretrained(self.model_dir)
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        except (ValueError, KeyError, OSError) as exc:
+            self.close()
+            raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
+        self.prefix, self.layers = decoder_layers(self.model)
+        self._materialize_outside_layers()
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the checkpoint files."""
+        self._files.close()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # --- materialization -------------------------------------------------------------------------------------
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        """Materialize `module` (named `prefix` in the model) on the device from the checkpoint, in the compute
+        dtype (floating tensors; others as stored); buffers the checkpoint does not hold (rotary tables) are
+        computed by the model's own initializer, parameters it lacks are an error."""
+        module.to_empty(device=self.device, recurse=True)
+        missing = []
+        with torch.no_grad():
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                key = f"{prefix}.{name}" if prefix else name
+                if key in self.source.location:
+                    stored = self.source.get(key)
+                    tensor.copy_(stored.to(tensor.dtype) if stored.is_floating_point() else stored)
+                elif isinstance(tensor, nn.Parameter):
+                    missing.append(key)
+        for sub in module.modules():
+            non_persistent = getattr(sub, "_non_persistent_buffers_set", set())
+            if non_persistent and hasattr(self.model, "_init_weights"):
+                self.model._init_weights(sub)
+        if missing:
+            tied = getattr(self.model.config, "tie_word_embeddings", False)
+            if not (tied and all(self._tied(key) for key in missing)):
+                raise PrismqError(f"{self.model_dir}: the checkpoint has no tensor {missing[0]} (streaming reads the "
+                                  "model's own parameter names; this layout is not supported yet)")
+
+    def _tied(self, key: str) -> bool:
+        """Whether parameter `key` is the output head tied to the input embeddings."""
+        head = self.model.get_output_embeddings()
+        return head is not None and key.startswith(self._name_of(head))
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module)
+
+    def _materialize_outside_layers(self) -> None:
+        """Embeddings, rotary tables, final norm and head: everything but the decoder layers, resident."""
+        for own, _ in [*self.model.named_parameters(recurse=False), *self.model.named_buffers(recurse=False)]:
+            raise PrismqError(f"{type(self.model).__name__} holds a top-level tensor {own}; not supported yet")
+        for name, child in self._outside_roots(self.model, ""):
+            self._load(child, name)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def _outside_roots(self, module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        """The largest submodules that do not contain the decoder layers (and are not them)."""
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if child is self.layers:
+                continue
+            if any(m is self.layers for m in child.modules()):
+                yield from self._outside_roots(child, full)
+                for own, _ in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                    raise PrismqError(f"{full} holds a tensor {own} beside the decoder layers; not supported yet")
+            else:
+                yield full, child
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer `index` materialized from disk (a fresh copy: callers may change its weights), dropped
+        when the block exits."""
+        skeleton = self.layers[index]
+        module = copy.deepcopy(skeleton)  # meta: free
+        try:
+            self._load(module, f"{self.prefix}.{index}")
+            yield module
+        finally:
+            module.to("meta")
+
+    def layer_names(self, index: int, module: nn.Module) -> dict[str, nn.Module]:
+        """A materialized layer's modules under their names in the whole model (for assignments)."""
+        base = f"{self.prefix}.{index}"
+        return {(f"{base}.{name}" if name else base): m for name, m in module.named_modules()}
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def first_inputs(self, blocks: torch.Tensor, batch_size: int) -> list[LayerInput]:
+        """(hidden states, keyword arguments) the first decoder layer receives for each batch of `blocks`."""
+        return first_layer_inputs(self.model, self.layers, blocks, batch_size)
+
+    @torch.no_grad()
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for the last layer's output: its final norm."""
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None:
+            raise PrismqError(f"{type(self.model).__name__}: cannot find the decoder's final norm")
+        return norm(hidden)
+
+    @property
+    def head(self) -> nn.Module:
+        """The output head (resident)."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise PrismqError(f"{type(self.model).__name__} has no output head")
+        return head
+
+
+@torch.no_grad()
+def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor,
+                       batch_size: int) -> list[LayerInput]:
+    """(hidden states, keyword arguments) the first decoder layer of `layers` receives for each batch of `blocks`,
+    from the model's own forward stopped there (the layers themselves may be on the meta device)."""
+    device = next(p for p in model.parameters() if p.device.type != "meta").device
+    captured: list[LayerInput] = []
+
+    def capture(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in blocks.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
+    """The layer's outputs for each input, as the next layer's inputs (same keyword arguments)."""
+    outputs = []
+    for hidden, kwargs in inputs:
+        out = layer(hidden, **kwargs)
+        outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    return outputs

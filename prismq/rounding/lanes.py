@@ -1,0 +1,113 @@
+"""Round several candidates in one walk of the streamed layer stack, and measure them on held-out text as they go.
+
+A candidate ("lane") is an assignment rounded by one method (`--rounding best` builds rtn, gptq and gptq+sweep of the
+same assignment; the uniform baselines are other assignments). Each decoder layer is read from disk once; every lane
+gets its own copy of it, rounds it on the lane's own calibration hidden states (the outputs of the lane's already
+rounded layers, exactly as `round_model` does on a whole model), then advances its calibration and held-out hidden
+states through it. The unquantized reference advances its held-out hidden states through the layer as read. Memory:
+one layer per lane at a time plus each lane's hidden states, never a model copy.
+
+At the end the held-out hidden states of every lane go through the final norm and the output head, chunk by chunk,
+and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from prismq.engine.stream import LayerInput, LayerStream, run_layer
+from prismq.errors import PrismqError
+from prismq.formats import get_format
+from prismq.measure.kl import DEFAULT_CHUNK, KLResult, evaluate_hidden
+from prismq.model.siblings import sibling_groups
+from prismq.rounding.gptq import GPTQSettings
+from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
+
+
+@dataclass
+class Lane:
+    """One candidate walking the stack: what it ships so far and where its hidden states are."""
+
+    assignment: dict[str, str]
+    method: Method
+    calibration: list[LayerInput] = field(default_factory=list)
+    heldout: list[LayerInput] = field(default_factory=list)
+    rounded: RoundedModel = field(default_factory=lambda: RoundedModel({}))
+
+
+@dataclass
+class LaneResults:
+    """The exact tensors each lane ships and its held-out KL against the reference, in the order given; the
+    reference's final hidden states per held-out block, for later comparisons against the same text."""
+
+    rounded: list[RoundedModel]
+    kl: list[KLResult]
+    reference_hidden: list[torch.Tensor]
+
+
+def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list[list[str]]]:
+    """The assignment's sibling groups per decoder layer; only BF16 may lie outside the layers (lm_head)."""
+    by_layer: dict[int, list[list[str]]] = {}
+    for group in sibling_groups(assignment):
+        head, _, rest = group[0].partition(f"{stream.prefix}.")
+        index = rest.split(".", 1)[0]
+        if head or not index.isdigit():
+            if get_format(assignment[group[0]]).scheme() is not None:
+                raise PrismqError(f"{group[0]} lies outside the decoder layers; only BF16 can be assigned there")
+            continue
+        by_layer.setdefault(int(index), []).append(group)
+    return by_layer
+
+
+@torch.no_grad()
+def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Method]], calibration: torch.Tensor,
+                heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
+                *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
+                chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> LaneResults:
+    """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
+
+    The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
+    blocks in batches of `batch_size`; held-out blocks one at a time, as the KL evaluator runs them).
+    `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward."""
+    for _, method in candidates:
+        if method not in METHODS:
+            raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
+    settings = settings or GPTQSettings()
+    groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
+    first_calibration = stream.first_inputs(calibration, batch_size)
+    first_heldout = stream.first_inputs(heldout, 1)
+    lanes = [Lane(assignment, method, first_calibration, first_heldout) for assignment, method in candidates]
+    reference = None if reference_hidden is not None else first_heldout
+    for index in tqdm(range(len(stream)), desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
+        with stream.layer(index) as original:
+            if reference is not None:
+                reference = run_layer(original, reference)
+            for number, (lane, layer_groups) in enumerate(zip(lanes, groups)):
+                layer = original if number == len(lanes) - 1 else copy.deepcopy(original)
+                if layer_groups.get(index):
+                    round_layer(layer, stream.layer_names(index, layer), layer_groups[index], lane.assignment,
+                                lane.method, lane.calibration, input_amax, settings, stream.weight_dtype,
+                                lane.rounded)
+                lane.calibration = run_layer(layer, lane.calibration)
+                lane.heldout = run_layer(layer, lane.heldout)
+                del layer
+    _encode_outside(stream, lanes)
+    if reference is not None:
+        reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
+    assert reference_hidden is not None
+    candidates_hidden = [[stream.final_hidden(hidden)[0] for hidden, _ in lane.heldout] for lane in lanes]
+    kl = evaluate_hidden(stream.head, heldout, reference_hidden, candidates_hidden, chunk_size, progress)
+    return LaneResults([lane.rounded for lane in lanes], kl, reference_hidden)
+
+
+def _encode_outside(stream: LayerStream, lanes: list[Lane]) -> None:
+    """The BF16 tensors of assigned Linears outside the decoder layers (lm_head), from the resident modules."""
+    from prismq.export.encode import encode_model
+
+    for lane in lanes:
+        outside = {n: f for n, f in lane.assignment.items() if n not in lane.rounded.encoded}
+        lane.rounded.encoded.update(encode_model(stream.model, outside, {}, stream.weight_dtype))

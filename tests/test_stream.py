@@ -1,0 +1,107 @@
+"""The layer-streaming engine against the in-memory model: the same hidden states, roundings, clip ranges and KL,
+bit for bit, with only one decoder layer materialized at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_tiny_llama
+from prismq.engine.stream import LayerStream, run_layer
+from prismq.errors import PrismqError
+from prismq.measure.kl import evaluate_candidates
+from prismq.model.source import load_model
+from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
+from prismq.rounding.lanes import round_lanes
+from prismq.rounding.sequential import round_model
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama-tied")
+    build_tiny_llama(seed=3, tie_word_embeddings=True).save_pretrained(path)
+    return path
+
+
+def _tensor_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tied_dir"])
+def test_streamed_forward_equals_the_loaded_model(fixture: str, dtype: torch.dtype,
+                                                  request: pytest.FixtureRequest) -> None:
+    model_dir = request.getfixturevalue(fixture)
+    blocks = torch.randint(0, 512, (3, 17), generator=torch.Generator().manual_seed(0))
+    with LayerStream(model_dir, dtype) as stream:
+        inputs = stream.first_inputs(blocks, 2)
+        for index in range(len(stream)):
+            with stream.layer(index) as layer:
+                inputs = run_layer(layer, inputs)
+            assert all(p.device.type == "meta" for p in stream.layers.parameters())  # nothing else materialized
+        with torch.no_grad():
+            hidden = torch.cat([stream.final_hidden(h) for h, _ in inputs])
+            logits = stream.head(hidden)
+    model = load_model(model_dir, dtype)
+    with torch.no_grad():
+        expected = torch.cat([model(b, use_cache=False).logits for b in blocks.split(2)])
+    assert torch.equal(logits, expected)
+
+
+def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path) -> None:
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear)]
+    assignment = {n: ("BF16" if n == "lm_head" else "NVFP4") for n in names}
+    assignment["model.layers.1.mlp.down_proj"] = "MXFP8"
+    assignment["model.layers.0.self_attn.o_proj"] = "BF16"
+    amax = {n: torch.tensor(3.0) for n in names}
+    g = torch.Generator().manual_seed(1)
+    calibration, heldout = torch.randint(0, 512, (6, 32), generator=g), torch.randint(0, 512, (3, 32), generator=g)
+    methods = ["rtn", "gptq", "gptq+sweep"]
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        walk = round_lanes(stream, [(assignment, m) for m in methods], calibration, heldout, amax, progress=False)
+        again = round_lanes(stream, [(assignment, "gptq")], calibration, heldout, amax, progress=False,
+                            reference_hidden=walk.reference_hidden)
+    models = []
+    for method, streamed in zip(methods, walk.rounded):
+        model = load_model(tiny_llama_dir, torch.float32)
+        whole = round_model(model, assignment, method, calibration, amax, progress=False, weight_dtype=torch.bfloat16)
+        assert set(whole.encoded) == set(streamed.encoded) == set(assignment)
+        for name, tensors in whole.encoded.items():
+            assert tensors.keys() == streamed.encoded[name].keys()
+            assert all(torch.equal(_tensor_bits(t), _tensor_bits(streamed.encoded[name][k])) for k, t in tensors.items())
+        assert whole.details == streamed.details
+        models.append(model)
+    expected = evaluate_candidates(load_model(tiny_llama_dir, torch.float32), models, heldout, progress=False)
+    assert [r.mean_kl for r in walk.kl] == [r.mean_kl for r in expected]
+    assert [r.p99_kl for r in walk.kl] == [r.p99_kl for r in expected]
+    assert again.kl[0].mean_kl == walk.kl[1].mean_kl
+    assert walk.kl[0].mean_kl > 0
+
+
+def test_streamed_input_ranges_equal_the_whole_model_ones(tiny_llama_dir: Path) -> None:
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assignment = {n: "NVFP4" for n in names}
+    blocks = torch.randint(0, 512, (10, 24), generator=torch.Generator().manual_seed(2))
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        streamed = streamed_input_amax(stream, blocks, assignment, progress=False)
+    whole = calibrated_input_amax(load_model(tiny_llama_dir, torch.float32), blocks, assignment, progress=False)
+    assert streamed.keys() == whole.keys() == set(names)
+    assert all(torch.equal(streamed[n], whole[n]) for n in names)
+
+
+def test_a_checkpoint_missing_a_layer_tensor_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    for file in tiny_llama_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with LayerStream(tmp_path, torch.float32) as stream:
+        with stream.layer(0):
+            pass
+        with pytest.raises(PrismqError, match="no tensor model.layers.1.mlp.up_proj.weight"):
+            with stream.layer(1):
+                pass
