@@ -105,3 +105,18 @@ def test_a_checkpoint_missing_a_layer_tensor_is_a_clear_error(tiny_llama_dir: Pa
         with pytest.raises(PrismqError, match="no tensor model.layers.1.mlp.up_proj.weight"):
             with stream.layer(1):
                 pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype: torch.dtype) -> None:
+    from prismq.measure.fisher import probe, probe_streamed
+
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    blocks = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(4))
+    whole = probe(load_model(tiny_llama_dir, dtype), blocks, names, sample_rows=20, progress=False)
+    with LayerStream(tiny_llama_dir, dtype) as stream:
+        streamed = probe_streamed(stream, blocks, names, sample_rows=20, progress=False)
+    assert streamed.keys() == whole.keys()
+    for key, expected in whole.items():
+        assert torch.equal(streamed[key], expected), key  # the same sums in the same order: bit for bit
+    assert float(whole["model.layers.0.mlp.down_proj.fisher_trace"]) > 0

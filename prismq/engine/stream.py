@@ -161,7 +161,6 @@ class LayerStream:
         """(hidden states, keyword arguments) the first decoder layer receives for each batch of `blocks`."""
         return first_layer_inputs(self.model, self.layers, blocks, batch_size)
 
-    @torch.no_grad()
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's output for the last layer's output: its final norm."""
         norm = getattr(self.model.get_decoder(), "norm", None)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.stream import LayerStream, run_layer
 from prismq.errors import PrismqError
 
 # Suffixes of the tensors `probe` returns for each Linear NAME (NAME.fisher_out, ...).
@@ -69,14 +70,18 @@ class _InputStats:
 class _Recorder:
     """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
 
-    def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int,
+                 device: torch.device | None = None) -> None:
+        """`device`: where the sums live (default: each Linear's weight device; a streamed model's Linears are on
+        the meta device until their layer is read)."""
         self.seqlen = seqlen
         self.states = {
             name: _LinearState(
-                fisher_out=torch.zeros(m.out_features, dtype=torch.float64, device=m.weight.device),
-                x_sq=torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device),
-                x_absmax=torch.zeros((), dtype=torch.float32, device=m.weight.device),
-                x_sample=torch.zeros(sample_rows, m.in_features, dtype=m.weight.dtype, device=m.weight.device),
+                fisher_out=torch.zeros(m.out_features, dtype=torch.float64, device=device or m.weight.device),
+                x_sq=torch.zeros(m.in_features, dtype=torch.float64, device=device or m.weight.device),
+                x_absmax=torch.zeros((), dtype=torch.float32, device=device or m.weight.device),
+                x_sample=torch.zeros(sample_rows, m.in_features, dtype=m.weight.dtype,
+                                     device=device or m.weight.device),
             )
             for name, m in modules.items()
         }
@@ -87,6 +92,12 @@ class _Recorder:
     def start_block(self, slots: torch.Tensor, local: torch.Tensor) -> None:
         """Set the sample slots filled from this block and their positions in it; forget the last input."""
         self.slots, self.local, self._last = slots, local, None
+
+    def start(self, positions: torch.Tensor, index: int, device: torch.device) -> None:
+        """start_block for block `index`: the sampled global `positions` that fall in it."""
+        in_block = (positions >= index * self.seqlen) & (positions < (index + 1) * self.seqlen)
+        local = (positions[in_block] - index * self.seqlen).to(device)
+        self.start_block(in_block.nonzero().flatten().to(device), local)
 
     def input_stats(self, given: torch.Tensor) -> _InputStats:
         """The statistics of a Linear's input [..., in] (one block), reused when the previous Linear got this very
@@ -146,10 +157,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     position order). Also "loss" []: the mean next-token NLL over the N*(L-1) predicted tokens. One block per
     forward/backward; the model is left as it was (parameters, requires_grad flags and train/eval mode) and no
     parameter gets a `.grad`. Why per token: see the module docstring."""
-    if blocks.ndim != 2 or blocks.shape[1] < 2:
-        raise PrismqError(f"probe needs token blocks [N, L] with L >= 2, got shape {tuple(blocks.shape)}")
-    if sample_rows < 0:
-        raise PrismqError(f"sample_rows must be >= 0, got {sample_rows}")
+    _check_blocks(blocks, sample_rows)
     all_modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(all_modules.get(n), nn.Linear)]
     if missing:
@@ -172,9 +180,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
             p.requires_grad_(False)
         bar = tqdm(range(n_blocks), desc="probe", unit="block", disable=not progress)
         for index in bar:
-            in_block = (positions >= index * seqlen) & (positions < (index + 1) * seqlen)
-            local = (positions[in_block] - index * seqlen).to(device)
-            recorder.start_block(in_block.nonzero().flatten().to(device), local)
+            recorder.start(positions, index, device)
             block = blocks[index].to(device)
             with torch.enable_grad():
                 embeds = embed(block.unsqueeze(0)).detach().requires_grad_(True)
@@ -196,6 +202,69 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     if with_grad:  # pragma: no cover - a guard on the mechanism, not reachable through the API
         raise PrismqError(f"internal error: the probe left a .grad on {with_grad[0]}")
     return _results(recorder, n_blocks, total, nll_total / (n_blocks * (seqlen - 1)))
+
+
+def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
+                   seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """`probe` on a streamed model, with the same results: one forward walk keeps each decoder layer's input per
+    block; the output head gives each block's loss and its gradient at the last layer's output; a reverse walk
+    re-runs each layer with autograd on its kept inputs and back-propagates the incoming gradient, the Linears'
+    hooks recording the same per-token Fisher and input statistics as the whole-model backward. One layer is
+    materialized at a time; the kept inputs are one hidden state per layer and block."""
+    _check_blocks(blocks, sample_rows)
+    skeleton = dict(stream.model.named_modules())
+    missing = [n for n in names if not isinstance(skeleton.get(n), nn.Linear)]
+    if missing:
+        raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
+    n_blocks, seqlen = blocks.shape
+    total = n_blocks * seqlen
+    recorder = _Recorder({n: skeleton[n] for n in names}, seqlen, min(sample_rows, total), stream.device)
+    positions = sample_positions(total, sample_rows, seed)
+    with torch.no_grad():
+        first = stream.first_inputs(blocks, 1)
+    kwargs = [k for _, k in first]
+    kept: list[list[torch.Tensor] | None] = []
+    hidden = [h for h, _ in first]
+    for index in tqdm(range(len(stream)), desc="probe (forward)", unit="layer", disable=not progress):
+        with torch.no_grad(), stream.layer(index) as layer:
+            kept.append(hidden)
+            hidden = [h for h, _ in run_layer(layer, list(zip(hidden, kwargs)))]
+    grads, nll_total = [], torch.zeros((), dtype=torch.float64, device=stream.device)
+    for block, last in zip(blocks, hidden):
+        with torch.enable_grad():
+            last = last.detach().requires_grad_(True)
+            loss = _nll_sum(stream.head(stream.final_hidden(last)), block.to(stream.device))
+            grads.append(torch.autograd.grad(loss, [last])[0])
+        nll_total += loss.detach()
+    for index in tqdm(reversed(range(len(stream))), total=len(stream), desc="probe (backward)", unit="layer",
+                      disable=not progress):
+        with stream.layer(index) as layer:
+            layer.requires_grad_(False)
+            modules = stream.layer_names(index, layer)
+            handles = [modules[n].register_forward_hook(recorder.forward_hook(n)) for n in names if n in modules]
+            try:
+                inputs = kept[index]
+                assert inputs is not None
+                for block_index, (x, block_kwargs) in enumerate(zip(inputs, kwargs)):
+                    recorder.start(positions, block_index, stream.device)
+                    with torch.enable_grad():
+                        x = x.detach().requires_grad_(True)
+                        out = layer(x, **block_kwargs)
+                        out = out[0] if isinstance(out, tuple) else out
+                        grads[block_index] = torch.autograd.grad(out, [x], grad_outputs=grads[block_index])[0]
+            finally:
+                for handle in handles:
+                    handle.remove()
+            kept[index] = None
+    return _results(recorder, n_blocks, total, nll_total / (n_blocks * (seqlen - 1)))
+
+
+def _check_blocks(blocks: torch.Tensor, sample_rows: int) -> None:
+    """Refuse token blocks the probe cannot use and a negative sample size."""
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise PrismqError(f"probe needs token blocks [N, L] with L >= 2, got shape {tuple(blocks.shape)}")
+    if sample_rows < 0:
+        raise PrismqError(f"sample_rows must be >= 0, got {sample_rows}")
 
 
 def _results(recorder: _Recorder, n_blocks: int, total: int, loss: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_tensors, write_tensors
+from prismq.engine.stream import LayerStream
 from prismq.measure import fisher
 from prismq.model.linears import linear_shapes, quantizable
-from prismq.model.source import load_model
 
 PROBE_KIND = "probe"
 PROBE_STEM = "probe"
@@ -39,8 +39,8 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
               sample_rows: int = 128, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
     """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `read_probe`).
 
-    If a probe artifact for the same model, blocks, sample_rows and seed is already there it is reused without
-    loading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too
+    The model is streamed (one decoder layer in memory at a time, `probe_streamed`). If a probe artifact for the
+    same model, blocks, sample_rows and seed is already there it is reused without reading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too
     (`read_tensors` raises PrismqError for both), so a run never silently mixes measurements."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     stem = work_dir / PROBE_STEM
@@ -48,11 +48,11 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     if read_tensors(stem, PROBE_KIND, expect) is not None:
         return stem
     names = list(quantizable(linear_shapes(model_dir)))
-    model = load_model(model_dir, dtype, device)
-    tensors = fisher.probe(model, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
+    with LayerStream(model_dir, dtype, device) as stream:
+        tensors = fisher.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
+        computed_in = str(stream.dtype).removeprefix("torch.")
     loss = float(tensors.pop("loss"))
     meta = {**expect, "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "seqlen": int(blocks.shape[1]),
-            "loss": loss, "dtype": str(model.dtype).removeprefix("torch."), "linears": len(names)}
-    del model
+            "loss": loss, "dtype": computed_in, "linears": len(names)}
     write_tensors(stem, PROBE_KIND, tensors, meta)
     return stem
