@@ -197,7 +197,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
             input_amax = _input_ranges(stream, calibration, [assignment, *(a for a, _ in baselines.values())])
         with _timed(timings, "rounding + held-out eval"):
             walk = round_lanes(stream, [(assignment, m) for m in methods], calibration, heldout, input_amax,
-                               _settings(config))
+                               _settings(config), spill_dir=work / "rounded" / "methods")
         kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)} if len(methods) > 1 else {}
         chosen = min(kls, key=kls.__getitem__) if kls else methods[0]
         rounded = walk.rounded[methods.index(chosen)]
@@ -213,7 +213,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
             with _timed(timings, "rounding + held-out eval"):
                 baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration,
                                             heldout, input_amax, _settings(config),
-                                            reference_hidden=walk.reference_hidden)
+                                            reference_hidden=walk.reference_hidden,
+                                            spill_dir=work / "rounded" / "baselines")
         with _timed(timings, "eval (export)"):
             exported = load_quantized(str(out), model_dir, device, dtype=dtype)
             (exported_kl,) = evaluate_models_against(stream.head, heldout, walk.reference_hidden, [exported])

@@ -51,7 +51,7 @@ def test_streamed_forward_equals_the_loaded_model(fixture: str, dtype: torch.dty
     assert torch.equal(logits, expected)
 
 
-def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path) -> None:
+def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path, tmp_path: Path) -> None:
     names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear)]
     assignment = {n: ("BF16" if n == "lm_head" else "NVFP4") for n in names}
     assignment["model.layers.1.mlp.down_proj"] = "MXFP8"
@@ -63,7 +63,7 @@ def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path) -> 
     with LayerStream(tiny_llama_dir, torch.float32) as stream:
         walk = round_lanes(stream, [(assignment, m) for m in methods], calibration, heldout, amax, progress=False)
         again = round_lanes(stream, [(assignment, "gptq")], calibration, heldout, amax, progress=False,
-                            reference_hidden=walk.reference_hidden)
+                            reference_hidden=walk.reference_hidden, spill_dir=tmp_path)  # tensors kept on disk
     models = []
     for method, streamed in zip(methods, walk.rounded):
         model = load_model(tiny_llama_dir, torch.float32)
@@ -78,6 +78,11 @@ def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path) -> 
     assert [r.mean_kl for r in walk.kl] == [r.mean_kl for r in expected]
     assert [r.p99_kl for r in walk.kl] == [r.p99_kl for r in expected]
     assert again.kl[0].mean_kl == walk.kl[1].mean_kl
+    assert len(list((tmp_path / "candidate-0").glob("*.safetensors"))) == 3  # one file per layer, one for lm_head
+    assert set(again.rounded[0].encoded) == set(assignment)
+    for name, tensors in walk.rounded[1].encoded.items():
+        spilled = again.rounded[0].encoded[name]
+        assert all(torch.equal(_tensor_bits(t), _tensor_bits(spilled[k])) for k, t in tensors.items())
     assert walk.kl[0].mean_kl > 0
 
 

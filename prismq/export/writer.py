@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,7 @@ def check_assignment(assignment: dict[str, str], source: SourceTensors) -> list[
 
 
 def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceTensors,
-                   encoded: dict[str, Tensors], input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
+                   encoded: Mapping[str, Tensors], input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
     """The tensors of one sibling group: pre-encoded ones checked against the format's specs, the rest encoded."""
     fmt = get_format(assignment[group[0]])
     for name in group:
@@ -106,7 +106,7 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path, *,
-                     encoded: dict[str, Tensors] | None = None, input_amax: dict[str, torch.Tensor] | None = None,
+                     encoded: Mapping[str, Tensors] | None = None, input_amax: dict[str, torch.Tensor] | None = None,
                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
                      progress: bool = True) -> ExportResult:
     """Write `source_dir` with each Linear of `assignment` encoded in its format, as a compressed-tensors checkpoint.

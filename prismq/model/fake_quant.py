@@ -37,7 +37,8 @@ class _SharedInput:
         return (quantized, *args[1:])
 
 
-def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dict[str, str], encoded: dict[str, Tensors],
+def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dict[str, str],
+                     encoded: Mapping[str, Tensors],
                      weight_dtype: torch.dtype | None = None) -> list[RemovableHandle]:
     """Replace each assigned Linear's weight by decode(encoded[name]) and hook its input quantization, in place;
     `model` is a model or its modules by name (a streamed layer's).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -26,6 +27,7 @@ from prismq.measure.kl import DEFAULT_CHUNK, KLResult, evaluate_hidden
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
+from prismq.rounding.store import EncodedStore
 
 
 @dataclass
@@ -67,12 +69,14 @@ def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list
 def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Method]], calibration: torch.Tensor,
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
-                chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> LaneResults:
+                spill_dir: Path | None = None, chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
     blocks in batches of `batch_size`; held-out blocks one at a time, as the KL evaluator runs them).
-    `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward."""
+    `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
+    `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
+    staying in memory."""
     for _, method in candidates:
         if method not in METHODS:
             raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
@@ -80,7 +84,9 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
     first_calibration = stream.first_inputs(calibration, batch_size)
     first_heldout = stream.first_inputs(heldout, 1)
-    lanes = [Lane(assignment, method, first_calibration, first_heldout) for assignment, method in candidates]
+    lanes = [Lane(assignment, method, first_calibration, first_heldout,
+                  RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / f"candidate-{k}")))
+             for k, (assignment, method) in enumerate(candidates)]
     reference = None if reference_hidden is not None else first_heldout
     for index in tqdm(range(len(stream)), desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
         with stream.layer(index) as original:
@@ -94,6 +100,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                                 lane.rounded)
                 lane.calibration = run_layer(layer, lane.calibration)
                 lane.heldout = run_layer(layer, lane.heldout)
+                if isinstance(lane.rounded.encoded, EncodedStore):
+                    lane.rounded.encoded.flush()
                 del layer
     _encode_outside(stream, lanes)
     if reference is not None:
@@ -111,3 +119,5 @@ def _encode_outside(stream: LayerStream, lanes: list[Lane]) -> None:
     for lane in lanes:
         outside = {n: f for n, f in lane.assignment.items() if n not in lane.rounded.encoded}
         lane.rounded.encoded.update(encode_model(stream.model, outside, {}, stream.weight_dtype))
+        if isinstance(lane.rounded.encoded, EncodedStore):
+            lane.rounded.encoded.flush()

@@ -28,6 +28,7 @@ from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
+from prismq.rounding.store import EncodedStore
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
@@ -97,7 +98,7 @@ class RoundedModel:
     """The exact tensors to ship per Linear, and for each GPTQ-rounded Linear (method used, output error, output
     error of round-to-nearest on the same calibration inputs)."""
 
-    encoded: dict[str, Tensors]
+    encoded: dict[str, Tensors] | EncodedStore
     details: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
     def error_ratios(self) -> dict[str, float]:

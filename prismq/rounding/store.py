@@ -1,0 +1,60 @@
+"""The tensors a rounding ships, kept on disk as a walk produces them, so that a walk of several candidates holds
+only the current decoder layer's tensors of each in memory (the rest are read back when the exporter asks)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prismq.formats import Tensors
+
+
+class EncodedStore(Mapping[str, Tensors]):
+    """Linear name -> its shipped tensors (suffix -> tensor). `update` adds tensors, `flush` moves what was added
+    since the last flush into one safetensors file of `directory` (created empty: an earlier walk's files there
+    are removed). Reading gives the tensors exactly as added."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        self.pending: dict[str, Tensors] = {}
+        self.location: dict[str, tuple[Path, tuple[str, ...]]] = {}
+
+    def update(self, tensors: Mapping[str, Tensors]) -> None:  # type: ignore[override]
+        """Add Linears' tensors (kept in memory until the next flush)."""
+        self.pending.update(tensors)
+
+    def flush(self) -> None:
+        """Write the pending tensors to the next file of the directory and drop them from memory."""
+        if not self.pending:
+            return
+        path = self.directory / f"part-{len({p for p, _ in self.location.values()}):05d}.safetensors"
+        flat = {f"{name}::{suffix}": tensor.detach().to("cpu").contiguous()
+                for name, tensors in self.pending.items() for suffix, tensor in tensors.items()}
+        save_file(flat, str(path))
+        for name, tensors in self.pending.items():
+            self.location[name] = (path, tuple(tensors))
+        self.pending = {}
+
+    def __getitem__(self, name: str) -> Tensors:
+        if name in self.pending:
+            return self.pending[name]
+        path, suffixes = self.location[name]
+        with safe_open(str(path), framework="pt") as handle:
+            return {suffix: handle.get_tensor(f"{name}::{suffix}") for suffix in suffixes}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pending or name in self.location
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.location
+        yield from (name for name in self.pending if name not in self.location)
+
+    def __len__(self) -> int:
+        return len(set(self.location) | set(self.pending))
+
