@@ -149,7 +149,7 @@ def test_fused_siblings_must_share_a_format(source: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("change, message", [
     ({"lm_head": "NVFP4A16"}, "lm_head must stay BF16"),
     ({"model.layers.0.mlp.down_proj": "MXFP6_E2M3"}, "research format"),
-    ({"model.layers.0.mlp.nothing": "FP8"}, "no tensor model.layers.0.mlp.nothing.weight"),
+    ({"model.layers.0.mlp.nothing": "FP8"}, "names model.layers.0.mlp.nothing, which is not a Linear layer"),
     ({"model.layers.0.mlp.down_proj": "NVFP4"}, "needs the calibrated input absmax"),
 ])
 def test_bad_assignments_are_refused_clearly(change, message, source: Path, tmp_path: Path) -> None:

@@ -225,7 +225,7 @@ def test_assignment_file_errors(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from prismq.model.source import load_model
 
     model = load_model(tiny_llama_dir)
-    with pytest.raises(PrismqError, match="names model.layers.9.mlp.up_proj, which is not a Linear"):
+    with pytest.raises(PrismqError, match="names model.layers.9.mlp.up_proj, which is not a Linear layer of the model"):
         fake_quantized(model, {"model.layers.9.mlp.up_proj": "FP8"}, {})
     with pytest.raises(PrismqError, match="fused siblings must share one format"):
         fake_quantized(model, {"model.layers.0.mlp.up_proj": "FP8", "model.layers.0.mlp.gate_proj": "MXFP8"}, {})

@@ -23,9 +23,8 @@ from prismq.export.encode import encode_group
 from prismq.export.qconfig import quantization_config
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
+from prismq.model.assignment import check_assignment
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.linears import LM_HEAD
-from prismq.model.siblings import sibling_groups
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -42,29 +41,6 @@ class ExportResult:
     def linear_bits_per_param(self) -> float:
         """8 * bytes / weights over the assigned Linears (every scale counted)."""
         return 8 * self.linear_bytes / max(self.linear_params, 1)
-
-
-def check_assignment(assignment: dict[str, str], source: SourceTensors) -> list[list[str]]:
-    """Refuse, with a clear message, any assignment the runtime could not serve; return its sibling groups."""
-    for name, format_name in assignment.items():
-        fmt = get_format(format_name)
-        key = f"{name}.weight"
-        if key not in source.location:
-            raise PrismqError(f"assignment names {name}, but the source checkpoint has no tensor {key}")
-        if name == LM_HEAD and fmt.scheme() is not None:
-            raise PrismqError("lm_head must stay BF16: vLLM's ParallelLMHead does not load compressed schemes")
-        if not fmt.exportable:
-            raise PrismqError(f"{name}: {fmt.name} is a research format no runtime serves yet; it cannot be exported")
-        reason = fmt.illegal_reason(source.shape(key))
-        if reason:
-            raise PrismqError(f"{name}: {fmt.name} {reason}")
-    groups = sibling_groups(assignment)
-    for group in groups:
-        formats = {get_format(assignment[n]).name for n in group}
-        if len(formats) > 1:
-            detail = ", ".join(f"{n}={get_format(assignment[n]).name}" for n in group)
-            raise PrismqError(f"fused siblings must share one format (vLLM runs them as one kernel): {detail}")
-    return groups
 
 
 def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceTensors,
@@ -120,7 +96,8 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
     config = json.loads((source_dir / "config.json").read_text())
     with ExitStack() as stack:
         source = SourceTensors(source_dir, stack)
-        groups = check_assignment(assignment, source)
+        shapes = {name: source.shape(f"{name}.weight") for name in assignment if f"{name}.weight" in source.location}
+        groups = check_assignment(assignment, shapes)
         for name, format_name in assignment.items():
             if get_format(format_name).needs_input_amax and name not in input_amax and name not in encoded:
                 raise PrismqError(f"{name}: {format_name} needs the calibrated input absmax of this Linear")

@@ -23,7 +23,7 @@ from prismq.data import calibration_and_heldout, consecutive_blocks, read_text
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.kl import KLResult, evaluate_kl
-from prismq.model.siblings import sibling_groups
+from prismq.model.assignment import check_assignment
 from prismq.model.linears import model_dtype
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import load_model, load_tokenizer, resolve_device, resolve_model
@@ -54,19 +54,6 @@ def read_assignment(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]
     return formats, {name: torch.tensor(float(value)) for name, value in amax.items()}
 
 
-def check_assignment(model: nn.Module, assignment: dict[str, str]) -> None:
-    """Refuse names that are not Linear layers of the model and fused siblings given different formats."""
-    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    unknown = sorted(set(assignment) - linears)
-    if unknown:
-        raise PrismqError(f"the assignment names {unknown[0]}, which is not a Linear layer of the reference model"
-                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    for group in sibling_groups(assignment):
-        if len({assignment[name] for name in group}) > 1:
-            detail = ", ".join(f"{name}={assignment[name]}" for name in group)
-            raise PrismqError(f"fused siblings must share one format: {detail}")
-
-
 def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
     """The blocks `prismq quantize` calibrates input ranges and GPTQ on when given no --calib (same text, count,
     seed, and the first `rounding_blocks` of them)."""
@@ -85,7 +72,8 @@ def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dic
     first, on the unquantized model, as `prismq quantize` does; GPTQ rounds on the same blocks. Without
     calibration blocks either is an error. weight_dtype: the checkpoint's dtype, which the codecs see (None: the
     model's own)."""
-    check_assignment(model, assignment)
+    check_assignment(assignment, {n: tuple(m.weight.shape) for n, m in model.named_modules()
+                                  if isinstance(m, nn.Linear)}, export=False)
     missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax}
     if (missing or rounding != "rtn") and calibration is None:
         what = f"{next(iter(missing))}: {assignment[next(iter(missing))]} needs its input range" if missing \
