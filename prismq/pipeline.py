@@ -4,8 +4,11 @@ probe (per-token Fisher, input statistics) -> cost (every (Linear, format) price
 allocate (a multiple-choice knapsack under the byte budget, or one format with --uniform; a predicted frontier over a
 sweep of budgets) -> round (input ranges clipped on calibration data; weights rounded by rtn / gptq / gptq+sweep,
 layer by layer, each measured on held-out KL when --rounding best) -> export (exactly the tensors that were
-measured) -> eval (held-out KL of the exported checkpoint loaded through transformers + compressed-tensors, against
-the uniform formats that fit the same budget, rounded the same way) -> report.md + summary.json.
+measured) -> eval (held-out KL of the exported checkpoint read back layer by layer by compressed-tensors' own code,
+against the uniform formats that fit the same budget, rounded the same way) -> report.md + summary.json.
+
+Every stage that runs the model streams it (`prismq.engine.stream`): decoder layers are read from disk one at a
+time; rounding methods and uniform baselines are lanes of one walk, never model copies.
 """
 
 from __future__ import annotations
@@ -182,9 +185,8 @@ def quantize(config: QuantizeConfig) -> ExportResult:
         choice, budget_label, frontier = _allocate(config, problem, _other_bytes(model_dir, linears), work)
     assignment = problem.assignment(choice)
 
-    from prismq.engine.stream import LayerStream
-    from prismq.measure.evaluate import load_quantized
-    from prismq.measure.kl import evaluate_models_against
+    from prismq.engine.stream import LayerStream, final_hidden_states
+    from prismq.measure.kl import HiddenStates, evaluate_states
     from prismq.rounding.lanes import round_lanes
     from prismq.rounding.sequential import METHODS
 
@@ -215,10 +217,10 @@ def quantize(config: QuantizeConfig) -> ExportResult:
                                             heldout, input_amax, _settings(config),
                                             reference_hidden=walk.reference_hidden,
                                             spill_dir=work / "rounded" / "baselines")
-        with _timed(timings, "eval (export)"):
-            exported = load_quantized(str(out), model_dir, device, dtype=dtype)
-            (exported_kl,) = evaluate_models_against(stream.head, heldout, walk.reference_hidden, [exported])
-            del exported
+        with _timed(timings, "eval (export)"), LayerStream(out, dtype, device) as exported:
+            hidden = final_hidden_states(exported, heldout, desc="read back the export")
+            (exported_kl,) = evaluate_states(HiddenStates(stream.head, heldout, walk.reference_hidden),
+                                             [HiddenStates(exported.head, heldout, hidden)], heldout)
     results = [exported_kl.to_json(), *([r.to_json() for r in baseline_walk.kl] if baseline_walk else [])]
     evaluation, baseline_evals = results[0], dict(zip(baselines, results[1:]))
     comparison = [f"- uniform {name} ({baselines[name][1]:.3f} bits/param, {chosen}): mean KL {b['mean_kl']:.5f}; "

@@ -125,3 +125,28 @@ def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype
     for key, expected in whole.items():
         assert torch.equal(streamed[key], expected), key  # the same sums in the same order: bit for bit
     assert float(whole["model.layers.0.mlp.down_proj.fisher_trace"]) > 0
+
+
+@pytest.mark.parametrize("format_name", ["NVFP4", "NVFP4A16", "MXFP8", "FP8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_export_read_back_layer_by_layer_equals_transformers_loading_it(
+        tiny_llama_dir: Path, tmp_path: Path, format_name: str, dtype: torch.dtype) -> None:
+    """compressed-tensors' own decompression and activation quantization, one layer at a time: the same hidden
+    states as transformers + compressed-tensors loading the whole export."""
+    from prismq.engine.stream import final_hidden_states
+    from prismq.export.writer import write_checkpoint
+
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    out = tmp_path / format_name
+    write_checkpoint(tiny_llama_dir, {n: format_name for n in names}, out, progress=False,
+                     input_amax={n: torch.tensor(3.0 + 0.1 * i) for i, n in enumerate(names)})
+    blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+    whole = load_model(out, dtype)
+    with torch.no_grad():
+        expected = [whole.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+    with LayerStream(out, dtype) as stream:
+        streamed = final_hidden_states(stream, blocks, progress=False)
+    assert all(torch.equal(got, want) for got, want in zip(streamed, expected))
+    with LayerStream(tiny_llama_dir, dtype) as source:
+        plain = final_hidden_states(source, blocks, progress=False)
+    assert not torch.equal(plain[0], streamed[0])

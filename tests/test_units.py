@@ -222,7 +222,7 @@ def test_exporter_sibling_check_agrees_with_units(family: str, saved_models: dic
     assert_check_agrees(units, linear_shapes(saved_models[family]))
 
 
-def test_exporter_sibling_check_agrees_with_expert_units(tmp_path: Path) -> None:
+def test_exporter_sibling_check_agrees_with_expert_units() -> None:
     shapes = quantizable(per_expert_shapes(layers=1))
     units = [u for u in decision_units(shapes, "mixtral") if u.pinned is None]  # the router stays out of the test
     assert_check_agrees(units, shapes)

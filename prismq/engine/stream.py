@@ -63,8 +63,12 @@ class LayerStream:
         self.source = SourceTensors(self.model_dir, self._files)
         try:
             config = AutoConfig.from_pretrained(self.model_dir)
-            with torch.device("meta"):
-                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+            self.quantization = getattr(config, "quantization_config", None)
+            if self.quantization is not None and not isinstance(self.quantization, dict):
+                self.quantization = self.quantization.to_dict()
+            with torch.device("meta"):  # an export is decompressed in its stored dtype, then cast (load_layer)
+                built = self.weight_dtype if self.quantization is not None else self.dtype
+                self.model = AutoModelForCausalLM.from_config(config, dtype=built).eval()
         except (ValueError, KeyError, OSError) as exc:
             self.close()
             raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
@@ -123,6 +127,7 @@ class LayerStream:
             raise PrismqError(f"{type(self.model).__name__} holds a top-level tensor {own}; not supported yet")
         for name, child in self._outside_roots(self.model, ""):
             self._load(child, name)
+            cast_stored(child, self.weight_dtype, self.dtype)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
@@ -144,12 +149,36 @@ class LayerStream:
         """Decoder layer `index` materialized from disk (a fresh copy: callers may change its weights), dropped
         when the block exits."""
         skeleton = self.layers[index]
+        if self.quantization is not None:
+            from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+            apply_quantization_config(self.model, QuantizationConfig.model_validate(self.quantization),
+                                      run_compressed=False, show_progress=False,
+                                      allowed_modules=list(skeleton.modules()))  # matched on the full names
         module = copy.deepcopy(skeleton)  # meta: free
         try:
-            self._load(module, f"{self.prefix}.{index}")
+            if self.quantization is None:
+                self._load(module, f"{self.prefix}.{index}")
+            else:
+                self._load_compressed(module, f"{self.prefix}.{index}")
             yield module
         finally:
             module.to("meta")
+
+    def _load_compressed(self, module: nn.Module, prefix: str) -> None:
+        """Materialize a layer of a compressed-tensors checkpoint with that library's own code, as transformers
+        loads one: its on-disk layout (compress_module on the meta layer), the stored tensors, decompress_module;
+        then cast from the stored dtype to the compute dtype (the library's activation quantization stays)."""
+        from compressed_tensors.compressors import compress_module, decompress_module
+        from compressed_tensors.quantization.utils import is_module_quantized
+
+        quantized = [m for m in module.modules() if is_module_quantized(m)]
+        for sub in quantized:
+            compress_module(sub)
+        self._load(module, prefix)
+        for sub in quantized:
+            decompress_module(sub)
+        cast_stored(module, self.weight_dtype, self.dtype)
 
     def layer_names(self, index: int, module: nn.Module) -> dict[str, nn.Module]:
         """A materialized layer's modules under their names in the whole model (for assignments)."""
@@ -175,6 +204,34 @@ class LayerStream:
         if head is None:
             raise PrismqError(f"{type(self.model).__name__} has no output head")
         return head
+
+
+def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> None:
+    """Cast `module`'s parameters and buffers held in the checkpoint's `stored` dtype to the compute `dtype`, in
+    place; tensors in other dtypes (fp32 rotary tables, quantization scales) keep theirs."""
+    if stored == dtype:
+        return
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, param in sub.named_parameters(recurse=False):
+                if param.dtype == stored:
+                    param.data = param.data.to(dtype)
+            for name, buffer in sub.named_buffers(recurse=False):
+                if buffer.dtype == stored:
+                    sub._buffers[name] = buffer.to(dtype)
+
+
+@torch.no_grad()
+def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: bool = True,
+                        desc: str = "forward") -> list[torch.Tensor]:
+    """The decoder's final hidden states [L, hidden] of each block (one block per forward), layer by layer."""
+    from tqdm import tqdm
+
+    inputs = stream.first_inputs(blocks, 1)
+    for index in tqdm(range(len(stream)), desc=desc, unit="layer", disable=not progress):
+        with stream.layer(index) as layer:
+            inputs = run_layer(layer, inputs)
+    return [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
 
 
 @torch.no_grad()

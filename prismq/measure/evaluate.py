@@ -1,11 +1,12 @@
-"""`prismq eval`: build the quantized model (an exported checkpoint or an in-memory assignment), pick the text
-blocks, run the KL evaluator, print and optionally write the statistics.
+"""`prismq eval`: the KL of a quantized model against its reference on text blocks, printed and optionally written.
 
-An exported checkpoint is loaded through transformers + compressed-tensors, as a user would load it. An
-assignment file `{"assignment": {linear: FORMAT}, "input_amax": {linear: float}}` is applied to a copy of the
-reference with the codecs and the chosen rounding (`round_model`), so the model computes what the export of that
-assignment would; missing input ranges are calibrated (and clipped) on the default calibration blocks, where GPTQ
-also rounds, exactly as `prismq quantize` does without `--calib`.
+Both models stream (one decoder layer in memory at a time). An exported checkpoint is read back layer by layer by
+the compressed-tensors library's own code (its compressed layout, decompression and activation quantization, as
+transformers loads it), independent of prismq's codecs. An assignment file
+`{"assignment": {linear: FORMAT}, "input_amax": {linear: float}}` is rounded in a streamed walk with the chosen
+rounding, so it computes what the export of that assignment would; missing input ranges are calibrated (and
+clipped) on the default calibration blocks, where GPTQ also rounds, exactly as `prismq quantize` does without
+`--calib`. `load_quantized` / `fake_quantized` build the same models whole in memory, for scripts and tests.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from prismq.config import QuantizeConfig
 from prismq.data import calibration_and_heldout, consecutive_blocks, read_text
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.measure.kl import KLResult, evaluate_kl
+from prismq.engine.stream import LayerStream, final_hidden_states
+from prismq.measure.kl import HiddenStates, KLResult, evaluate_states
 from prismq.model.assignment import check_assignment
-from prismq.model.linears import model_dtype
+from prismq.model.linears import linear_shapes, model_dtype
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import load_model, load_tokenizer, resolve_device, resolve_model
-from prismq.rounding.clip import calibrated_input_amax
+from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
+from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import round_model
 
 DEFAULT_BLOCKS = 16
@@ -110,6 +113,32 @@ def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool =
     raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
 
 
+def _streamed_kl(stream: LayerStream, quantized: str, blocks: torch.Tensor, rounding: str,
+                 progress: bool) -> KLResult:
+    """KL of `quantized` (an export directory, read back layer by layer through compressed-tensors, or an
+    assignment file, rounded in a streamed walk) against the streamed reference on `blocks`."""
+    path = Path(quantized).expanduser()
+    if path.is_dir():
+        if rounding != "rtn":
+            raise PrismqError(f"--rounding {rounding} applies to an assignment file; the bytes of the checkpoint "
+                              f"{quantized} are already rounded")
+        reference = final_hidden_states(stream, blocks, progress, desc="reference")
+        with LayerStream(resolve_model(str(path)), stream.dtype, stream.device) as candidate:
+            hidden = final_hidden_states(candidate, blocks, progress, desc="quantized")
+            return evaluate_states(HiddenStates(stream.head, blocks, reference),
+                                   [HiddenStates(candidate.head, blocks, hidden)], blocks, progress=progress)[0]
+    if path.is_file() and path.suffix.lower() == ".json":
+        assignment, amax = read_assignment(path)
+        check_assignment(assignment, linear_shapes(stream.model_dir), export=False)
+        missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in amax}
+        calibration = default_calibration_blocks(stream.model_dir) if missing or rounding != "rtn" else None
+        if missing:
+            amax = {**streamed_input_amax(stream, calibration, missing, progress=progress), **amax}
+        return round_lanes(stream, [(assignment, rounding)], calibration, blocks, amax,  # type: ignore[list-item]
+                           progress=progress).kl[0]
+    raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {quantized}")
+
+
 def eval_blocks(model_dir: Path, text: str | None, n_blocks: int, seqlen: int) -> torch.Tensor:
     """The blocks to evaluate: consecutive blocks from the start of `text` (a file), or without one, held-out
     blocks of the default text's calibration / held-out split."""
@@ -131,9 +160,8 @@ def run_eval(reference: str | None, quantized: str, text: str | None = None, n_b
     reference_dir = resolve_model(reference)
     dtype = resolve_compute_dtype(compute_dtype, resolve_device(device), model_dtype(reference_dir))
     blocks = eval_blocks(reference_dir, text, n_blocks, seqlen)
-    quant_model = load_quantized(quantized, reference_dir, device, progress, rounding, dtype)
-    ref_model = load_model(reference_dir, dtype, device)
-    result = evaluate_kl(ref_model, quant_model, blocks, progress=progress)
+    with LayerStream(reference_dir, dtype, device) as stream:
+        result = _streamed_kl(stream, quantized, blocks, rounding, progress)
     print(f"prismq eval: {quantized} against {reference_dir}, computed in {dtype_name(dtype)}")
     print(result.summary())
     if json_path is not None:

@@ -210,24 +210,11 @@ class HiddenStates:
         return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
 
-def evaluate_hidden(head: nn.Module, blocks: torch.Tensor, reference: Sequence[torch.Tensor],
-                    candidates: Sequence[Sequence[torch.Tensor]], chunk_size: int = DEFAULT_CHUNK,
-                    progress: bool = True) -> list[KLResult]:
-    """KL statistics of each candidate against the reference from final hidden states computed elsewhere (one
-    [L, hidden] tensor per block of `blocks`, per model), through the shared output `head`."""
-    ref = HiddenStates(head, blocks, reference)
-    sources = [HiddenStates(head, blocks, hidden) for hidden in candidates]
-    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
-
-
-def evaluate_models_against(head: nn.Module, blocks: torch.Tensor, reference: Sequence[torch.Tensor],
-                            candidates: Sequence[nn.Module], chunk_size: int = DEFAULT_CHUNK,
-                            progress: bool = True) -> list[KLResult]:
-    """KL statistics of in-memory candidate models against a reference given as final hidden states per block
-    (from a streamed walk) and its output `head`."""
-    ref = HiddenStates(head, blocks, reference)
-    sources = [LogitSource(model, f"candidate {i}") for i, model in enumerate(candidates)]
-    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
+def evaluate_states(reference: HiddenStates, candidates: Sequence[HiddenStates], blocks: torch.Tensor,
+                    chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> list[KLResult]:
+    """KL statistics of each candidate against the reference from final hidden states computed elsewhere (streamed
+    walks), each through its own model's output head."""
+    return _evaluate_sources(reference, candidates, blocks, chunk_size, progress)
 
 
 def _evaluate_sources(ref: Any, sources: Sequence[Any], blocks: torch.Tensor, chunk_size: int,

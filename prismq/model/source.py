@@ -289,15 +289,10 @@ def _cast_decompressed(model: PreTrainedModel, stored: torch.dtype, dtype: torch
     (scales, global scales) are left as they are."""
     from compressed_tensors.offload import remove_dispatch
 
+    from prismq.engine.stream import cast_stored
+
     remove_dispatch(model, onload_tensors=True)
-    with torch.no_grad():
-        for module in model.modules():
-            for _, param in module.named_parameters(recurse=False):
-                if param.dtype == stored:
-                    param.data = param.data.to(dtype)
-            for name, buffer in module.named_buffers(recurse=False):
-                if buffer.dtype == stored:
-                    module._buffers[name] = buffer.to(dtype)
+    cast_stored(model, stored, dtype)
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from prismq.engine.stream import LayerInput, LayerStream, run_layer
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.measure.kl import DEFAULT_CHUNK, KLResult, evaluate_hidden
+from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_states
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
@@ -66,23 +66,27 @@ def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list
 
 
 @torch.no_grad()
-def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Method]], calibration: torch.Tensor,
+def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Method]],
+                calibration: torch.Tensor | None,
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
-    blocks in batches of `batch_size`; held-out blocks one at a time, as the KL evaluator runs them).
+    blocks in batches of `batch_size`, None when every method is rtn; held-out blocks one at a time, as the KL
+    evaluator runs them).
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory."""
     for _, method in candidates:
         if method not in METHODS:
             raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
+    if calibration is None and any(method != "rtn" for _, method in candidates):
+        raise PrismqError("GPTQ needs calibration blocks")
     settings = settings or GPTQSettings()
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
-    first_calibration = stream.first_inputs(calibration, batch_size)
+    first_calibration = [] if calibration is None else stream.first_inputs(calibration, batch_size)
     first_heldout = stream.first_inputs(heldout, 1)
     lanes = [Lane(assignment, method, first_calibration, first_heldout,
                   RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / f"candidate-{k}")))
@@ -108,7 +112,9 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
         reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
     assert reference_hidden is not None
     candidates_hidden = [[stream.final_hidden(hidden)[0] for hidden, _ in lane.heldout] for lane in lanes]
-    kl = evaluate_hidden(stream.head, heldout, reference_hidden, candidates_hidden, chunk_size, progress)
+    kl = evaluate_states(HiddenStates(stream.head, heldout, reference_hidden),
+                         [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
+                         chunk_size, progress)
     return LaneResults([lane.rounded for lane in lanes], kl, reference_hidden)
 
 
