@@ -1,16 +1,29 @@
-"""Sharded safetensors written incrementally: at most one shard is held in memory at a time."""
+"""Sharded safetensors written incrementally: each tensor goes to disk as it is added, so memory holds one tensor,
+not one shard (a 5 GB shard of a large model would otherwise sit in memory until it is full).
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (dtype, shape and byte offsets of every
+tensor, plus `__metadata__`), then the tensors' bytes. The bytes are appended to a scratch file while the shard
+fills; closing the shard writes the header and then copies the bytes after it.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import save_file
+
+# torch dtype -> safetensors dtype name (the ones prismq writes)
+_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 class ShardWriter:
-    """Collect tensors in order and flush a shard whenever it would pass `max_shard_bytes`.
+    """Collect tensors in order and start a new shard whenever the current one would pass `max_shard_bytes`.
 
     `close()` names the shards like Hugging Face (model-00001-of-00003.safetensors, or model.safetensors when
     there is one) and writes model.safetensors.index.json; it returns the total bytes of tensor data."""
@@ -18,33 +31,50 @@ class ShardWriter:
     def __init__(self, directory: Path, max_shard_bytes: int) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.entries: dict[str, dict] = {}  # the current shard's header entries
+        self.data: BinaryIO | None = None  # the current shard's bytes so far
+        self.offset = 0
         self.shard_files: list[Path] = []
         self.shard_of: dict[str, int] = {}
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; flushes the current shard first if this tensor would overflow it."""
-        if name in self.shard_of or name in self.pending:
+        """Write one tensor into the current shard; starts a new shard first if it would overflow this one."""
+        if name in self.shard_of or name in self.entries:
             raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name here")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        if self.entries and self.offset + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        if self.data is None:
+            self.data = open(self.directory / f"shard-{len(self.shard_files):05d}.bytes", "w+b")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self.data.write(flat.view(torch.uint8).numpy().tobytes() if size else b"")
+        self.entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + size]}
+        self.offset += size
 
     def flush(self) -> None:
-        """Write the pending tensors as the next shard."""
-        if not self.pending:
+        """Finish the current shard: header, then its bytes, as the next shard file."""
+        if self.data is None:
             return
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         path = self.directory / f"shard-{len(self.shard_files):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        for name in self.pending:
+        scratch = Path(self.data.name)
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            self.data.seek(0)
+            shutil.copyfileobj(self.data, out, 16 << 20)
+        self.data.close()
+        scratch.unlink()
+        for name in self.entries:
             self.shard_of[name] = len(self.shard_files)
         self.shard_files.append(path)
-        self.total_bytes += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
+        self.total_bytes += self.offset
+        self.entries, self.data, self.offset = {}, None, 0
 
     def close(self) -> int:
         """Flush, give the shards their final names, and write the index (when there is more than one shard)."""
@@ -59,4 +89,3 @@ class ShardWriter:
                      "weight_map": {name: names[i] for name, i in sorted(self.shard_of.items())}}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return self.total_bytes
-
