@@ -122,12 +122,22 @@ def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
     return best if uniform_kl[best] < mixed_kl else None
 
 
-def _input_ranges(stream: Any, calibration: Any, assignments: list[dict[str, str]]) -> dict:
-    """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format."""
+def _input_ranges(stream: Any, calibration: Any, assignments: list[dict[str, str]], work: Path) -> dict:
+    """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format,
+    started from the per-token input maxima the probe recorded on the same blocks (when it did)."""
+    from prismq.artifacts import read_tensors
+    from prismq.measure.fisher import X_TOKEN_MAX
+    from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
     from prismq.rounding.clip import streamed_input_amax
 
     needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
-    return streamed_input_amax(stream, calibration, needing)
+    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
+    tokens = calibration.numel()
+    token_max = None
+    same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
+    if probed is not None and same_arithmetic and all(f"{n}.{X_TOKEN_MAX}" in probed[0] for n in needing):
+        token_max = {n: probed[0][f"{n}.{X_TOKEN_MAX}"][:tokens] for n in needing}
+    return streamed_input_amax(stream, calibration, needing, token_max=token_max)
 
 
 def _settings(config: QuantizeConfig) -> Any:
@@ -196,7 +206,7 @@ def quantize(config: QuantizeConfig) -> ExportResult:
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
     with LayerStream(model_dir, dtype, device) as stream:
         with _timed(timings, "input ranges"):
-            input_amax = _input_ranges(stream, calibration, [assignment, *(a for a, _ in baselines.values())])
+            input_amax = _input_ranges(stream, calibration, [assignment, *(a for a, _ in baselines.values())], work)
         with _timed(timings, "rounding + held-out eval"):
             walk = round_lanes(stream, [(assignment, m) for m in methods], calibration, heldout, input_amax,
                                _settings(config), spill_dir=work / "rounded" / "methods")

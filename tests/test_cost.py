@@ -14,7 +14,7 @@ from prismq.errors import PrismqError
 from prismq.export.writer import write_checkpoint
 from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
-from prismq.measure.cost import LinearStats, format_cost, run_cost
+from prismq.measure.cost import LinearStats, batch_costs, run_cost
 from prismq.model.linears import linear_shapes, quantizable
 
 
@@ -35,7 +35,7 @@ def test_output_error_equals_a_direct_measurement(name: str) -> None:
     x = hadamard(inp) * torch.logspace(-1, 0.5, inp)  # [T=in, in], X^T X / T = diag(scale^2)
     fisher_out = torch.rand(out, generator=g)
     stats = LinearStats(fisher_out, x.square().mean(0), x.abs().amax(), x[:64].to(torch.bfloat16))
-    row = format_cost(name, w, stats, w.abs().amax(), x.abs().amax())
+    (row,) = batch_costs(name, w[None], [stats], w.abs().amax()[None], x.abs().amax()[None], ["weight"])
     fmt = get_format(name)
     shipped = fmt.decode(fmt.encode(w), torch.bfloat16).double()
     per_channel = (x.double() @ (w.double() - shipped).T).square().mean(0)  # [out]
@@ -53,12 +53,13 @@ def test_activation_error_is_the_extra_output_error_of_quantized_inputs() -> Non
     x = (torch.randn(64, 128, generator=g) * torch.logspace(-2, 1, 128)).to(torch.bfloat16)
     stats = LinearStats(torch.ones(32), x.float().square().mean(0), x.abs().amax().float(), x)
     fmt = get_format("MXFP8")
-    row = format_cost("MXFP8", w, stats, w.abs().amax(), x.abs().amax())
+    (row,) = batch_costs("MXFP8", w[None], [stats], w.abs().amax()[None], x.abs().amax()[None], ["weight"])
     wq = fmt.qdq(w).float()
     exact, served = x.float() @ w.float().T, fmt.qdq_activation(x).float() @ wq.T
     direct = ((exact - served).square().mean(0) - (exact - x.float() @ wq.T).square().mean(0)).clamp(min=0)
     assert row.act_err == pytest.approx(float(direct.sum()), rel=1e-5) and row.act_err > 0
-    assert format_cost("MXFP8A16", w, stats, w.abs().amax(), x.abs().amax()).act_err == 0
+    assert batch_costs("MXFP8A16", w[None], [stats], w.abs().amax()[None], x.abs().amax()[None],
+                       ["weight"])[0].act_err == 0
 
 
 def fake_probe(model_dir: Path, work_dir: Path, seed: int = 2) -> dict[str, tuple[int, int]]:

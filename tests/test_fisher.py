@@ -13,7 +13,8 @@ from torch import nn
 from prismq.errors import PrismqError
 from prismq.measure import fisher
 from prismq.measure.fisher import probe, sample_positions
-from prismq.measure.probe_stage import read_probe, run_probe
+from prismq.artifacts import read_tensors
+from prismq.measure.probe_stage import PROBE_KIND, run_probe
 
 # float32 model; the probe sums each block in fp32 and the brute force is float64 throughout, so they agree to
 # float32 rounding (measured: max relative difference ~1e-7 on fisher_out, ~1e-7 on the trace).
@@ -186,7 +187,7 @@ def test_run_probe_writes_resumes_and_refuses_stale_or_corrupt(tiny_llama_dir: P
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(2))
     stem = run_probe(tiny_llama_dir, tmp_path, blocks, device="cpu", sample_rows=8, progress=False)
-    tensors, meta = read_probe(tmp_path)
+    tensors, meta = read_tensors(tmp_path / "probe", PROBE_KIND)
     assert stem == tmp_path / "probe" and meta["tokens"] == 32 and meta["blocks"] == 2 and meta["seqlen"] == 16
     assert meta["sample_rows"] == 8 and meta["seed"] == 0 and meta["dtype"] == "bfloat16" and meta["loss"] > 0
     assert len([k for k in tensors if k.endswith(".fisher_trace")]) == 14 and not any("lm_head" in k for k in tensors)

@@ -150,3 +150,21 @@ def test_an_export_read_back_layer_by_layer_equals_transformers_loading_it(
     with LayerStream(tiny_llama_dir, dtype) as source:
         plain = final_hidden_states(source, blocks, progress=False)
     assert not torch.equal(plain[0], streamed[0])
+
+
+def test_input_ranges_from_the_probe_maxima_equal_the_two_pass_ones(tiny_llama_dir: Path) -> None:
+    """The probe records every token's input maximum; the clip calibration started from them equals its own."""
+    from prismq.measure.fisher import X_TOKEN_MAX, probe_streamed
+
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assignment = {n: "NVFP4" for n in names}
+    blocks = torch.randint(0, 512, (12, 24), generator=torch.Generator().manual_seed(6))
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        probed = probe_streamed(stream, blocks, names, sample_rows=4, progress=False)
+        maxima = {n: probed[f"{n}.{X_TOKEN_MAX}"] for n in names}
+        assert maxima[names[0]].shape == (12 * 24,)
+        two_pass = streamed_input_amax(stream, blocks[:10], assignment, progress=False)
+        from_probe = streamed_input_amax(stream, blocks[:10], assignment, progress=False,
+                                         token_max={n: m[:10 * 24] for n, m in maxima.items()})
+    assert two_pass.keys() == from_probe.keys() == set(names)
+    assert all(torch.equal(two_pass[n], from_probe[n]) for n in names)

@@ -100,13 +100,6 @@ def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats
                     predicted_dloss=float(dloss[b])) for b, name in enumerate(names)]
 
 
-def format_cost(format_name: str, weight: torch.Tensor, stats: LinearStats, shared_amax: torch.Tensor,
-                shared_input_amax: torch.Tensor, name: str = "weight") -> CostRow:
-    """Cost of one Linear in one format (a batch of one)."""
-    return batch_costs(format_name, weight.unsqueeze(0), [stats], shared_amax.reshape(1),
-                       shared_input_amax.reshape(1), [name])[0]
-
-
 def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears: list[str], formats: list[str],
                   device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24,
                   dtype: torch.dtype | None = None) -> list[CostRow]:

@@ -35,6 +35,7 @@ FISHER_TRACE = "fisher_trace"
 X_SQ = "x_sq"
 X_ABSMAX = "x_absmax"
 X_SAMPLE = "x_sample"
+X_TOKEN_MAX = "x_token_max"
 
 
 def sample_positions(total: int, rows: int, seed: int) -> torch.Tensor:
@@ -53,6 +54,7 @@ class _LinearState:
     x_sq: torch.Tensor  # [in] fp64: sum_t x_tj^2
     x_absmax: torch.Tensor  # [] fp32
     x_sample: torch.Tensor  # [rows, in] model dtype
+    x_token_max: torch.Tensor  # [N*L] fp32: max_j |x_tj| of every calibration token, in block order
     calls: int = 0
 
 
@@ -64,13 +66,14 @@ class _InputStats:
     norm_sq: torch.Tensor  # [L] fp32 ||x_t||^2
     col_sq: torch.Tensor  # [in] fp32 sum_t x_tj^2
     absmax: torch.Tensor  # [] fp32
+    token_max: torch.Tensor  # [L] fp32
     sample: torch.Tensor | None  # [rows in this block, in] the sampled rows, model dtype
 
 
 class _Recorder:
     """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
 
-    def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int,
+    def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int, total: int,
                  device: torch.device | None = None) -> None:
         """`device`: where the sums live (default: each Linear's weight device; a streamed model's Linears are on
         the meta device until their layer is read)."""
@@ -82,10 +85,12 @@ class _Recorder:
                 x_absmax=torch.zeros((), dtype=torch.float32, device=device or m.weight.device),
                 x_sample=torch.zeros(sample_rows, m.in_features, dtype=m.weight.dtype,
                                      device=device or m.weight.device),
+                x_token_max=torch.zeros(total, dtype=torch.float32, device=device or m.weight.device),
             )
             for name, m in modules.items()
         }
         self.slots = torch.zeros(0, dtype=torch.long)  # this block's sample slots and their positions in the block
+        self.block = 0
         self.local = torch.zeros(0, dtype=torch.long)
         self._last: tuple[torch.Tensor, int, _InputStats] | None = None  # the last input seen, for siblings
 
@@ -98,6 +103,7 @@ class _Recorder:
         in_block = (positions >= index * self.seqlen) & (positions < (index + 1) * self.seqlen)
         local = (positions[in_block] - index * self.seqlen).to(device)
         self.start_block(in_block.nonzero().flatten().to(device), local)
+        self.block = index
 
     def input_stats(self, given: torch.Tensor) -> _InputStats:
         """The statistics of a Linear's input [..., in] (one block), reused when the previous Linear got this very
@@ -108,7 +114,7 @@ class _Recorder:
         squares = x.to(torch.float32, copy=True).square_()  # [L, in]; a copy, so fp32 inputs stay untouched
         low, high = torch.aminmax(x)
         stats = _InputStats(norm_sq=squares.sum(dim=1), col_sq=squares.sum(dim=0),
-                            absmax=torch.maximum(-low, high).float(),
+                            absmax=torch.maximum(-low, high).float(), token_max=x.abs().amax(dim=-1).float(),
                             sample=x[self.local] if self.slots.numel() else None)
         self._last = (given, given._version, stats)
         return stats
@@ -129,6 +135,7 @@ class _Recorder:
             stats = self.input_stats(x)
             state.x_sq += stats.col_sq
             torch.maximum(state.x_absmax, stats.absmax, out=state.x_absmax)
+            state.x_token_max[self.block * self.seqlen:(self.block + 1) * self.seqlen] = stats.token_max
             if stats.sample is not None:
                 state.x_sample[self.slots] = stats.sample.to(state.x_sample.dtype)
             norm_sq = stats.norm_sq  # kept alive by the hook below until the backward has run
@@ -152,7 +159,8 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     """Per-token empirical Fisher and input statistics of the named Linears over calibration `blocks` [N, L].
 
     Returns, per Linear NAME (fp32 on the CPU unless noted): NAME.fisher_out [out], NAME.fisher_trace [],
-    NAME.x_sq [in] (E[x_j^2] over all N*L tokens), NAME.x_absmax [] and NAME.x_sample [min(sample_rows, N*L), in]
+    NAME.x_sq [in] (E[x_j^2] over all N*L tokens), NAME.x_absmax [], NAME.x_token_max [N*L] (each token's max |x|,
+    block after block: the clip calibration's candidates) and NAME.x_sample [min(sample_rows, N*L), in]
     (in the model dtype: input rows at positions drawn uniformly over all N*L, seeded, without replacement, in
     position order). Also "loss" []: the mean next-token NLL over the N*(L-1) predicted tokens. One block per
     forward/backward; the model is left as it was (parameters, requires_grad flags and train/eval mode) and no
@@ -165,7 +173,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     n_blocks, seqlen = blocks.shape
     total = n_blocks * seqlen
     modules = {name: all_modules[name] for name in names}
-    recorder = _Recorder(modules, seqlen, min(sample_rows, total))
+    recorder = _Recorder(modules, seqlen, min(sample_rows, total), total)
     positions = sample_positions(total, sample_rows, seed)
     embed = model.get_input_embeddings()
     device = embed.weight.device
@@ -218,7 +226,7 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
         raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
     n_blocks, seqlen = blocks.shape
     total = n_blocks * seqlen
-    recorder = _Recorder({n: skeleton[n] for n in names}, seqlen, min(sample_rows, total), stream.device)
+    recorder = _Recorder({n: skeleton[n] for n in names}, seqlen, min(sample_rows, total), total, stream.device)
     positions = sample_positions(total, sample_rows, seed)
     with torch.no_grad():
         first = stream.first_inputs(blocks, 1)
@@ -281,6 +289,7 @@ def _results(recorder: _Recorder, n_blocks: int, total: int, loss: torch.Tensor)
         out[f"{name}.{X_SQ}"] = (state.x_sq / total).float().cpu()
         out[f"{name}.{X_ABSMAX}"] = state.x_absmax.cpu()
         out[f"{name}.{X_SAMPLE}"] = state.x_sample.cpu()
+        out[f"{name}.{X_TOKEN_MAX}"] = state.x_token_max.cpu()
         if not math.isfinite(float(out[f"{name}.{FISHER_TRACE}"])):
             raise PrismqError(f"{name}: the Fisher trace is not finite (overflow in the model dtype?)")
     return out

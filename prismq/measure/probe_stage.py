@@ -27,17 +27,9 @@ def probe_expect(model_dir: Path, blocks: torch.Tensor, sample_rows: int, seed: 
             "sample_rows": sample_rows, "seed": seed}
 
 
-def read_probe(work_dir: Path, expect: dict[str, Any] | None = None
-               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The probe's tensors and sidecar from `work_dir` (None if not there yet); corrupt or stale -> PrismqError.
-
-    Later stages (cost) read the probe through this, passing `probe_expect(...)` to refuse a mismatched one."""
-    return read_tensors(Path(work_dir) / PROBE_STEM, PROBE_KIND, expect)
-
-
 def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: str | torch.device,
               sample_rows: int = 128, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
-    """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `read_probe`).
+    """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `prismq.artifacts.read_tensors(stem, PROBE_KIND, probe_expect(...))`).
 
     The model is streamed (one decoder layer in memory at a time, `probe_streamed`). If a probe artifact for the
     same model, blocks, sample_rows and seed is already there it is reused without reading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too

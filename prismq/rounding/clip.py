@@ -18,6 +18,8 @@ this stage on CPUs; a few thousand tokens rank a handful of candidates well).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -110,40 +112,48 @@ def calibrated_input_amax(model: nn.Module, blocks: torch.Tensor, assignment: di
 
 @torch.no_grad()
 def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: dict[str, str],
-                        progress: bool = True) -> dict[str, torch.Tensor]:
+                        progress: bool = True,
+                        token_max: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """`calibrated_input_amax` on a streamed model, equal to it: each layer read once, its inputs' per-token maxima
-    recorded over every block, then its candidates scored on the scored blocks' inputs of the same layer."""
+    recorded over every block, then its candidates scored on the scored blocks' inputs of the same layer.
+
+    `token_max` (per Linear, every token's max |x| over `blocks`, block after block: what the probe records) spares
+    the first pass: only the scored blocks are run."""
     groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
     if not groups:
         return {}
     scored = _scored(len(blocks))
-    inputs = stream.first_inputs(blocks, 1)
     candidates: dict[str, torch.Tensor] = {}
+    if token_max is not None:
+        candidates = {g[0]: _candidates([token_max[g[0]].float()]) for g in groups}
+    inputs = stream.first_inputs(blocks if token_max is None else blocks[scored], 1)
     errors: dict[str, torch.Tensor] = {}
     for index in tqdm(range(len(stream)), desc="calibrate input ranges", unit="layer", disable=not progress):
         with stream.layer(index) as layer:
             modules = stream.layer_names(index, layer)
             here = [g for g in groups if g[0] in modules]
-            token_max: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
-            handles = [modules[name].register_forward_pre_hook(_maxima_hook(store))
-                       for name, store in token_max.items()]
-            try:
-                outputs = run_layer(layer, inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for name, maxima in token_max.items():
-                candidates[name] = _candidates(maxima)
-                errors[name] = torch.zeros(len(candidates[name]), dtype=torch.float64)
-            handles = [modules[g[0]].register_forward_pre_hook(
-                _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]])) for g in here]
-            try:
-                run_layer(layer, [inputs[i] for i in scored])
-            finally:
-                for handle in handles:
-                    handle.remove()
-            inputs = outputs
-    outside = [g[0] for g in groups if g[0] not in candidates]
+            if token_max is None:
+                maxima: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
+                outputs = _hooked(layer, inputs, {modules[n]: _maxima_hook(store) for n, store in maxima.items()})
+                candidates.update({name: _candidates(values) for name, values in maxima.items()})
+                inputs_to_score = [inputs[i] for i in scored]
+            else:
+                inputs_to_score = inputs
+            errors.update({g[0]: torch.zeros(len(candidates[g[0]]), dtype=torch.float64) for g in here})
+            hooks = {modules[g[0]]: _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]]) for g in here}
+            scored_outputs = _hooked(layer, inputs_to_score, hooks)
+            inputs = outputs if token_max is None else scored_outputs
+    outside = [g[0] for g in groups if g[0] not in errors]
     if outside:
         raise PrismqError(f"{outside[0]} lies outside the decoder layers; its format cannot take a static input scale")
     return _choose(groups, candidates, errors)
+
+
+def _hooked(layer: nn.Module, inputs: list, hooks: dict[nn.Module, object]) -> list:
+    """run_layer with forward pre-hooks on some of the layer's modules for the duration of the run."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]  # type: ignore[arg-type]
+    try:
+        return run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -102,7 +102,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                     round_layer(layer, stream.layer_names(index, layer), layer_groups[index], lane.assignment,
                                 lane.method, lane.calibration, input_amax, settings, stream.weight_dtype,
                                 lane.rounded)
-                lane.calibration = run_layer(layer, lane.calibration)
+                if lane.method != "rtn":  # round-to-nearest never looks at its inputs
+                    lane.calibration = run_layer(layer, lane.calibration)
                 lane.heldout = run_layer(layer, lane.heldout)
                 if isinstance(lane.rounded.encoded, EncodedStore):
                     lane.rounded.encoded.flush()

@@ -1,0 +1,134 @@
+"""Peak memory of `prismq quantize` against the model's depth: the model must never be loaded whole.
+
+Why: prismq's users bring 8B-671B models to one GPU box or a 128 GB machine, so every stage streams the decoder
+layers from disk and keeps only hidden states resident. This writes synthetic Llama-shaped checkpoints (random
+bf16 weights, the embedded model's tokenizer and vocabulary, the same width at several depths), runs
+`prismq quantize --target-bits 4.75` on each in a fresh process, and reports that process's peak resident memory
+(and peak GPU memory on CUDA) next to the checkpoint's size. Flat in the number of layers, and a fraction of the
+checkpoint, is the target. Text sizes are small (`--calib-blocks`, `--calib-seqlen`): memory, not quality, is
+measured here.
+
+Run from the repo root:
+    python benchmarks/streaming_memory.py [--layers 8,16,32] [--hidden 2048] [--intermediate 8192]
+        [--rounding gptq+sweep] [--rounding-largest rtn] [--device cpu] [--scratch /tmp/prismq-streaming]
+Writes benchmarks/results/streaming_memory.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from prismq.export.shards import ShardWriter  # noqa: E402
+from prismq.model.source import resolve_model  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+# Runs the CLI in this child and reports its own peak memory (ru_maxrss is in KB on Linux).
+CHILD = """
+import resource, sys, torch
+from prismq.cli import main
+code = main(sys.argv[1:])
+gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss} {gpu}")
+sys.exit(code)
+"""
+
+
+def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, seed: int = 0) -> int:
+    """A Llama-shaped checkpoint of random bf16 weights written tensor by tensor (never whole in memory), with
+    the embedded model's tokenizer; returns its bytes of tensor data."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = resolve_model(None)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    heads = hidden // 128
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, path / name)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(path, 2 * 10**9)
+    for name, tensor in skeleton.state_dict().items():
+        if name.endswith("norm.weight"):
+            value = torch.ones(tensor.shape, dtype=torch.bfloat16)
+        else:
+            value = (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        writer.add(name, value)
+    return writer.close()
+
+
+def measure(model: Path, out: Path, rounding: str, args: argparse.Namespace) -> dict:
+    """One `prismq quantize` in a fresh process: wall seconds, peak RSS and peak GPU bytes."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".work"), ignore_errors=True)
+    command = [sys.executable, "-c", CHILD, "quantize", str(model), "--target-bits", "4.75", "--rounding", rounding,
+               "--calib-blocks", str(args.calib_blocks), "--rounding-blocks", str(args.calib_blocks),
+               "--calib-seqlen", str(args.calib_seqlen), "--heldout-blocks", str(args.heldout_blocks),
+               "--device", args.device, "--max-shard-size", "1GB", "--out", str(out)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    seconds = time.perf_counter() - started
+    peak = [line.split() for line in done.stdout.splitlines() if line.startswith("PEAK ")]
+    if done.returncode or not peak:
+        raise SystemExit(f"prismq quantize failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": int(peak[-1][1]) * 1024, "peak_gpu_bytes": int(peak[-1][2])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", default="8,16,32")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--rounding", default="gptq+sweep")
+    parser.add_argument("--rounding-largest", default="rtn", help="rounding for the deepest model (GPTQ on a CPU "
+                        "takes long there; memory is what is measured)")
+    parser.add_argument("--calib-blocks", type=int, default=4)
+    parser.add_argument("--calib-seqlen", type=int, default=256)
+    parser.add_argument("--heldout-blocks", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/prismq-streaming"))
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "streaming_memory.json")
+    args = parser.parse_args()
+    depths = [int(v) for v in args.layers.split(",")]
+    rows = []
+    for layers in depths:
+        model = args.scratch / f"llama-{args.hidden}-{layers}L"
+        size = write_synthetic(model, layers, args.hidden, args.intermediate)
+        rounding = args.rounding_largest if layers == max(depths) and len(depths) > 1 else args.rounding
+        result = measure(model, args.scratch / f"out-{layers}L", rounding, args)
+        rows.append({"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate,
+                     "checkpoint_bytes": size, "rounding": rounding, **result})
+        shutil.rmtree(model, ignore_errors=True)
+        print(f"{layers} layers: {result}", flush=True)
+    print("| layers | checkpoint GB | rounding | peak RSS GB | RSS / checkpoint | peak GPU GB | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['layers']} | {row['checkpoint_bytes'] / 1e9:.2f} | {row['rounding']} | "
+              f"{row['peak_rss_bytes'] / 1e9:.2f} | {row['peak_rss_bytes'] / row['checkpoint_bytes']:.2f} | "
+              f"{row['peak_gpu_bytes'] / 1e9:.2f} | {row['seconds']} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": args.device, "calib_blocks": args.calib_blocks, "calib_seqlen": args.calib_seqlen,
+            "heldout_blocks": args.heldout_blocks, "torch": torch.__version__}
+    args.json.write_text(json.dumps({"settings": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
