@@ -86,6 +86,15 @@ def read_json(path: Path, kind: str, expect: dict[str, Any] | None = None) -> di
     return document
 
 
+def read_current(path: Path, kind: str, expect: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON artifact of a cheap-to-redo stage (allocation, rounding) if it was made from `expect`'s inputs and
+    settings; None if absent or made from others (the stage then runs again and replaces it). Corrupt: an error."""
+    document = read_json(path, kind)
+    if document is None or any(document.get(key) != value for key, value in expect.items()):
+        return None
+    return document
+
+
 def write_tensors(stem: Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write STEM.safetensors and its sidecar STEM.json (the sidecar last, so it vouches for complete tensors)."""
     stem = Path(stem)

@@ -27,7 +27,7 @@ _STAGES = {
     "allocate": "choose a format per Linear for a sweep of budgets (Pareto frontier and knee)",
     "select": "check frontier candidates by measured KL on held-out text and pick one",
     "export": "write the chosen assignment as a sharded compressed-tensors checkpoint",
-    "report": "write report.md and the Pareto plot from a work directory",
+    "report": "write report.md again from a work directory's summary.json",
 }
 _EVAL_HELP = "compare a quantized model with its reference: KL statistics, perplexity, top-1 agreement"
 _QUANTIZE_HELP = "run the whole pipeline: MODEL in, compressed-tensors checkpoint for vLLM out"
@@ -47,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prismq {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     _add_quantize(commands)
+    for name in ("allocate", "export"):
+        _add_quantize(commands, name)
     for name, help_line in _STAGES.items():
+        if name in ("allocate", "export"):
+            continue
         stage = commands.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
-        stage.add_argument("--work-dir", type=Path, metavar="DIR", required=name in ("probe", "cost"),
+        stage.add_argument("--work-dir", type=Path, metavar="DIR", required=name in ("probe", "cost", "report"),
                            help="work directory shared by all stages (each resumes from what is there)")
         if name == "probe":
             _add_probe_flags(stage)
@@ -66,13 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quantize(commands: Any) -> None:
-    """Add `quantize` with every §1b flag, plus --max-shard-size, --calib-blocks/--calib-seqlen and --config."""
+_UP_TO = {
+    "quantize": "Quantize MODEL and write a compressed-tensors checkpoint to --out.",
+    "allocate": "Run quantize's stages up to the allocation (probe, cost, allocate; each resumed from the work "
+                "directory) and write WORK/allocation.json, frontier.json and frontier.png.",
+    "export": "Run quantize's stages through export and eval, resuming every finished stage from the work "
+              "directory (the same as quantize).",
+}
+
+
+def _add_quantize(commands: Any, name: str = "quantize") -> None:
+    """Add `quantize` (or a stage that runs its list up to itself) with every §1b flag, plus --max-shard-size,
+    --calib-blocks/--calib-seqlen and --config."""
     sub = commands.add_parser(
-        "quantize",
-        help=_QUANTIZE_HELP,
-        description="Quantize MODEL and write a compressed-tensors checkpoint to --out. Settings may also come "
-        "from --config FILE (JSON or TOML, same names as the flags); flags given on the command line win.",
+        name,
+        help=_QUANTIZE_HELP if name == "quantize" else _STAGES[name],
+        description=_UP_TO[name] + " Settings may also come from --config FILE (JSON or TOML, same names as the "
+        "flags); flags given on the command line win.",
         argument_default=argparse.SUPPRESS,
     )
     sub.add_argument(
@@ -169,12 +183,24 @@ def _not_implemented(what: str, instead: str = "") -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    """Validate the settings and run the pipeline."""
+    """Validate the settings and run the pipeline (up to the allocation for `prismq allocate`)."""
     settings = quantize_settings(args)
     config = validate_config(QuantizeConfig, settings)
+    if args.command != "allocate" and config.out is None:
+        raise PrismqError("--out is required: where to write the checkpoint (or 'out' in the config file)")
+    if args.command == "allocate" and config.out is None and config.work_dir is None:
+        raise PrismqError("give --work-dir: where the stages keep their artifacts")
     from prismq.pipeline import quantize
 
-    quantize(config)
+    quantize(config, until="allocate" if args.command == "allocate" else "export")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write report.md again from the work directory's summary."""
+    from prismq.pipeline import report
+
+    print(f"prismq: wrote {report(args.work_dir)}")
     return 0
 
 
@@ -223,8 +249,10 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     """The function that runs `command`."""
-    if command == "quantize":
+    if command in ("quantize", "allocate", "export"):
         return _cmd_quantize
+    if command == "report":
+        return _cmd_report
     if command == "formats":
         return _cmd_formats
     if command == "eval":

@@ -84,7 +84,7 @@ class QuantizeConfig(BaseModel):
     heldout: str | None = None
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
     work_dir: Path | None = None
-    out: Path
+    out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compute_dtype: ComputeSetting = Field(

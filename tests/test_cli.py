@@ -16,15 +16,23 @@ from prismq.config import QuantizeConfig, parse_size
 from prismq.errors import PrismqError
 
 SUBCOMMANDS = ["quantize", "probe", "cost", "allocate", "select", "export", "eval", "report", "formats"]
-STAGES = ["allocate", "select", "export", "report"]  # eval, probe, cost are built: test_kl.py, test_stages.py
+STAGES = ["select"]  # the others are built: test_kl.py, test_stages.py, test_pipeline_stages.py
+
+
+class Recorded(list):
+    """The configs the stub pipeline was given, and up to which stage each run went (`until`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.until: list[str] = []
 
 
 @pytest.fixture
-def fake_pipeline(monkeypatch) -> list[QuantizeConfig]:
+def fake_pipeline(monkeypatch) -> Recorded:
     """Replace prismq.pipeline with a stub that records the config it is given."""
-    seen: list[QuantizeConfig] = []
+    seen = Recorded()
     module = types.ModuleType("prismq.pipeline")
-    module.quantize = seen.append
+    module.quantize = lambda config, until="export": seen.append(config) or seen.until.append(until)
     monkeypatch.setitem(sys.modules, "prismq.pipeline", module)
     return seen
 
@@ -56,6 +64,17 @@ def test_version(capsys):
 def test_unbuilt_stages_exit_2_with_message(name, capsys):
     assert main([name]) == 2
     assert capsys.readouterr().err.strip() == f"prismq: '{name}' is not implemented yet"
+
+
+def test_allocate_and_export_run_the_stage_list_up_to_themselves(fake_pipeline):
+    assert main(["allocate", "--target-bits", "5", "--work-dir", "w"]) == 0
+    assert main(["export", "--uniform", "NVFP4", "--out", "x"]) == 0
+    assert fake_pipeline.until == ["allocate", "export"] and fake_pipeline[1].uniform == "NVFP4"
+
+
+def test_report_without_a_summary_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", "--work-dir", str(tmp_path)]) == 1
+    assert "has no summary.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, key", [("--target-bits", "target_bits"), ("--target-size", "target_size")])
@@ -181,7 +200,7 @@ def test_bad_choice_is_a_usage_error(capsys):
 def test_prismq_error_and_interrupt_exit_codes(monkeypatch, capsys):
     module = types.ModuleType("prismq.pipeline")
 
-    def fail(config):
+    def fail(config, until="export"):
         raise PrismqError("model path not found: nowhere")
 
     module.quantize = fail
@@ -189,7 +208,7 @@ def test_prismq_error_and_interrupt_exit_codes(monkeypatch, capsys):
     assert main(["quantize", "--uniform", "NVFP4", "--out", "o"]) == 1
     assert capsys.readouterr().err == "prismq: error: model path not found: nowhere\n"
 
-    def interrupt(config):
+    def interrupt(config, until="export"):
         raise KeyboardInterrupt
 
     module.quantize = interrupt

@@ -92,7 +92,7 @@ def test_bf16_fallback_is_offered_only_where_no_listed_format_fits() -> None:
 
 
 def test_a_uniform_format_that_measures_better_in_the_same_bytes_is_shipped_instead() -> None:
-    from prismq.pipeline import better_uniform
+    from prismq.rounding.stage import better_uniform
 
     assert better_uniform(0.0426, {"MXFP8": 0.0380, "NVFP4": 0.448}) == "MXFP8"
     assert better_uniform(0.333, {"NVFP4": 0.448}) is None

@@ -38,7 +38,8 @@ def test_probe_then_cost_write_resumable_artifacts(work: Path, capsys, monkeypat
 
     import prismq.measure.fisher as fisher
 
-    monkeypatch.setattr(fisher, "probe", lambda *a, **k: pytest.fail("probe recomputed instead of resuming"))
+    monkeypatch.setattr(fisher, "probe_streamed",
+                        lambda *a, **k: pytest.fail("probe recomputed instead of resuming"))
     args = ["probe", "--work-dir", str(work), "--calib-blocks", "2", "--heldout-blocks", "2", "--seqlen", "64",
             "--sample-rows", "16", "--device", "cpu"] + (["--calib", str(WIKITEXT)] if WIKITEXT.exists() else [])
     assert main(args) == 0

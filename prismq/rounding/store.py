@@ -3,6 +3,7 @@ only the current decoder layer's tensors of each in memory (the rest are read ba
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prismq.errors import PrismqError
 from prismq.formats import Tensors
+
+INDEX = "index.json"
 
 
 class EncodedStore(Mapping[str, Tensors]):
@@ -18,12 +22,30 @@ class EncodedStore(Mapping[str, Tensors]):
     since the last flush into one safetensors file of `directory` (created empty: an earlier walk's files there
     are removed). Reading gives the tensors exactly as added."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, fresh: bool = True) -> None:
         self.directory = Path(directory)
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True)
         self.pending: dict[str, Tensors] = {}
         self.location: dict[str, tuple[Path, tuple[str, ...]]] = {}
+        if fresh:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+
+    @classmethod
+    def reopen(cls, directory: Path) -> EncodedStore:
+        """A store written earlier (what its index lists), for reading; a missing or corrupt one is an error."""
+        store = cls(directory, fresh=False)
+        try:
+            index = json.loads((store.directory / INDEX).read_text())
+            store.location = {name: (store.directory / file, tuple(suffixes))
+                              for name, (file, suffixes) in index.items()}
+        except (OSError, ValueError, TypeError) as exc:
+            raise PrismqError(f"{directory}: the rounded tensors are missing or corrupt ({exc}); delete the work "
+                              "directory's rounding.json to redo the rounding") from None
+        missing = [path for path, _ in store.location.values() if not path.exists()]
+        if missing:
+            raise PrismqError(f"{missing[0]} is missing; delete the work directory's rounding.json to redo the "
+                              "rounding")
+        return store
 
     def update(self, tensors: Mapping[str, Tensors]) -> None:  # type: ignore[override]
         """Add Linears' tensors (kept in memory until the next flush)."""
@@ -40,6 +62,8 @@ class EncodedStore(Mapping[str, Tensors]):
         for name, tensors in self.pending.items():
             self.location[name] = (path, tuple(tensors))
         self.pending = {}
+        index = {name: [file.name, list(suffixes)] for name, (file, suffixes) in self.location.items()}
+        (self.directory / INDEX).write_text(json.dumps(index) + "\n")
 
     def __getitem__(self, name: str) -> Tensors:
         if name in self.pending:

@@ -1,0 +1,42 @@
+"""The export and eval stages: the round stage's shipped tensors in, the compressed-tensors checkpoint out, then
+that checkpoint read back by compressed-tensors' own code, layer by layer, and measured against the reference on
+the held-out blocks (WORK/eval.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prismq.artifacts import write_json
+from prismq.config import QuantizeConfig
+from prismq.engine.stream import LayerStream, final_hidden_states
+from prismq.export.writer import ExportResult, write_checkpoint
+from prismq.measure.kl import HiddenStates, evaluate_states
+from prismq.rounding.stage import Rounding, read_reference_hidden
+from prismq.rounding.store import EncodedStore
+
+
+def stage_export(config: QuantizeConfig, model_dir: Path, rounding: Rounding) -> ExportResult:
+    """Write the shipped assignment's tensors (exactly the measured ones) as the checkpoint at --out."""
+    return write_checkpoint(model_dir, rounding.assignment, Path(config.out or ""),
+                            encoded=EncodedStore.reopen(Path(rounding.store)),
+                            input_amax={n: torch.tensor(v) for n, v in rounding.input_amax.items()},
+                            max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
+
+
+def stage_eval(work: Path, out: Path, model_dir: Path, heldout: torch.Tensor, dtype: torch.dtype,
+               device: str) -> dict[str, Any]:
+    """Held-out KL statistics of the written checkpoint against the reference (WORK/eval.json)."""
+    with LayerStream(model_dir, dtype, device) as reference:
+        hidden = read_reference_hidden(work, model_dir, heldout, dtype)
+        if hidden is None:
+            hidden = final_hidden_states(reference, heldout, desc="reference")
+        with LayerStream(out, dtype, device) as exported:
+            read_back = final_hidden_states(exported, heldout, desc="read back the export")
+            (result,) = evaluate_states(HiddenStates(reference.head, heldout, hidden),
+                                        [HiddenStates(exported.head, heldout, read_back)], heldout)
+    evaluation = {**result.to_json(), "checkpoint": str(out)}
+    write_json(work / "eval.json", "eval", evaluation)
+    return evaluation

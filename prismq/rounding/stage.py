@@ -1,0 +1,157 @@
+"""The round stage: the allocation in, the exact tensors to ship and their measured held-out KL out.
+
+Input ranges are clipped on the calibration blocks; the allocated mix is rounded by each method asked for
+(`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk, each measured on the held-out blocks as it
+goes; the method with the lowest KL is kept. The uniform baselines that fit the same budget are rounded the same way
+in a second walk; if one measures lower KL than the mix, it ships instead (predictions can misrank; measured KL
+decides). Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/, and
+the reference's final hidden states on the held-out blocks (WORK/reference_hidden) for the eval stage. Rerunning
+with the same allocation and settings reuses all of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from prismq.allocate.stage import Allocation
+from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json, \
+    write_tensors
+from prismq.config import QuantizeConfig
+from prismq.engine.stream import LayerStream
+from prismq.formats import get_format
+from prismq.measure.fisher import X_TOKEN_MAX
+from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+from prismq.rounding.clip import streamed_input_amax
+from prismq.rounding.gptq import GPTQSettings
+from prismq.rounding.lanes import round_lanes
+from prismq.rounding.sequential import METHODS, RoundedModel
+
+ROUNDING = "rounding"
+REFERENCE_HIDDEN = "reference_hidden"
+
+
+class Rounding(BaseModel):
+    """What the round stage measured and what ships: the methods' held-out mean KL and the one kept, the output
+    error of GPTQ relative to round-to-nearest, the input ranges, every KL measured (the mix, the baselines), and
+    the shipped assignment with the directory of its tensors."""
+
+    methods: list[str]
+    mean_kl: dict[str, float]
+    chosen: str
+    output_error_vs_rtn_geomean: float | None
+    rtn_kept: int
+    input_amax: dict[str, float]
+    mix_eval: dict[str, Any]
+    baseline_evals: dict[str, dict[str, Any]]
+    shipped: str  # "mix", or the uniform format shipped instead
+    assignment: dict[str, str]
+    store: str
+
+
+def _settings(config: QuantizeConfig) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in ("rounding", "rounding_blocks", "gptq_act_order", "gptq_damping",
+                                                  "gptq_block_size")}
+
+
+def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, dtype: torch.dtype,
+                device: str, calibration: torch.Tensor, heldout: torch.Tensor,
+                timings: dict[str, float]) -> Rounding:
+    """Run (or resume) the round stage for `allocation` (see the module docstring)."""
+    expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
+              "settings": _settings(config), "dtype": str(dtype).removeprefix("torch.")}
+    done = read_current(work / "rounding.json", ROUNDING, expect)
+    if done is not None:
+        return Rounding.model_validate(done["rounding"])
+    settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
+    methods = list(METHODS) if config.rounding == "best" else [config.rounding]
+    baselines = allocation.baselines
+    with LayerStream(model_dir, dtype, device) as stream:
+        started = time.perf_counter()
+        input_amax = _input_ranges(stream, calibration, [allocation.assignment, *(a for a, _ in baselines.values())],
+                                   work)
+        timings["input ranges"] = time.perf_counter() - started
+        started = time.perf_counter()
+        walk = round_lanes(stream, [(allocation.assignment, m) for m in methods], calibration, heldout, input_amax,
+                           settings, spill_dir=work / "rounded" / "methods")
+        kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
+        chosen = min(kls, key=kls.__getitem__)
+        if len(methods) > 1:
+            print(f"prismq: rounding {chosen} measured best ("
+                  + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
+        baseline_walk = None
+        if baselines:
+            baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration, heldout,
+                                        input_amax, settings, reference_hidden=walk.reference_hidden,
+                                        spill_dir=work / "rounded" / "baselines")
+        timings["rounding + held-out eval"] = time.perf_counter() - started
+        write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": torch.stack(walk.reference_hidden).cpu()},
+                      reference_expect(model_dir, heldout, dtype))
+    index = methods.index(chosen)
+    mix_eval = walk.kl[index].to_json()
+    baseline_evals = {name: r.to_json() for name, r in zip(baselines, baseline_walk.kl)} if baseline_walk else {}
+    better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
+    shipped = better or "mix"
+    if better is not None:
+        print(f"prismq: the allocated mix measured worse (mean KL {mix_eval['mean_kl']:.5f}) than uniform {shipped} "
+              f"in the same bytes ({baseline_evals[shipped]['mean_kl']:.5f}): shipping uniform {shipped} instead")
+    rounded = walk.rounded[index]
+    store = (work / "rounded" / "methods" / f"candidate-{index}" if shipped == "mix"
+             else work / "rounded" / "baselines" / f"candidate-{list(baselines).index(shipped)}")
+    result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
+                      **_error_summary(rounded), input_amax={n: float(v) for n, v in input_amax.items()},
+                      mix_eval=mix_eval, baseline_evals=baseline_evals, shipped=shipped,
+                      assignment=allocation.assignment if shipped == "mix" else baselines[shipped][0],
+                      store=str(store))
+    write_json(work / "rounding.json", ROUNDING, {**expect, "rounding": result.model_dump()})
+    return result
+
+
+def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
+    """The uniform format to ship instead of the allocated mix: the one with the lowest measured KL, when it is lower
+    than the mix's (predictions can misrank; measured KL decides). None when the mix measures best."""
+    if not uniform_kl:
+        return None
+    best = min(uniform_kl, key=uniform_kl.__getitem__)
+    return best if uniform_kl[best] < mixed_kl else None
+
+
+def reference_expect(model_dir: Path, heldout: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """What the stored reference hidden states were computed from."""
+    return {"model": fingerprint_model(model_dir), "text": fingerprint_tokens(heldout),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def read_reference_hidden(work: Path, model_dir: Path, heldout: torch.Tensor,
+                          dtype: torch.dtype) -> list[torch.Tensor] | None:
+    """The reference's final hidden states per held-out block kept by the round stage (None if not there)."""
+    stored = read_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, reference_expect(model_dir, heldout, dtype))
+    return None if stored is None else list(stored[0]["hidden"])
+
+
+def _error_summary(rounded: RoundedModel) -> dict[str, Any]:
+    """GPTQ's output error relative to round-to-nearest (geomean over the Linears) and how many kept RTN."""
+    ratios = list(rounded.error_ratios().values())
+    geomean = float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-30))))) if ratios else None
+    return {"output_error_vs_rtn_geomean": geomean,
+            "rtn_kept": sum(1 for method, _, _ in rounded.details.values() if method == "rtn")}
+
+
+def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: list[dict[str, str]],
+                  work: Path) -> dict[str, torch.Tensor]:
+    """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format,
+    started from the per-token input maxima the probe recorded on the same blocks (when it did, in the same
+    arithmetic)."""
+    needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
+    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
+    token_max = None
+    same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
+    if probed is not None and same_arithmetic and all(f"{n}.{X_TOKEN_MAX}" in probed[0] for n in needing):
+        token_max = {n: probed[0][f"{n}.{X_TOKEN_MAX}"][:calibration.numel()] for n in needing}
+    return streamed_input_amax(stream, calibration, needing, token_max=token_max)
