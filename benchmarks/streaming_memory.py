@@ -45,13 +45,14 @@ sys.exit(code)
 """
 
 
-def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, seed: int = 0) -> int:
+def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, tokenizer: Path | None,
+                    seed: int = 0) -> int:
     """A Llama-shaped checkpoint of random bf16 weights written tensor by tensor (never whole in memory), with
-    the embedded model's tokenizer; returns its bytes of tensor data."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    the tokenizer of `tokenizer` (a directory; None: the embedded model's); returns its bytes of tensor data."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    source = resolve_model(None)
-    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    source = tokenizer or resolve_model(None)
+    vocab = len(AutoTokenizer.from_pretrained(source))
     heads = hidden // 128
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab,
@@ -105,13 +106,15 @@ def main() -> None:
     parser.add_argument("--heldout-blocks", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/prismq-streaming"))
+    parser.add_argument("--tokenizer", type=Path, help="directory with the tokenizer files (default: the embedded "
+                        "model's; where it is not installed, e.g. on a GPU machine without network, carry them)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "streaming_memory.json")
     args = parser.parse_args()
     depths = [int(v) for v in args.layers.split(",")]
     rows = []
     for layers in depths:
         model = args.scratch / f"llama-{args.hidden}-{layers}L"
-        size = write_synthetic(model, layers, args.hidden, args.intermediate)
+        size = write_synthetic(model, layers, args.hidden, args.intermediate, args.tokenizer)
         rounding = args.rounding_largest if layers == max(depths) and len(depths) > 1 else args.rounding
         result = measure(model, args.scratch / f"out-{layers}L", rounding, args)
         rows.append({"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate,

@@ -201,8 +201,8 @@ class HiddenStates:
         self.by_block = {block.cpu().numpy().tobytes(): h for block, h in zip(blocks, hidden)}
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The stored final hidden states [L, hidden] of block `tokens`."""
-        return self.by_block[tokens.cpu().numpy().tobytes()]
+        """The stored final hidden states [L, hidden] of block `tokens`, on the head's device."""
+        return self.by_block[tokens.cpu().numpy().tobytes()].to(self.device)
 
     @torch.no_grad()
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,16 @@ def sweep_scales(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, sca
     candidates = grid.candidates(scales)  # [C, out, k]
     if len(candidates) == 1:
         return scales
-    rounded = grid.round(weight.unsqueeze(0), candidates)
-    error = (weight.float() - rounded.float()).square() * importance.float()
-    group_error = error.unflatten(-1, (scales.shape[-1], -1)).sum(-1)  # [C, out, k]
-    best = group_error.argmin(dim=0, keepdim=True)  # the first minimum: candidate 0 wins ties
-    return candidates.gather(0, best).squeeze(0)
+    best, best_error = candidates[0], _group_error(grid, weight, importance, candidates[0])
+    for candidate in candidates[1:]:  # one candidate at a time: memory of a few weights, not C of them
+        error = _group_error(grid, weight, importance, candidate)
+        better = error < best_error  # strictly: the first minimum wins, candidate 0 on ties
+        best, best_error = torch.where(better, candidate, best), torch.where(better, error, best_error)
+    return best
+
+
+def _group_error(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """sum over each group of importance * (w - round(w))^2 under `scales` [out, k] -> [out, k]."""
+    rounded = grid.round(weight, scales)
+    error = (weight.float() - rounded.float()).square_().mul_(importance.float())
+    return error.unflatten(-1, (scales.shape[-1], -1)).sum(-1)
