@@ -120,6 +120,8 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
     sub.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], help=_COMPUTE_HELP)
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
+    sub.add_argument("--max-memory", metavar="SIZE", help="memory the streaming engine may use on the compute device, "
+                     "e.g. 24GB (default: what it has free); a decoder layer that cannot fit is a clear error")
     sub.add_argument("--calib-blocks", type=int, metavar="N", help="calibration blocks for the probe (default 32)")
     sub.add_argument("--calib-seqlen", type=int, metavar="L", help="tokens per block (default 512)")
     sub.add_argument("--rounding-blocks", type=int, metavar="N",

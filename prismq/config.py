@@ -90,6 +90,8 @@ class QuantizeConfig(BaseModel):
     compute_dtype: ComputeSetting = Field(
         "auto", description="arithmetic dtype: auto = bf16 on GPUs and CPUs with native bf16, fp32 elsewhere")
     max_shard_size: str = "5GB"
+    max_memory: str | None = Field(None, description="memory the layer-streaming engine may use on the compute "
+                                   "device, e.g. 24GB (default: what the device has free)")
     calib_blocks: int = Field(32, gt=0, description="calibration blocks for the probe (Fisher, input statistics)")
     rounding_blocks: int = Field(32, gt=0, description="the first N calibration blocks (a uniform sample) that input "
                                  "ranges and GPTQ run on; more costs time in proportion")
@@ -131,7 +133,7 @@ class QuantizeConfig(BaseModel):
             normalized.append(f"{pattern}={name.strip().upper()}")
         return normalized
 
-    @field_validator("max_shard_size", mode="before")
+    @field_validator("max_shard_size", "max_memory", mode="before")
     @classmethod
     def _shard_size(cls, value: Any) -> Any:
         """Reject unparseable sizes now rather than at export time; normalize to e.g. "500MB".
@@ -158,6 +160,11 @@ class QuantizeConfig(BaseModel):
     def max_shard_bytes(self) -> int:
         """`max_shard_size` in bytes."""
         return parse_size(self.max_shard_size)
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """`max_memory` in bytes (None: what the device has free)."""
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     def force_rules(self) -> list[tuple[re.Pattern[str], str]]:
         """The --force rules as (compiled regex, FORMAT) pairs, in the order given (first match wins)."""

@@ -85,7 +85,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, formats=formats, device=config.device,
-                            compute_dtype=config.compute_dtype)
+                            compute_dtype=config.compute_dtype, max_memory=config.max_memory_bytes)
     timings: dict[str, float] = {}
     with _timed(timings, "probe"):
         stage_probe(measure)
@@ -106,7 +106,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     with _timed(timings, "export"):
         result = stage_export(config, model_dir, rounding)
     with _timed(timings, "eval (export)"):
-        evaluation = stage_eval(work, result.path, model_dir, heldout, dtype, config.device)
+        evaluation = stage_eval(work, result.path, model_dir, heldout, dtype, config.device,
+                                config.max_memory_bytes)
     summary = _summary(config, allocation, rounding, result, evaluation, rows,
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
                         "seconds": {k: round(v, 1) for k, v in timings.items()}})

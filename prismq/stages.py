@@ -42,6 +42,7 @@ class MeasureConfig(BaseModel):
     formats: list[str] = Field(default_factory=lambda: format_names(exportable_only=True))
     device: str = "auto"
     compute_dtype: ComputeSetting = "auto"
+    max_memory: int | None = None  # bytes the streaming engine may use (None: what the device has free)
 
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:
@@ -68,7 +69,7 @@ def stage_probe(config: MeasureConfig) -> Path:
     device = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, device, model_dtype(model_dir))
     return run_probe(model_dir, work, calib, device=device, sample_rows=config.sample_rows, seed=config.seed,
-                     dtype=dtype)
+                     dtype=dtype, max_memory=config.max_memory)
 
 
 def run_model_dir(work_dir: Path) -> Path:

@@ -168,3 +168,27 @@ def test_input_ranges_from_the_probe_maxima_equal_the_two_pass_ones(tiny_llama_d
                                          token_max={n: m[:10 * 24] for n, m in maxima.items()})
     assert two_pass.keys() == from_probe.keys() == set(names)
     assert all(torch.equal(two_pass[n], from_probe[n]) for n in names)
+
+
+def test_a_tight_memory_budget_reads_the_layer_per_candidate_with_the_same_results(tiny_llama_dir: Path) -> None:
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assignment = {n: "NVFP4A16" for n in names}
+    g = torch.Generator().manual_seed(7)
+    calibration, heldout = torch.randint(0, 512, (4, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
+    candidates = [(assignment, "rtn"), (assignment, "gptq")]
+    with LayerStream(tiny_llama_dir, torch.float32) as roomy:
+        shared = round_lanes(roomy, candidates, calibration, heldout, {}, progress=False)
+        budget = roomy.resident_bytes() + int(1.9 * roomy.layer_bytes(0)) + 2_000_000
+    with LayerStream(tiny_llama_dir, torch.float32, max_memory=budget) as tight:
+        assert tight.layer_copies(reserved=400_000) <= len(candidates)  # no room for a copy per candidate
+        reread = round_lanes(tight, candidates, calibration, heldout, {}, progress=False)
+    assert [r.mean_kl for r in reread.kl] == [r.mean_kl for r in shared.kl]
+    for ours, theirs in zip(reread.rounded, shared.rounded):
+        assert all(torch.equal(_tensor_bits(t), _tensor_bits(theirs.encoded[n][k]))
+                   for n, tensors in ours.encoded.items() for k, t in tensors.items())
+
+
+def test_a_layer_that_cannot_fit_the_budget_is_a_one_line_error(tiny_llama_dir: Path) -> None:
+    with pytest.raises(PrismqError, match=r"decoder layer \d needs 2.4 MB in float32 beside 1.0 MB of embeddings "
+                                          r"and head, more than the 2.0 MB available on cpu \(--max-memory\)"):
+        LayerStream(tiny_llama_dir, torch.float32, max_memory=2_000_000)

@@ -52,7 +52,8 @@ class LayerStream:
     """One checkpoint opened for streaming: `first_inputs`, then `layer(i)` for i in order, then `final_hidden`
     and `head`. Close it (or use it as a context manager) to release the checkpoint files."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 max_memory: int | None = None) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
@@ -73,7 +74,13 @@ class LayerStream:
             self.close()
             raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
         self.prefix, self.layers = decoder_layers(self.model)
-        self._materialize_outside_layers()
+        self.budget = max_memory if max_memory is not None else available_memory(self.device)
+        try:
+            self._check_budget()
+            self._materialize_outside_layers()
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> LayerStream:
         return self
@@ -87,6 +94,35 @@ class LayerStream:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    # --- memory ----------------------------------------------------------------------------------------------
+    def _compute_bytes(self, module: nn.Module) -> int:
+        """Bytes of a skeleton module once materialized (floating tensors in the compute dtype), from its shapes."""
+        return sum(t.numel() * (self.dtype.itemsize if t.is_floating_point() else t.element_size())
+                   for t in [*module.parameters(), *module.buffers()])
+
+    def layer_bytes(self, index: int) -> int:
+        """Bytes of decoder layer `index` once materialized."""
+        return self._compute_bytes(self.layers[index])
+
+    def resident_bytes(self) -> int:
+        """Bytes of everything outside the decoder layers (embeddings, norm, head), resident while streaming."""
+        return self._compute_bytes(self.model) - sum(self.layer_bytes(i) for i in range(len(self.layers)))
+
+    def layer_copies(self, reserved: int = 0) -> int:
+        """How many materialized copies of the largest layer fit in the budget beside the resident part and
+        `reserved` bytes (hidden states)."""
+        largest = max(self.layer_bytes(i) for i in range(len(self.layers)))
+        return max(0, (self.budget - self.resident_bytes() - reserved) // max(largest, 1))
+
+    def _check_budget(self) -> None:
+        """Refuse, on one line, a model of which one layer (beside the resident part) does not fit the budget."""
+        if self.layer_copies() < 1:
+            largest = max(range(len(self.layers)), key=self.layer_bytes)
+            raise PrismqError(f"decoder layer {largest} needs {_size(self.layer_bytes(largest))} in "
+                              f"{str(self.dtype).removeprefix('torch.')} beside {_size(self.resident_bytes())} of "
+                              f"embeddings and head, more than the {_size(self.budget)} available on {self.device} "
+                              "(--max-memory)")
 
     # --- materialization -------------------------------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str) -> None:
@@ -204,6 +240,20 @@ class LayerStream:
         if head is None:
             raise PrismqError(f"{type(self.model).__name__} has no output head")
         return head
+
+
+def _size(nbytes: int) -> str:
+    """A byte count for people: GB from 1 GB up, MB below."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> None:

@@ -27,13 +27,13 @@ def stage_export(config: QuantizeConfig, model_dir: Path, rounding: Rounding) ->
 
 
 def stage_eval(work: Path, out: Path, model_dir: Path, heldout: torch.Tensor, dtype: torch.dtype,
-               device: str) -> dict[str, Any]:
+               device: str, max_memory: int | None = None) -> dict[str, Any]:
     """Held-out KL statistics of the written checkpoint against the reference (WORK/eval.json)."""
-    with LayerStream(model_dir, dtype, device) as reference:
+    with LayerStream(model_dir, dtype, device, max_memory) as reference:
         hidden = read_reference_hidden(work, model_dir, heldout, dtype)
         if hidden is None:
             hidden = final_hidden_states(reference, heldout, desc="reference")
-        with LayerStream(out, dtype, device) as exported:
+        with LayerStream(out, dtype, device, max_memory) as exported:
             read_back = final_hidden_states(exported, heldout, desc="read back the export")
             (result,) = evaluate_states(HiddenStates(reference.head, heldout, hidden),
                                         [HiddenStates(exported.head, heldout, read_back)], heldout)

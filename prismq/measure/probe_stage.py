@@ -28,8 +28,10 @@ def probe_expect(model_dir: Path, blocks: torch.Tensor, sample_rows: int, seed: 
 
 
 def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: str | torch.device,
-              sample_rows: int = 128, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None) -> Path:
-    """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with `prismq.artifacts.read_tensors(stem, PROBE_KIND, probe_expect(...))`).
+              sample_rows: int = 128, seed: int = 0, progress: bool = True, dtype: torch.dtype | None = None,
+              max_memory: int | None = None) -> Path:
+    """Run the probe stage and return the artifact stem WORK_DIR/probe (read it with
+    `prismq.artifacts.read_tensors(stem, PROBE_KIND, probe_expect(...))`).
 
     The model is streamed (one decoder layer in memory at a time, `probe_streamed`). If a probe artifact for the
     same model, blocks, sample_rows and seed is already there it is reused without reading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too
@@ -40,7 +42,7 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     if read_tensors(stem, PROBE_KIND, expect) is not None:
         return stem
     names = list(quantizable(linear_shapes(model_dir)))
-    with LayerStream(model_dir, dtype, device) as stream:
+    with LayerStream(model_dir, dtype, device, max_memory) as stream:
         tensors = fisher.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
         computed_in = str(stream.dtype).removeprefix("torch.")
     loss = float(tensors.pop("loss"))

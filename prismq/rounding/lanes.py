@@ -92,22 +92,24 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                   RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / f"candidate-{k}")))
              for k, (assignment, method) in enumerate(candidates)]
     reference = None if reference_hidden is not None else first_heldout
+    hidden_bytes = sum(h.numel() * h.element_size() for lane in lanes for h, _ in [*lane.calibration, *lane.heldout])
+    share = stream.layer_copies(reserved=hidden_bytes) > len(lanes)  # else each lane reads the layer itself
     for index in tqdm(range(len(stream)), desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
-        with stream.layer(index) as original:
-            if reference is not None:
+        if share:
+            with stream.layer(index) as original:
+                if reference is not None:
+                    reference = run_layer(original, reference)
+                for number, (lane, layer_groups) in enumerate(zip(lanes, groups)):
+                    layer = original if number == len(lanes) - 1 else copy.deepcopy(original)
+                    _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
+                    del layer
+            continue
+        if reference is not None:
+            with stream.layer(index) as original:
                 reference = run_layer(original, reference)
-            for number, (lane, layer_groups) in enumerate(zip(lanes, groups)):
-                layer = original if number == len(lanes) - 1 else copy.deepcopy(original)
-                if layer_groups.get(index):
-                    round_layer(layer, stream.layer_names(index, layer), layer_groups[index], lane.assignment,
-                                lane.method, lane.calibration, input_amax, settings, stream.weight_dtype,
-                                lane.rounded)
-                if lane.method != "rtn":  # round-to-nearest never looks at its inputs
-                    lane.calibration = run_layer(layer, lane.calibration)
-                lane.heldout = run_layer(layer, lane.heldout)
-                if isinstance(lane.rounded.encoded, EncodedStore):
-                    lane.rounded.encoded.flush()
-                del layer
+        for lane, layer_groups in zip(lanes, groups):
+            with stream.layer(index) as layer:
+                _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
     _encode_outside(stream, lanes)
     if reference is not None:
         reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
@@ -117,6 +119,19 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                          [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
                          chunk_size, progress)
     return LaneResults([lane.rounded for lane in lanes], kl, reference_hidden)
+
+
+def _advance(stream: LayerStream, index: int, layer: torch.nn.Module, lane: Lane, groups: list[list[str]],
+             input_amax: dict[str, torch.Tensor], settings: GPTQSettings) -> None:
+    """Round the lane's copy of layer `index` and move the lane's hidden states through it."""
+    if groups:
+        round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method, lane.calibration,
+                    input_amax, settings, stream.weight_dtype, lane.rounded)
+    if lane.method != "rtn":  # round-to-nearest never looks at its inputs
+        lane.calibration = run_layer(layer, lane.calibration)
+    lane.heldout = run_layer(layer, lane.heldout)
+    if isinstance(lane.rounded.encoded, EncodedStore):
+        lane.rounded.encoded.flush()
 
 
 def _encode_outside(stream: LayerStream, lanes: list[Lane]) -> None:

@@ -72,7 +72,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
     baselines = allocation.baselines
-    with LayerStream(model_dir, dtype, device) as stream:
+    with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         started = time.perf_counter()
         input_amax = _input_ranges(stream, calibration, [allocation.assignment, *(a for a, _ in baselines.values())],
                                    work)
