@@ -63,7 +63,8 @@ def run_format(name: str, ref_model: torch.nn.Module, model_dir: Path, blocks: t
     # one shared work dir: the probe (which also calibrates NVFP4 input scales) runs once for all formats; the
     # pipeline's own held-out eval is kept small, the table's numbers come from the evaluation below
     export = quantize(QuantizeConfig(uniform=name, out=work / name, work_dir=work / "shared.work", heldout_blocks=2,
-                                     device=device))
+                                     device=device)).export
+    assert export is not None
     export_s = time.perf_counter() - started
     started = time.perf_counter()
     model = load_quantized(str(export.path), model_dir, device, progress=False)

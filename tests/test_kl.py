@@ -304,7 +304,8 @@ def test_real_model_export_and_uncalibrated_assignment_agree(tmp_path: Path) -> 
     except PrismqError as exc:
         pytest.skip(f"embedded default model unavailable: {exc}")
     result = quantize(QuantizeConfig(uniform="NVFP4", out=tmp_path / "nvfp4", device="cpu", rounding="rtn",
-                                     calib_blocks=4, calib_seqlen=128, heldout_blocks=1))
+                                     calib_blocks=4, calib_seqlen=128, heldout_blocks=1)).export
+    assert result is not None
     calibration = calibration_blocks(tmp_path / "nvfp4.work")
     targets = json.loads((result.path / "config.json").read_text())["quantization_config"]["config_groups"]
     spec = tmp_path / "assignment.json"

@@ -34,8 +34,9 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     `prismq.artifacts.read_tensors(stem, PROBE_KIND, probe_expect(...))`).
 
     The model is streamed (one decoder layer in memory at a time, `probe_streamed`). If a probe artifact for the
-    same model, blocks, sample_rows and seed is already there it is reused without reading the model (resume); one made for anything else is refused as stale, a corrupt one is refused too
-    (`read_tensors` raises PrismqError for both), so a run never silently mixes measurements."""
+    same model, blocks, sample_rows and seed is already there it is reused without reading the model (resume);
+    one made for anything else is refused as stale, a corrupt one is refused too (`read_tensors` raises
+    PrismqError for both), so a run never silently mixes measurements."""
     model_dir, work_dir = Path(model_dir), Path(work_dir)
     stem = work_dir / PROBE_STEM
     expect = probe_expect(model_dir, blocks, sample_rows, seed)
