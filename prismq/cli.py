@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prismq import __version__
-from prismq.config import QuantizeConfig, merge_overrides, read_config_file, validate_config
+from prismq.config import MeasureConfig, QuantizeConfig, merge_overrides, read_config_file, validate_config
 from prismq.errors import PrismqError
 
 EXIT_ERROR = 1
@@ -136,12 +136,18 @@ def _add_probe_flags(sub: argparse.ArgumentParser) -> None:
                      help="HF directory or .gguf; omitted: the embedded SmolLM2-135M-Instruct")
     sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: CPython docs, split)")
     sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text, disjoint from --calib")
-    sub.add_argument("--calib-blocks", type=int, default=32, metavar="N", help="calibration blocks (default 32)")
-    sub.add_argument("--heldout-blocks", type=int, default=16, metavar="N", help="held-out blocks (default 16)")
-    sub.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per block (default 512)")
-    sub.add_argument("--seed", type=int, default=0, help="seed of the split and the block sampling (default 0)")
-    sub.add_argument("--sample-rows", type=int, default=128, metavar="K",
-                     help="input rows kept per Linear for measuring activation-quantization error (default 128)")
+    defaults = MeasureConfig.model_fields
+    sub.add_argument("--calib-blocks", type=int, default=defaults["calib_blocks"].default, metavar="N",
+                     help="calibration blocks (default %(default)s)")
+    sub.add_argument("--heldout-blocks", type=int, default=defaults["heldout_blocks"].default, metavar="N",
+                     help="held-out blocks (default %(default)s)")
+    sub.add_argument("--seqlen", type=int, default=defaults["seqlen"].default, metavar="L",
+                     help="tokens per block (default %(default)s)")
+    sub.add_argument("--seed", type=int, default=defaults["seed"].default,
+                     help="seed of the split and the block sampling (default %(default)s)")
+    sub.add_argument("--sample-rows", type=int, default=defaults["sample_rows"].default, metavar="K",
+                     help="input rows kept per Linear for measuring activation-quantization error (default "
+                     "%(default)s)")
 
 
 def _add_eval(commands: Any) -> None:
@@ -159,8 +165,11 @@ def _add_eval(commands: Any) -> None:
                      help="exported checkpoint directory, or a .json {\"assignment\": {linear: FORMAT}, "
                      "\"input_amax\": {linear: float}} fake-quantized in memory")
     sub.add_argument("--text", metavar="FILE", help="text evaluated in consecutive blocks from its start")
-    sub.add_argument("--blocks", type=int, default=16, metavar="N", help="number of blocks (default 16)")
-    sub.add_argument("--seqlen", type=int, default=512, metavar="L", help="tokens per block (default 512)")
+    fields = QuantizeConfig.model_fields
+    sub.add_argument("--blocks", type=int, default=fields["heldout_blocks"].default, metavar="N",
+                     help="number of blocks (default %(default)s)")
+    sub.add_argument("--seqlen", type=int, default=fields["calib_seqlen"].default, metavar="L",
+                     help="tokens per block (default %(default)s)")
     sub.add_argument("--json", type=Path, metavar="PATH", help="write the statistics as JSON here")
     sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep"], default="rtn",
                      help="how an assignment file's weights are rounded (GPTQ on the default calibration blocks, "
@@ -218,7 +227,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     """Split the text and measure the calibration statistics into the work directory."""
     from prismq.config import validate_config
-    from prismq.stages import MeasureConfig, stage_probe
+    from prismq.stages import stage_probe
 
     config = validate_config(MeasureConfig, {
         "model": args.model, "work_dir": args.work_dir, "calib": args.calib, "heldout": args.heldout,

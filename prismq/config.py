@@ -240,3 +240,22 @@ def _describe(exc: ValidationError) -> str:
             message = str(error["msg"]).removeprefix("Value error, ")
             parts.append(f"{loc}: {message}" if loc else message)
     return "; ".join(parts)
+
+
+class MeasureConfig(BaseModel):
+    """Settings of the measurement stages (the probe's model, text and sampling; where and how they compute)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    work_dir: Path
+    calib: str | None = None
+    heldout: str | None = None
+    calib_blocks: int = Field(QuantizeConfig.model_fields["calib_blocks"].default, gt=0)
+    heldout_blocks: int = Field(QuantizeConfig.model_fields["heldout_blocks"].default, gt=0)
+    seqlen: int = Field(QuantizeConfig.model_fields["calib_seqlen"].default, gt=1)
+    seed: int = 0
+    sample_rows: int = Field(128, ge=0)
+    device: str = "auto"
+    compute_dtype: ComputeSetting = "auto"
+    max_memory: int | None = None  # bytes the streaming engine may use (None: what the device has free)

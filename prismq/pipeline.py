@@ -84,7 +84,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     print(f"prismq: computing in {dtype_name(dtype)} on {device_description(target)}")
     measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
-                            seqlen=config.calib_seqlen, formats=formats, device=config.device,
+                            seqlen=config.calib_seqlen, device=config.device,
                             compute_dtype=config.compute_dtype, max_memory=config.max_memory_bytes)
     timings: dict[str, float] = {}
     with _timed(timings, "probe"):

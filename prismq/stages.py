@@ -11,38 +11,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from prismq.artifacts import read_json, read_tensors, write_json, write_tensors
-from prismq.config import ComputeSetting
+from prismq.config import MeasureConfig
 from prismq.data import calibration_and_heldout
 from prismq.errors import PrismqError
-from prismq.formats import format_names, get_format
+from prismq.formats import get_format
 from prismq.measure.cost import CostRow, run_cost
 from prismq.measure.probe_stage import run_probe
 from prismq.model.linears import linear_shapes, model_dtype, quantizable
 from prismq.model.precision import resolve_compute_dtype
 from prismq.model.source import load_tokenizer, resolve_device, resolve_model
-
-
-class MeasureConfig(BaseModel):
-    """Settings of the measurement stages (the probe's text and sampling; the cost's formats)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str | None = None
-    work_dir: Path
-    calib: str | None = None
-    heldout: str | None = None
-    calib_blocks: int = Field(32, gt=0)
-    heldout_blocks: int = Field(16, gt=0)
-    seqlen: int = Field(512, gt=1)
-    seed: int = 0
-    sample_rows: int = Field(128, ge=0)
-    formats: list[str] = Field(default_factory=lambda: format_names(exportable_only=True))
-    device: str = "auto"
-    compute_dtype: ComputeSetting = "auto"
-    max_memory: int | None = None  # bytes the streaming engine may use (None: what the device has free)
 
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:

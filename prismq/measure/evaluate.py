@@ -33,8 +33,8 @@ from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import round_model
 
-DEFAULT_BLOCKS = 16
-DEFAULT_SEQLEN = 512
+DEFAULT_BLOCKS: int = QuantizeConfig.model_fields["heldout_blocks"].default  # the held-out text quantize measures
+DEFAULT_SEQLEN: int = QuantizeConfig.model_fields["calib_seqlen"].default
 
 
 def read_assignment(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
