@@ -117,6 +117,11 @@ class Format(ABC):
         """What the runtime does to a Linear's input [..., in]: identity unless the format quantizes it."""
         return x
 
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor | None:
+        """The static input scale shipped for a calibrated input range (elementwise over a batch of ranges), as
+        `qdq_activation` takes it; None for formats without one."""
+        return None
+
     def check(self, weight: torch.Tensor, name: str, batched: bool = False) -> None:
         """Refuse, with the tensor's name, weights of an illegal shape or with non-finite values
         (`batched`: a [B, out, in] stack of weights is accepted too)."""

@@ -132,6 +132,10 @@ class NVFP4(Format):
             raise FormatError(f"{name}: {self.name} needs the calibrated input absmax (input_global_scale)")
         return {"input_global_scale": global_scale(input_amax.to(weight.dtype)).to(weight.device)}
 
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor | None:
+        """input_global_scale = 448 * 6 / amax, computed in amax's dtype as for the shipped tensor."""
+        return global_scale(input_amax) if self.needs_input_amax else None
+
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         codes = unpack_nibbles(tensors["weight_packed"])
         return dequantize(codes, tensors["weight_scale"], tensors["weight_global_scale"], dtype)

@@ -31,7 +31,6 @@ from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_j
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
-from prismq.formats.nvfp4 import global_scale
 from prismq.model.siblings import sibling_groups
 
 
@@ -84,7 +83,8 @@ def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats
         x = torch.stack([s.x_sample for s in stats]).to(weights.device, dtype or weights.dtype)  # [B, rows, in]
         igs = None
         if fmt.needs_input_amax:
-            igs = global_scale(shared_input_amax.to(weights.dtype).reshape(-1)).reshape(-1, 1, 1)
+            igs = fmt.input_scale(shared_input_amax.to(weights.dtype).reshape(-1))
+            igs = None if igs is None else igs.reshape(-1, 1, 1)
         exact = x.float() @ weights.float().transpose(1, 2)
         served = fmt.qdq_activation(x, igs).float() @ dequantized.float().transpose(1, 2)
         weight_only = x.float() @ dequantized.float().transpose(1, 2)

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.formats.nvfp4 import global_scale
 from prismq.model.siblings import sibling_groups
 
 CLIP_QUANTILES = (0.9999, 0.999, 0.99)
@@ -71,7 +70,9 @@ def _score_hook(candidates: torch.Tensor, fmt_name: str, errors: torch.Tensor):
 
     def hook(_module: nn.Module, args: tuple) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1])
-        gs = global_scale(candidates.to(x.dtype)).to(x.device).reshape(-1, 1, 1)
+        gs = fmt.input_scale(candidates.to(x.dtype))
+        assert gs is not None, f"{fmt.name} has no static input scale to clip"
+        gs = gs.to(x.device).reshape(-1, 1, 1)
         quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
         errors.add_((quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu())
     return hook
