@@ -8,6 +8,7 @@ stays instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -275,8 +276,28 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     return lambda args: _not_implemented(f"'{command}'")
 
 
+class _StdoutHandler(logging.Handler):
+    """The library's progress messages on standard output as `prismq: message` (the stream looked up per message,
+    so a redirected stdout is honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stdout, flush=True)
+
+
+def _show_library_messages() -> None:
+    """Route the `prismq` loggers' INFO messages to stdout, once."""
+    logger = logging.getLogger("prismq")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("prismq: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prismq` console script; returns the process exit code."""
+    _show_library_messages()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

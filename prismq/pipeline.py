@@ -15,6 +15,7 @@ one walk, never model copies. `prismq allocate` and `prismq export` run the same
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 from prismq.allocate.stage import Allocation, offered_formats, stage_allocate
 from prismq.artifacts import read_json
-from prismq.config import QuantizeConfig
+from prismq.config import MeasureConfig, QuantizeConfig
 from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult
 from prismq.measure.cost import CostRow
@@ -32,7 +33,9 @@ from prismq.model.linears import LM_HEAD, model_dtype
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import resolve_device, resolve_model
 from prismq.report import write_report
-from prismq.stages import MeasureConfig, calibration_blocks, heldout_blocks, stage_cost, stage_probe
+from prismq.stages import calibration_blocks, heldout_blocks, stage_cost, stage_probe
+
+logger = logging.getLogger(__name__)
 
 Until = Literal["allocate", "export"]
 
@@ -81,7 +84,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     model_dir = resolve_model(config.model)
     target = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, target, model_dtype(model_dir))
-    print(f"prismq: computing in {dtype_name(dtype)} on {device_description(target)}")
+    logger.info("computing in %s on %s", dtype_name(dtype), device_description(target))
     measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, device=config.device,
@@ -94,7 +97,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     with _timed(timings, "allocate"):
         allocation = stage_allocate(work, config, model_dir, rows)
     if until == "allocate":
-        print(f"prismq: allocation in {work / 'allocation.json'}: {allocation.budget}")
+        logger.info("allocation in %s: %s", work / "allocation.json", allocation.budget)
         return QuantizeResult(allocation)
 
     from prismq.export.stage import stage_eval, stage_export
@@ -114,12 +117,12 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)
     per_format = summary["per_format"]
-    print(f"prismq: wrote {result.path}: {result.checkpoint_bytes / 1e9:.3f} GB of tensors; "
-          f"{len(rounding.assignment)} Linears at {result.linear_bits_per_param:.3f} bits/param "
-          f"({', '.join(f'{f} x{sum(1 for v in rounding.assignment.values() if v == f)}' for f in per_format)})")
-    print(f"prismq: held-out mean KL {evaluation['mean_kl']:.5f}, same top-1 {evaluation['same_top1']:.2%}, "
-          f"PPL ratio {evaluation['ppl_ratio']:.4f}; report: {report}")
-    print(f"prismq: serve it with: vllm serve {result.path} --quantization compressed-tensors")
+    counts = ", ".join(f"{f} x{sum(1 for v in rounding.assignment.values() if v == f)}" for f in per_format)
+    logger.info("wrote %s: %.3f GB of tensors; %d Linears at %.3f bits/param (%s)", result.path,
+                result.checkpoint_bytes / 1e9, len(rounding.assignment), result.linear_bits_per_param, counts)
+    logger.info("held-out mean KL %.5f, same top-1 %.2f%%, PPL ratio %.4f; report: %s", evaluation["mean_kl"],
+                100 * evaluation["same_top1"], evaluation["ppl_ratio"], report)
+    logger.info("serve it with: vllm serve %s --quantization compressed-tensors", result.path)
     return QuantizeResult(allocation, result, evaluation, report)
 
 

@@ -8,6 +8,7 @@ and the allocation settings: rerunning with the same ones reuses it, other ones 
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import re
@@ -25,6 +26,8 @@ from prismq.formats import get_format
 from prismq.measure.cost import CostRow
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.units import model_units
+
+logger = logging.getLogger(__name__)
 
 ALLOCATION = "allocation"
 
@@ -97,7 +100,8 @@ def _knapsack(config: QuantizeConfig, problem: Problem, model_dir: Path, work: P
              else f"--target-size {config.target_size} GB -> {budget:,} bytes for the allocated Linears")
     largest = int(np.where(np.isinf(problem.cost), 0, problem.size).max(axis=1).sum())
     if budget >= largest:
-        print(f"prismq: the budget ({budget:,} bytes) covers the largest format of every Linear: nothing to trade off")
+        logger.info("the budget (%s bytes) covers the largest format of every Linear: nothing to trade off",
+                    f"{budget:,}")
         label += " (at or above the all-largest assignment)"
     allocation = solve(problem.cost, problem.size, budget, params=problem.params)
     points = sweep(problem.cost, problem.size, budgets_from_bits(np.arange(4.25, 8.51, 0.25), problem.params),

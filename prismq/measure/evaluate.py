@@ -11,6 +11,7 @@ clipped) on the default calibration blocks, where GPTQ also rounds, exactly as `
 
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from prismq.model.source import load_model, load_tokenizer, resolve_device, reso
 from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import round_model
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCKS: int = QuantizeConfig.model_fields["heldout_blocks"].default  # the held-out text quantize measures
 DEFAULT_SEQLEN: int = QuantizeConfig.model_fields["calib_seqlen"].default
@@ -162,12 +165,12 @@ def run_eval(reference: str | None, quantized: str, text: str | None = None, n_b
     blocks = eval_blocks(reference_dir, text, n_blocks, seqlen)
     with LayerStream(reference_dir, dtype, device) as stream:
         result = _streamed_kl(stream, quantized, blocks, rounding, progress)
-    print(f"prismq eval: {quantized} against {reference_dir}, computed in {dtype_name(dtype)}")
-    print(result.summary())
+    logger.info("eval: %s against %s, computed in %s\n%s", quantized, reference_dir, dtype_name(dtype),
+                result.summary())
     if json_path is not None:
         payload: dict[str, Any] = {**result.to_json(), "reference": str(reference_dir), "quantized": str(quantized),
                                    "text": text if text is not None else "default held-out split",
                                    "compute_dtype": dtype_name(dtype), "device": device_description(resolve_device(device))}
         write_json(Path(json_path), "eval", payload)
-        print(f"prismq eval: wrote {json_path}")
+        logger.info("eval: wrote %s", json_path)
     return result

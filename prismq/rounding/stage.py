@@ -11,6 +11,7 @@ with the same allocation and settings reuses all of it.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from prismq.rounding.clip import streamed_input_amax
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import METHODS, RoundedModel
+
+logger = logging.getLogger(__name__)
 
 ROUNDING = "rounding"
 REFERENCE_HIDDEN = "reference_hidden"
@@ -83,8 +86,8 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
         kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
         chosen = min(kls, key=kls.__getitem__)
         if len(methods) > 1:
-            print(f"prismq: rounding {chosen} measured best ("
-                  + ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()) + " held-out mean KL)")
+            logger.info("rounding %s measured best (%s held-out mean KL)", chosen,
+                        ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
         baseline_walk = None
         if baselines:
             baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration, heldout,
@@ -99,8 +102,9 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
     if better is not None:
-        print(f"prismq: the allocated mix measured worse (mean KL {mix_eval['mean_kl']:.5f}) than uniform {shipped} "
-              f"in the same bytes ({baseline_evals[shipped]['mean_kl']:.5f}): shipping uniform {shipped} instead")
+        logger.info("the allocated mix measured worse (mean KL %.5f) than uniform %s in the same bytes (%.5f): "
+                    "shipping uniform %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"],
+                    shipped)
     rounded = walk.rounded[index]
     store = (work / "rounded" / "methods" / f"candidate-{index}" if shipped == "mix"
              else work / "rounded" / "baselines" / f"candidate-{list(baselines).index(shipped)}")
