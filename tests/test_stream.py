@@ -192,3 +192,17 @@ def test_a_layer_that_cannot_fit_the_budget_is_a_one_line_error(tiny_llama_dir: 
     with pytest.raises(PrismqError, match=r"decoder layer \d needs 2.4 MB in float32 beside 1.0 MB of embeddings "
                                           r"and head, more than the 2.0 MB available on cpu \(--max-memory\)"):
         LayerStream(tiny_llama_dir, torch.float32, max_memory=2_000_000)
+
+
+def test_a_tensor_of_the_wrong_shape_is_a_clear_error(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    for file in tiny_llama_dir.iterdir():
+        if file.suffix != ".safetensors":
+            (tmp_path / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :256].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with LayerStream(tmp_path, torch.float32) as stream:
+        with pytest.raises(PrismqError, match=r"down_proj.weight has shape \[256, 256\], the model's config "
+                                              r"expects \[256, 512\]"):
+            with stream.layer(0):
+                pass

@@ -130,19 +130,22 @@ class LayerStream:
         dtype (floating tensors; others as stored); buffers the checkpoint does not hold (rotary tables) are
         computed by the model's own initializer, parameters it lacks are an error."""
         module.to_empty(device=self.device, recurse=True)
+        for sub in module.modules():  # first: the initializer may write parameters too, which the copy replaces
+            if getattr(sub, "_non_persistent_buffers_set", None) and hasattr(self.model, "_init_weights"):
+                self.model._init_weights(sub)
         missing = []
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 key = f"{prefix}.{name}" if prefix else name
-                if key in self.source.location:
-                    stored = self.source.get(key)
-                    tensor.copy_(stored.to(tensor.dtype) if stored.is_floating_point() else stored)
-                elif isinstance(tensor, nn.Parameter):
-                    missing.append(key)
-        for sub in module.modules():
-            non_persistent = getattr(sub, "_non_persistent_buffers_set", set())
-            if non_persistent and hasattr(self.model, "_init_weights"):
-                self.model._init_weights(sub)
+                if key not in self.source.location:
+                    if isinstance(tensor, nn.Parameter):
+                        missing.append(key)
+                    continue
+                if self.source.shape(key) != tuple(tensor.shape):
+                    raise PrismqError(f"{self.model_dir}: tensor {key} has shape {list(self.source.shape(key))}, "
+                                      f"the model's config expects {list(tensor.shape)}")
+                stored = self.source.get(key)
+                tensor.copy_(stored.to(tensor.dtype) if stored.is_floating_point() else stored)
         if missing:
             tied = getattr(self.model.config, "tie_word_embeddings", False)
             if not (tied and all(self._tied(key) for key in missing)):
