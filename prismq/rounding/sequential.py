@@ -4,10 +4,13 @@ inputs produced by the already-rounded layers before it.
 The calibration blocks are run up to the first decoder layer once and its inputs kept. Then for each layer: hooks
 accumulate H = X^T X (fp32, over every calibration token) for the input each fused sibling group shares; each group
 is encoded by GPTQ (optionally with the scale sweep; the siblings' rows stacked into one pass) through the codecs'
-`encode`, so the tensors are exactly the shipped ones; the layer's weights are replaced by their decoded values and its inputs quantized as the runtime
-does (NVFP4/MXFP4/FP8 activations); finally the layer is run again to produce the next layer's inputs. Only one
-layer's Hessians exist at a time. Linears outside the decoder layers (rare: lm_head is kept BF16) are rounded to
-nearest, with a warning.
+`encode`, so the tensors are exactly the shipped ones; the layer's weights are replaced by their decoded values and
+its inputs quantized as the runtime does (NVFP4/MXFP4/FP8 activations); finally the layer is run again to produce
+the next layer's inputs. Only one layer's Hessians exist at a time. Linears outside the decoder layers (rare:
+lm_head is kept BF16) are rounded to nearest, with a warning.
+
+`round_layer` is that per-layer step; the streamed walk (`prismq.rounding.lanes`) runs it on layers read from disk,
+`round_model` on a model held in memory (scripts, tests).
 """
 
 from __future__ import annotations
