@@ -187,7 +187,7 @@ def evaluate_candidates(reference: nn.Module, candidates: Sequence[nn.Module], b
         raise PrismqError(f"need token blocks of shape [N >= 1, L >= 2], got {tuple(blocks.shape)}")
     ref = LogitSource(reference, "reference", reference_cache)
     sources = [LogitSource(model, f"candidate {i}") for i, model in enumerate(candidates)]
-    return _evaluate_sources(ref, sources, blocks, chunk_size, progress)
+    return evaluate_states(ref, sources, blocks, chunk_size, progress)
 
 
 class HiddenStates:
@@ -210,24 +210,18 @@ class HiddenStates:
         return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
 
-def evaluate_states(reference: HiddenStates, candidates: Sequence[HiddenStates], blocks: torch.Tensor,
+def evaluate_states(reference: Any, candidates: Sequence[Any], blocks: torch.Tensor,
                     chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> list[KLResult]:
-    """KL statistics of each candidate against the reference from final hidden states computed elsewhere (streamed
-    walks), each through its own model's output head."""
-    return _evaluate_sources(reference, candidates, blocks, chunk_size, progress)
-
-
-def _evaluate_sources(ref: Any, sources: Sequence[Any], blocks: torch.Tensor, chunk_size: int,
-                      progress: bool) -> list[KLResult]:
-    """KL statistics of each source against `ref`, block by block (see compare_block)."""
+    """KL statistics of each candidate against the reference, block by block (see compare_block). Each is a
+    LogitSource (a model in memory) or HiddenStates (final hidden states from a streamed walk and its head)."""
     ref_nll, per_block = [], []
     for block in tqdm(blocks, desc="KL eval", unit="block", disable=not progress):
-        nll, measures = compare_block(ref, sources, block, chunk_size)
+        nll, measures = compare_block(reference, candidates, block, chunk_size)
         ref_nll.append(nll)
         per_block.append(measures)
     nll_ref = torch.stack(ref_nll)
     return [kl_result(torch.stack([m[i].kl for m in per_block]), torch.stack([m[i].same_top1 for m in per_block]),
-                      nll_ref, torch.stack([m[i].nll for m in per_block])) for i in range(len(sources))]
+                      nll_ref, torch.stack([m[i].nll for m in per_block])) for i in range(len(candidates))]
 
 
 def evaluate_kl(reference: nn.Module, quantized: nn.Module, blocks: torch.Tensor,
