@@ -11,15 +11,16 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from prismq import __version__
 from prismq.errors import PrismqError
+from prismq.model.checkpoint import TensorFile
 
 SCHEMA_VERSION = 1
 _SAMPLE_BYTES = 1 << 20
@@ -106,8 +107,9 @@ def write_tensors(stem: Path, kind: str, tensors: dict[str, torch.Tensor], meta:
 
 
 def read_tensors(stem: Path, kind: str, expect: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """Read what `write_tensors` wrote; None if the sidecar is absent. Corrupt or stale -> clear error."""
+                 ) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None:
+    """Read what `write_tensors` wrote (each tensor read from disk when asked for); None if the sidecar is absent.
+    Corrupt or stale -> clear error."""
     stem = Path(stem)
     meta = read_json(stem.with_suffix(".json"), kind, expect)
     if meta is None:
@@ -116,7 +118,4 @@ def read_tensors(stem: Path, kind: str, expect: dict[str, Any] | None = None
     if not tensor_path.exists() or hashlib.sha256(tensor_path.read_bytes()).hexdigest()[:16] != meta.get(
             "tensors_sha256"):
         raise PrismqError(f"{tensor_path} is missing or does not match its sidecar; delete both to redo that stage")
-    try:
-        return load_file(str(tensor_path)), meta
-    except SafetensorError as exc:  # pragma: no cover - the hash check catches corruption first
-        raise PrismqError(f"{tensor_path} is corrupt ({exc}); delete it to redo that stage") from None
+    return TensorFile(tensor_path), meta

@@ -189,8 +189,8 @@ def test_a_tight_memory_budget_reads_the_layer_per_candidate_with_the_same_resul
 
 
 def test_a_layer_that_cannot_fit_the_budget_is_a_one_line_error(tiny_llama_dir: Path) -> None:
-    with pytest.raises(PrismqError, match=r"decoder layer \d needs 2.4 MB in float32 beside 1.0 MB of embeddings "
-                                          r"and head, more than the 2.0 MB available on cpu \(--max-memory\)"):
+    with pytest.raises(PrismqError, match=r"decoder layer \d needs 2.4 MB in float32 beside 0.3 MB of output head "
+                                          r"and norm, more than the 2.0 MB available on cpu \(--max-memory\)"):
         LayerStream(tiny_llama_dir, torch.float32, max_memory=2_000_000)
 
 
@@ -206,3 +206,18 @@ def test_a_tensor_of_the_wrong_shape_is_a_clear_error(tiny_llama_dir: Path, tmp_
                                               r"expects \[256, 512\]"):
             with stream.layer(0):
                 pass
+
+
+def test_the_head_stays_in_the_checkpoint_dtype_and_gives_the_logits_of_the_head_cast_whole(
+        tiny_llama_dir: Path) -> None:
+    """Streaming in fp32 keeps the bf16 head as stored (half the memory) and the input embeddings on disk; logits
+    computed a slice of the vocabulary at a time are those of the whole head cast to fp32."""
+    hidden = torch.randn(7, build_tiny_llama().config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        assert stream.head.weight.dtype == torch.bfloat16
+        assert all(p.device.type == "meta" for p in stream.model.get_input_embeddings().parameters())
+        stream.head.rows = 100  # slices that do not divide the 512-token vocabulary
+        logits = stream.head(hidden)
+        expected = hidden @ stream.head.weight.float().T
+    assert logits.dtype == torch.float32 and logits.shape == (7, 512)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)

@@ -96,9 +96,11 @@ class LayerStream:
         return len(self.layers)
 
     # --- memory ----------------------------------------------------------------------------------------------
-    def _compute_bytes(self, module: nn.Module) -> int:
-        """Bytes of a skeleton module once materialized (floating tensors in the compute dtype), from its shapes."""
-        return sum(t.numel() * (self.dtype.itemsize if t.is_floating_point() else t.element_size())
+    def _compute_bytes(self, module: nn.Module, dtype: torch.dtype | None = None) -> int:
+        """Bytes of a skeleton module once materialized (floating tensors in `dtype`, default the compute dtype),
+        from its shapes."""
+        size = (dtype or self.dtype).itemsize
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
                    for t in [*module.parameters(), *module.buffers()])
 
     def layer_bytes(self, index: int) -> int:
@@ -106,8 +108,13 @@ class LayerStream:
         return self._compute_bytes(self.layers[index])
 
     def resident_bytes(self) -> int:
-        """Bytes of everything outside the decoder layers (embeddings, norm, head), resident while streaming."""
-        return self._compute_bytes(self.model) - sum(self.layer_bytes(i) for i in range(len(self.layers)))
+        """Bytes of what stays materialized outside the decoder layers while streaming: final norm, rotary tables
+        and the output head (in the checkpoint's dtype when that is narrower); the input embeddings are read only
+        while a walk starts, when no layer is materialized."""
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        narrow = min(self.dtype, self.weight_dtype, key=lambda d: d.itemsize)
+        return sum(self._compute_bytes(child, narrow if child is head else None)
+                   for _, child in self._outside_roots(self.model, "") if child is not embeddings)
 
     def layer_copies(self, reserved: int = 0) -> int:
         """How many materialized copies of the largest layer fit in the budget beside the resident part and
@@ -121,7 +128,7 @@ class LayerStream:
             largest = max(range(len(self.layers)), key=self.layer_bytes)
             raise PrismqError(f"decoder layer {largest} needs {_size(self.layer_bytes(largest))} in "
                               f"{str(self.dtype).removeprefix('torch.')} beside {_size(self.resident_bytes())} of "
-                              f"embeddings and head, more than the {_size(self.budget)} available on {self.device} "
+                              f"output head and norm, more than the {_size(self.budget)} available on {self.device} "
                               "(--max-memory)")
 
     # --- materialization -------------------------------------------------------------------------------------
@@ -133,42 +140,61 @@ class LayerStream:
         for sub in module.modules():  # first: the initializer may write parameters too, which the copy replaces
             if getattr(sub, "_non_persistent_buffers_set", None) and hasattr(self.model, "_init_weights"):
                 self.model._init_weights(sub)
-        missing = []
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                key = f"{prefix}.{name}" if prefix else name
+                key = self._stored_key(f"{prefix}.{name}" if prefix else name)
                 if key not in self.source.location:
                     if isinstance(tensor, nn.Parameter):
-                        missing.append(key)
+                        raise PrismqError(f"{self.model_dir}: the checkpoint has no tensor {key} (streaming reads the "
+                                          "model's own parameter names; this layout is not supported yet)")
                     continue
                 if self.source.shape(key) != tuple(tensor.shape):
                     raise PrismqError(f"{self.model_dir}: tensor {key} has shape {list(self.source.shape(key))}, "
                                       f"the model's config expects {list(tensor.shape)}")
-                stored = self.source.get(key)
-                tensor.copy_(stored.to(tensor.dtype) if stored.is_floating_point() else stored)
-        if missing:
-            tied = getattr(self.model.config, "tie_word_embeddings", False)
-            if not (tied and all(self._tied(key) for key in missing)):
-                raise PrismqError(f"{self.model_dir}: the checkpoint has no tensor {missing[0]} (streaming reads the "
-                                  "model's own parameter names; this layout is not supported yet)")
+                tensor.copy_(self.source.get(key))  # casts as it copies: no second full-size temporary
 
-    def _tied(self, key: str) -> bool:
-        """Whether parameter `key` is the output head tied to the input embeddings."""
-        head = self.model.get_output_embeddings()
-        return head is not None and key.startswith(self._name_of(head))
+    def _stored_key(self, key: str) -> str:
+        """The checkpoint tensor holding parameter `key`: itself, or for an output head tied to the input
+        embeddings (and stored only once), the embeddings' weight."""
+        if key in self.source.location or not getattr(self.model.config, "tie_word_embeddings", False):
+            return key
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is None or embeddings is None or key != f"{self._name_of(head)}.weight":
+            return key
+        return f"{self._name_of(embeddings)}.weight"
 
     def _name_of(self, module: nn.Module) -> str:
         return next(name for name, m in self.model.named_modules() if m is module)
 
     def _materialize_outside_layers(self) -> None:
-        """Embeddings, rotary tables, final norm and head: everything but the decoder layers, resident."""
+        """Rotary tables, final norm and output head resident (the head in the checkpoint's dtype, see `head`); the
+        input embeddings, needed only to start a walk, stay on disk until `first_inputs` reads them."""
         for own, _ in [*self.model.named_parameters(recurse=False), *self.model.named_buffers(recurse=False)]:
             raise PrismqError(f"{type(self.model).__name__} holds a top-level tensor {own}; not supported yet")
+        head = self.model.get_output_embeddings()
+        self._embeddings = [(name, child) for name, child in self._outside_roots(self.model, "")
+                            if child is self.model.get_input_embeddings()]
+        keep_stored = isinstance(head, nn.Linear) and self.weight_dtype.itemsize < self.dtype.itemsize
         for name, child in self._outside_roots(self.model, ""):
-            self._load(child, name)
-            cast_stored(child, self.weight_dtype, self.dtype)
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
+            if all(child is not module for _, module in self._embeddings):
+                if child is head and keep_stored:
+                    child.to(self.weight_dtype)  # on the meta device: free
+                self._load(child, name)
+                if child is not head or not keep_stored:
+                    cast_stored(child, self.weight_dtype, self.dtype)
+        self._head = CastingHead(head, self.dtype) if keep_stored else head
+
+    @contextmanager
+    def _embeddings_loaded(self) -> Iterator[None]:
+        """The input embeddings materialized (compute dtype) for the enclosed block, then dropped."""
+        try:
+            for name, module in self._embeddings:
+                self._load(module, name)
+                cast_stored(module, self.weight_dtype, self.dtype)
+            yield
+        finally:
+            for _, module in self._embeddings:
+                module.to("meta")
 
     def _outside_roots(self, module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         """The largest submodules that do not contain the decoder layers (and are not them)."""
@@ -227,7 +253,8 @@ class LayerStream:
     # --- running ---------------------------------------------------------------------------------------------
     def first_inputs(self, blocks: torch.Tensor, batch_size: int) -> list[LayerInput]:
         """(hidden states, keyword arguments) the first decoder layer receives for each batch of `blocks`."""
-        return first_layer_inputs(self.model, self.layers, blocks, batch_size)
+        with self._embeddings_loaded():
+            return first_layer_inputs(self.model, self.layers, blocks, batch_size)
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's output for the last layer's output: its final norm."""
@@ -238,11 +265,30 @@ class LayerStream:
 
     @property
     def head(self) -> nn.Module:
-        """The output head (resident)."""
-        head = self.model.get_output_embeddings()
-        if head is None:
+        """The output head (resident), computing in the compute dtype."""
+        if self._head is None:
             raise PrismqError(f"{type(self.model).__name__} has no output head")
-        return head
+        return self._head
+
+
+class CastingHead(nn.Module):
+    """An output head kept in the checkpoint's dtype and applied in a wider compute dtype a slice of the vocabulary
+    at a time: the logits of the head cast whole (each is the same dot product), at the memory of the stored head
+    plus one slice. A 49k x 2048 bf16 head is 0.2 GB; cast whole to fp32 it would be 0.4 GB, resident for the run."""
+
+    def __init__(self, head: nn.Linear, dtype: torch.dtype, rows: int = 8192) -> None:
+        super().__init__()
+        self.stored, self.dtype, self.rows = head, dtype, rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.stored.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.stored.weight, self.stored.bias
+        return torch.cat([nn.functional.linear(hidden, weight[start:start + self.rows].to(self.dtype),
+                                               None if bias is None else bias[start:start + self.rows].to(self.dtype))
+                          for start in range(0, weight.shape[0], self.rows)], dim=-1)
 
 
 def _size(nbytes: int) -> str:

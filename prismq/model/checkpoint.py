@@ -16,6 +16,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from prismq.errors import PrismqError
@@ -67,18 +69,52 @@ class SourceTensors:
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor of its own)."""
+        return _read(self.location[name], name)
+
+
+class TensorFile(Mapping[str, torch.Tensor]):
+    """One safetensors file as a read-only mapping name -> tensor, each read from disk when asked for (a large
+    artifact is never loaded whole to use a few of its tensors)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.location = _read_header(self.path, fd)
+        finally:
+            os.close(fd)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
         entry = self.location[name]
-        size = entry.end - entry.start
-        if size == 0:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        data = bytearray(size)
-        view, done = memoryview(data), 0
-        while done < size:  # pread may return less than asked for
-            chunk = os.preadv(entry.fd, [view[done:]], entry.start + done)
-            if chunk <= 0:
-                raise PrismqError(f"{name}: the checkpoint file ends early (truncated download?)")
-            done += chunk
-        return torch.frombuffer(data, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _read(_Entry(fd, entry.start, entry.end, entry.dtype, entry.shape), name)
+        finally:
+            os.close(fd)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default would)
+        return name in self.location
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.location)
+
+    def __len__(self) -> int:
+        return len(self.location)
+
+
+def _read(entry: _Entry, name: str) -> torch.Tensor:
+    """The bytes of one tensor, read with positioned reads into a fresh CPU tensor."""
+    size = entry.end - entry.start
+    if size == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    data = bytearray(size)
+    view, done = memoryview(data), 0
+    while done < size:  # pread may return less than asked for
+        chunk = os.preadv(entry.fd, [view[done:]], entry.start + done)
+        if chunk <= 0:
+            raise PrismqError(f"{name}: the file ends early (truncated download?)")
+        done += chunk
+    return torch.frombuffer(data, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
 
 
 def _read_header(file: Path, fd: int) -> dict[str, _Entry]:

@@ -8,11 +8,11 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prismq.errors import PrismqError
 from prismq.formats import Tensors
+from prismq.model.checkpoint import TensorFile
 
 INDEX = "index.json"
 
@@ -69,8 +69,8 @@ class EncodedStore(Mapping[str, Tensors]):
         if name in self.pending:
             return self.pending[name]
         path, suffixes = self.location[name]
-        with safe_open(str(path), framework="pt") as handle:
-            return {suffix: handle.get_tensor(f"{name}::{suffix}") for suffix in suffixes}
+        stored = TensorFile(path)
+        return {suffix: stored[f"{name}::{suffix}"] for suffix in suffixes}
 
     def __contains__(self, name: object) -> bool:
         return name in self.pending or name in self.location
