@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from prismq import __version__
 from prismq.errors import PrismqError
+from prismq.export.shards import write_safetensors
 from prismq.model.checkpoint import TensorFile
 
 SCHEMA_VERSION = 1
@@ -100,10 +100,14 @@ def write_tensors(stem: Path, kind: str, tensors: dict[str, torch.Tensor], meta:
     """Write STEM.safetensors and its sidecar STEM.json (the sidecar last, so it vouches for complete tensors)."""
     stem = Path(stem)
     tensor_path = stem.with_suffix(".safetensors")
-    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    _replace_atomically(tensor_path, lambda p: save_file(contiguous, str(p), metadata={"format": "pt"}))
-    digest = hashlib.sha256(tensor_path.read_bytes()).hexdigest()[:16]
-    write_json(stem.with_suffix(".json"), kind, {**meta, "tensors_sha256": digest})
+    _replace_atomically(tensor_path, lambda p: write_safetensors(p, tensors))
+    write_json(stem.with_suffix(".json"), kind, {**meta, "tensors_sha256": _file_digest(tensor_path)})
+
+
+def _file_digest(path: Path) -> str:
+    """A short sha256 of a file, read in chunks (an artifact may be larger than memory should hold)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
 
 
 def read_tensors(stem: Path, kind: str, expect: dict[str, Any] | None = None
@@ -115,7 +119,6 @@ def read_tensors(stem: Path, kind: str, expect: dict[str, Any] | None = None
     if meta is None:
         return None
     tensor_path = stem.with_suffix(".safetensors")
-    if not tensor_path.exists() or hashlib.sha256(tensor_path.read_bytes()).hexdigest()[:16] != meta.get(
-            "tensors_sha256"):
+    if not tensor_path.exists() or _file_digest(tensor_path) != meta.get("tensors_sha256"):
         raise PrismqError(f"{tensor_path} is missing or does not match its sidecar; delete both to redo that stage")
     return TensorFile(tensor_path), meta

@@ -36,9 +36,9 @@ def test_probe_then_cost_write_resumable_artifacts(work: Path, capsys, monkeypat
     assert by_format["NVFP4"] > by_format["MXFP8"] > 0.0  # 4-bit costs more than 8-bit
     assert "NVFP4" in capsys.readouterr().out
 
-    import prismq.measure.fisher as fisher
+    import prismq.measure.fisher_streamed as fisher_streamed
 
-    monkeypatch.setattr(fisher, "probe_streamed",
+    monkeypatch.setattr(fisher_streamed, "probe_streamed",
                         lambda *a, **k: pytest.fail("probe recomputed instead of resuming"))
     args = ["probe", "--work-dir", str(work), "--calib-blocks", "2", "--heldout-blocks", "2", "--seqlen", "64",
             "--sample-rows", "16", "--device", "cpu"] + (["--calib", str(WIKITEXT)] if WIKITEXT.exists() else [])

@@ -114,7 +114,8 @@ def test_a_checkpoint_missing_a_layer_tensor_is_a_clear_error(tiny_llama_dir: Pa
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype: torch.dtype) -> None:
-    from prismq.measure.fisher import probe, probe_streamed
+    from prismq.measure.fisher import probe
+    from prismq.measure.fisher_streamed import probe_streamed
 
     names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     blocks = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(4))
@@ -154,7 +155,8 @@ def test_an_export_read_back_layer_by_layer_equals_transformers_loading_it(
 
 def test_input_ranges_from_the_probe_maxima_equal_the_two_pass_ones(tiny_llama_dir: Path) -> None:
     """The probe records every token's input maximum; the clip calibration started from them equals its own."""
-    from prismq.measure.fisher import X_TOKEN_MAX, probe_streamed
+    from prismq.measure.fisher import X_TOKEN_MAX
+    from prismq.measure.fisher_streamed import probe_streamed
 
     names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     assignment = {n: "NVFP4" for n in names}

@@ -22,6 +22,27 @@ _DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F3
                 torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file written tensor by tensor (the header first: every size is known), so memory holds one
+    tensor's bytes at a time, not a serialized copy of them all."""
+    entries, offset = {}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name here")
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    header = json.dumps({"__metadata__": metadata or {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        for tensor in tensors.values():
+            if tensor.numel():
+                out.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 class ShardWriter:
     """Collect tensors in order and start a new shard whenever the current one would pass `max_shard_bytes`.
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prismq.engine.stream import LayerStream, run_layer
 from prismq.errors import PrismqError
 
 # Suffixes of the tensors `probe` returns for each Linear NAME (NAME.fisher_out, ...).
@@ -70,7 +69,7 @@ class _InputStats:
     sample: torch.Tensor | None  # [rows in this block, in] the sampled rows, model dtype
 
 
-class _Recorder:
+class Recorder:
     """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
 
     def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int, total: int,
@@ -149,7 +148,7 @@ class _Recorder:
         return hook
 
 
-def _nll_sum(logits: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def nll_sum(logits: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of one block (fp32 log-softmax): position t predicts token t+1."""
     return nn.functional.cross_entropy(logits[0, :-1].float(), block[1:], reduction="sum")
 
@@ -165,7 +164,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     position order). Also "loss" []: the mean next-token NLL over the N*(L-1) predicted tokens. One block per
     forward/backward; the model is left as it was (parameters, requires_grad flags and train/eval mode) and no
     parameter gets a `.grad`. Why per token: see the module docstring."""
-    _check_blocks(blocks, sample_rows)
+    check_blocks(blocks, sample_rows)
     all_modules = dict(model.named_modules())
     missing = [n for n in names if not isinstance(all_modules.get(n), nn.Linear)]
     if missing:
@@ -173,7 +172,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     n_blocks, seqlen = blocks.shape
     total = n_blocks * seqlen
     modules = {name: all_modules[name] for name in names}
-    recorder = _Recorder(modules, seqlen, min(sample_rows, total), total)
+    recorder = Recorder(modules, seqlen, min(sample_rows, total), total)
     positions = sample_positions(total, sample_rows, seed)
     embed = model.get_input_embeddings()
     device = embed.weight.device
@@ -193,7 +192,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
             with torch.enable_grad():
                 embeds = embed(block.unsqueeze(0)).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, use_cache=False).logits
-                loss = _nll_sum(logits, block)
+                loss = nll_sum(logits, block)
                 del logits
                 torch.autograd.grad(loss, [embeds])  # fires the output hooks; accumulates into no .grad
             nll_total += loss.detach()
@@ -212,62 +211,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
     return _results(recorder, n_blocks, total, nll_total / (n_blocks * (seqlen - 1)))
 
 
-def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
-                   seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
-    """`probe` on a streamed model, with the same results: one forward walk keeps each decoder layer's input per
-    block; the output head gives each block's loss and its gradient at the last layer's output; a reverse walk
-    re-runs each layer with autograd on its kept inputs and back-propagates the incoming gradient, the Linears'
-    hooks recording the same per-token Fisher and input statistics as the whole-model backward. One layer is
-    materialized at a time; the kept inputs are one hidden state per layer and block."""
-    _check_blocks(blocks, sample_rows)
-    skeleton = dict(stream.model.named_modules())
-    missing = [n for n in names if not isinstance(skeleton.get(n), nn.Linear)]
-    if missing:
-        raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
-    n_blocks, seqlen = blocks.shape
-    total = n_blocks * seqlen
-    recorder = _Recorder({n: skeleton[n] for n in names}, seqlen, min(sample_rows, total), total, stream.device)
-    positions = sample_positions(total, sample_rows, seed)
-    with torch.no_grad():
-        first = stream.first_inputs(blocks, 1)
-    kwargs = [k for _, k in first]
-    kept: list[list[torch.Tensor] | None] = []
-    hidden = [h for h, _ in first]
-    for index in tqdm(range(len(stream)), desc="probe (forward)", unit="layer", disable=not progress):
-        with torch.no_grad(), stream.layer(index) as layer:
-            kept.append(hidden)
-            hidden = [h for h, _ in run_layer(layer, list(zip(hidden, kwargs)))]
-    grads, nll_total = [], torch.zeros((), dtype=torch.float64, device=stream.device)
-    for block, last in zip(blocks, hidden):
-        with torch.enable_grad():
-            last = last.detach().requires_grad_(True)
-            loss = _nll_sum(stream.head(stream.final_hidden(last)), block.to(stream.device))
-            grads.append(torch.autograd.grad(loss, [last])[0])
-        nll_total += loss.detach()
-    for index in tqdm(reversed(range(len(stream))), total=len(stream), desc="probe (backward)", unit="layer",
-                      disable=not progress):
-        with stream.layer(index) as layer:
-            layer.requires_grad_(False)
-            modules = stream.layer_names(index, layer)
-            handles = [modules[n].register_forward_hook(recorder.forward_hook(n)) for n in names if n in modules]
-            try:
-                inputs = kept[index]
-                assert inputs is not None
-                for block_index, (x, block_kwargs) in enumerate(zip(inputs, kwargs)):
-                    recorder.start(positions, block_index, stream.device)
-                    with torch.enable_grad():
-                        x = x.detach().requires_grad_(True)
-                        out = layer(x, **block_kwargs)
-                        out = out[0] if isinstance(out, tuple) else out
-                        grads[block_index] = torch.autograd.grad(out, [x], grad_outputs=grads[block_index])[0]
-            finally:
-                for handle in handles:
-                    handle.remove()
-            kept[index] = None
-    return _results(recorder, n_blocks, total, nll_total / (n_blocks * (seqlen - 1)))
-
-
-def _check_blocks(blocks: torch.Tensor, sample_rows: int) -> None:
+def check_blocks(blocks: torch.Tensor, sample_rows: int) -> None:
     """Refuse token blocks the probe cannot use and a negative sample size."""
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise PrismqError(f"probe needs token blocks [N, L] with L >= 2, got shape {tuple(blocks.shape)}")
@@ -275,10 +219,15 @@ def _check_blocks(blocks: torch.Tensor, sample_rows: int) -> None:
         raise PrismqError(f"sample_rows must be >= 0, got {sample_rows}")
 
 
-def _results(recorder: _Recorder, n_blocks: int, total: int, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Normalize the running sums by the token count and move them to the CPU, checking every Linear ran once
-    per block (a Linear that ran twice or never would make the per-token averages wrong)."""
-    out: dict[str, torch.Tensor] = {"loss": loss.float().cpu()}
+def _results(recorder: Recorder, n_blocks: int, total: int, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Normalize the running sums by the token count and move them to the CPU, with the mean loss."""
+    return {"loss": loss.float().cpu(), **linear_results(recorder, n_blocks, total)}
+
+
+def linear_results(recorder: Recorder, n_blocks: int, total: int) -> dict[str, torch.Tensor]:
+    """Every recorded Linear's statistics (NAME.fisher_out, ...) normalized by the token count, on the CPU, checking
+    every Linear ran once per block (a Linear that ran twice or never would make the per-token averages wrong)."""
+    out: dict[str, torch.Tensor] = {}
     for name, state in recorder.states.items():
         if state.calls != n_blocks:
             raise PrismqError(f"{name} ran {state.calls} times over {n_blocks} blocks; the probe needs each Linear "

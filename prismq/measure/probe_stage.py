@@ -1,7 +1,8 @@
 """`prismq probe` as a work-directory stage: resumes from probe.{safetensors,json}, refuses stale ones.
 
 The artifact is WORK_DIR/probe.safetensors (per quantizable Linear NAME: NAME.fisher_out, NAME.fisher_trace,
-NAME.x_sq, NAME.x_absmax, NAME.x_sample; see `prismq.measure.fisher.probe`) with its sidecar WORK_DIR/probe.json
+NAME.x_sq, NAME.x_absmax, NAME.x_sample, NAME.x_token_max; `loss`, the mean calibration NLL; see
+`prismq.measure.fisher.probe`) with its sidecar WORK_DIR/probe.json
 (model and text fingerprints, token count, settings, mean calibration NLL, dtype, prismq version).
 """
 
@@ -14,7 +15,8 @@ import torch
 
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_tensors, write_tensors
 from prismq.engine.stream import LayerStream
-from prismq.measure import fisher
+from prismq.engine.walkstate import WalkState
+from prismq.measure import fisher_streamed
 from prismq.model.linears import linear_shapes, quantizable
 
 PROBE_KIND = "probe"
@@ -44,10 +46,14 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
         return stem
     names = list(quantizable(linear_shapes(model_dir)))
     with LayerStream(model_dir, dtype, device, max_memory) as stream:
-        tensors = fisher.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress)
         computed_in = str(stream.dtype).removeprefix("torch.")
-    loss = float(tensors.pop("loss"))
+        state = WalkState(work_dir / f"{PROBE_STEM}.walk", {**expect, "dtype": computed_in,
+                                                             "device": stream.device.type})
+        tensors = fisher_streamed.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed,
+                                                 progress=progress, state=state)
+    loss = float(tensors["loss"])
     meta = {**expect, "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "seqlen": int(blocks.shape[1]),
             "loss": loss, "dtype": computed_in, "linears": len(names)}
     write_tensors(stem, PROBE_KIND, tensors, meta)
+    state.clear()
     return stem

@@ -1,0 +1,77 @@
+"""Where a walk of the decoder stack stands, on disk, so an interrupted stage resumes after its last finished layer.
+
+A walk (the probe's forward and reverse sweeps, the rounding lanes, a held-out forward) saves after each decoder
+layer what it needs to go on: hidden states, gradients, running sums, and the index of the next layer. The save is
+atomic (tensors, then the sidecar that vouches for them), so a kill at any moment leaves either the previous state or
+the new one. A rerun with the same inputs (the `expect` fingerprint: model, text, settings) picks up there; a state
+saved for other inputs is discarded, never mixed in. The stage deletes the directory once its own artifact is
+written.
+
+Saving also takes the states out of memory: a walk that keeps something per layer (the probe keeps every layer's
+input for its reverse sweep) keeps it here, on disk, not resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prismq.artifacts import read_tensors, write_tensors
+from prismq.errors import PrismqError
+
+logger = logging.getLogger(__name__)
+
+WALK_KIND = "walk_state"
+
+
+class WalkState:
+    """Named snapshots of one walk in `directory`, each valid only for the walk's `expect` fingerprint."""
+
+    def __init__(self, directory: Path, expect: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.expect = expect
+
+    def save(self, name: str, tensors: Mapping[str, torch.Tensor], **meta: Any) -> None:
+        """Write snapshot `name` (tensors and small JSON values) atomically, replacing an older one."""
+        write_tensors(self.directory / name, WALK_KIND, dict(tensors), {**self.expect, "meta": meta})
+
+    def load(self, name: str) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None:
+        """Snapshot `name` if one was saved for this walk (tensors read when asked for), else None; a snapshot of
+        another walk, or a damaged one, is removed and None returned (the walk redoes that part)."""
+        try:
+            found = read_tensors(self.directory / name, WALK_KIND, self.expect)
+        except PrismqError as exc:
+            logger.info("not resuming from %s: %s", self.directory / name, exc)
+            self.remove(name)
+            return None
+        return None if found is None else (found[0], found[1]["meta"])
+
+    def exists(self, name: str) -> bool:
+        """Whether snapshot `name` is on disk (not yet checked against this walk)."""
+        return (self.directory / f"{name}.json").exists()
+
+    def remove(self, name: str) -> None:
+        """Delete snapshot `name` (sidecar first, so a kill in between leaves no sidecar without its tensors)."""
+        (self.directory / f"{name}.json").unlink(missing_ok=True)
+        (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Delete every snapshot: the stage's own artifact now holds the result."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def pack(prefix: str, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A list of tensors (one per block) as snapshot entries PREFIX.0, PREFIX.1, ..."""
+    return {f"{prefix}.{index}": tensor for index, tensor in enumerate(tensors)}
+
+
+def unpack(stored: Mapping[str, torch.Tensor], prefix: str, device: torch.device | str = "cpu",
+           dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The list `pack` stored under `prefix`, on `device` (in `dtype` when given)."""
+    count = sum(1 for key in stored if key.rsplit(".", 1)[0] == prefix)
+    return [stored[f"{prefix}.{index}"].to(device=device, dtype=dtype) for index in range(count)]

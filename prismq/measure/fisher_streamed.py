@@ -1,0 +1,134 @@
+"""The Fisher probe on a streamed model: the per-token Fisher of `prismq.measure.fisher.probe`, one decoder layer in
+memory at a time, resumable after any layer.
+
+A forward walk saves each decoder layer's input (per block) to the walk state on disk; the output head gives each
+block's summed next-token loss and its gradient at the last layer's output; a reverse walk reads each layer's saved
+input, re-runs the layer with autograd and back-propagates the incoming gradient, the Linears' hooks recording the
+same per-token Fisher and input statistics as the whole-model backward. After each reverse step the layer's
+statistics and the gradient at its input are saved and its kept input deleted, so memory holds one layer, one
+layer's hidden states and one layer's statistics, and a killed run resumes at the layer it was in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import ChainMap
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.walkstate import WalkState, pack, unpack
+from prismq.errors import PrismqError
+from prismq.measure.fisher import Recorder, check_blocks, linear_results, nll_sum, sample_positions
+
+GRAD = "grad"  # the gradient at the input of the lowest layer done so far (meta: that layer, the summed loss)
+
+
+def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
+                   seed: int = 0, progress: bool = True, state: WalkState | None = None) -> Mapping[str, torch.Tensor]:
+    """`probe` on a streamed model, with the same results (see the module docstring). `state`: where the walk
+    keeps its per-layer inputs and progress (a rerun with the same state resumes); None: a temporary directory."""
+    check_blocks(blocks, sample_rows)
+    skeleton = dict(stream.model.named_modules())
+    missing = [n for n in names if not isinstance(skeleton.get(n), nn.Linear)]
+    if missing:
+        raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
+    if state is None:
+        with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
+            return dict(probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress,
+                                       state=WalkState(Path(scratch), {})))
+    walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress)
+    done = state.load(GRAD)
+    if done is None:
+        walk.forward()
+        done = state.load(GRAD)
+        assert done is not None
+    walk.backward(unpack(done[0], GRAD, stream.device, stream.dtype), done[1]["layer"], done[1]["nll"])
+    nll = state.load(GRAD)[1]["nll"]  # type: ignore[index]
+    layers = []
+    for index in range(len(stream)):
+        stats = state.load(f"stats-{index}")
+        if stats is None:
+            raise PrismqError(f"the probe's statistics of layer {index} are missing from {state.directory}; delete "
+                              "that directory to redo the probe")
+        layers.append(stats[0])
+    loss = torch.tensor(nll / (blocks.shape[0] * (blocks.shape[1] - 1)))
+    return ChainMap({"loss": loss}, *layers)  # the layers' statistics stay on disk until read
+
+
+class _ProbeWalk:
+    """The two sweeps of one streamed probe over `blocks`, saving their progress in `state`."""
+
+    def __init__(self, stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int,
+                 state: WalkState, progress: bool) -> None:
+        self.stream, self.blocks, self.names, self.state, self.progress = stream, blocks, names, state, progress
+        self.total = blocks.numel()
+        self.rows = min(sample_rows, self.total)
+        self.positions = sample_positions(self.total, sample_rows, seed)
+        with torch.no_grad():
+            first = stream.first_inputs(blocks, 1)
+        self.kwargs = [k for _, k in first]
+        self.first = [h for h, _ in first]
+
+    def _input(self, index: int) -> list[torch.Tensor] | None:
+        """The saved input of layer `index` (per block), None if not saved."""
+        found = self.state.load(f"input-{index}")
+        return None if found is None else unpack(found[0], "hidden", self.stream.device, self.stream.dtype)
+
+    def forward(self) -> None:
+        """Run the layers from the last saved input on, saving each layer's input; then the head's loss and its
+        gradient at the last layer's output."""
+        start = next((i for i in range(len(self.stream), 0, -1) if self.state.exists(f"input-{i}")), 0)
+        hidden = self._input(start) if start else None
+        if hidden is None:
+            start, hidden = 0, self.first
+            self.state.save("input-0", pack("hidden", hidden))
+        for index in tqdm(range(start, len(self.stream)), initial=start, total=len(self.stream),
+                          desc="probe (forward)", unit="layer", disable=not self.progress):
+            with torch.no_grad(), self.stream.layer(index) as layer:
+                hidden = [h for h, _ in run_layer(layer, list(zip(hidden, self.kwargs)))]
+            self.state.save(f"input-{index + 1}", pack("hidden", hidden))
+        grads, nll = [], 0.0
+        for block, last in zip(self.blocks, hidden):
+            with torch.enable_grad():
+                last = last.detach().requires_grad_(True)
+                loss = nll_sum(self.stream.head(self.stream.final_hidden(last)), block.to(self.stream.device))
+                grads.append(torch.autograd.grad(loss, [last])[0])
+            nll += float(loss.detach().double())
+        self.state.save(GRAD, pack(GRAD, grads), layer=len(self.stream), nll=nll)
+        self.state.remove(f"input-{len(self.stream)}")
+
+    def backward(self, grads: list[torch.Tensor], above: int, nll: float) -> None:
+        """Back-propagate `grads` (at the input of layer `above`) down to layer 0, saving each layer's statistics,
+        then the gradient at its input (with the blocks' summed loss `nll`)."""
+        stream = self.stream
+        for index in tqdm(reversed(range(above)), initial=len(stream) - above, total=len(stream),
+                          desc="probe (backward)", unit="layer", disable=not self.progress):
+            inputs = self._input(index)
+            if inputs is None:
+                raise PrismqError(f"the probe's saved input of layer {index} is missing from {self.state.directory};"
+                                  " delete that directory to redo the probe")
+            with stream.layer(index) as layer:
+                layer.requires_grad_(False)
+                modules = stream.layer_names(index, layer)
+                own = {n: modules[n] for n in self.names if n in modules}
+                recorder = Recorder(own, self.blocks.shape[1], self.rows, self.total, stream.device)
+                handles = [module.register_forward_hook(recorder.forward_hook(n)) for n, module in own.items()]
+                try:
+                    for block_index, (x, kwargs) in enumerate(zip(inputs, self.kwargs)):
+                        recorder.start(self.positions, block_index, stream.device)
+                        with torch.enable_grad():
+                            x = x.detach().requires_grad_(True)
+                            out = layer(x, **kwargs)
+                            out = out[0] if isinstance(out, tuple) else out
+                            grads[block_index] = torch.autograd.grad(out, [x], grad_outputs=grads[block_index])[0]
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            self.state.save(f"stats-{index}", linear_results(recorder, self.blocks.shape[0], self.total))
+            self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
+            self.state.remove(f"input-{index}")
