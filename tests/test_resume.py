@@ -68,3 +68,145 @@ def test_a_walk_state_of_other_inputs_is_not_resumed(tiny_llama_dir: Path, tmp_p
     with streamed(tiny_llama_dir) as (stream, calls):
         probe_streamed(stream, blocks, names, sample_rows=4, progress=False, state=WalkState(tmp_path, {"text": "b"}))
     assert calls == [0, 1, 1, 0]  # started over
+
+
+def _texts() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 512, (4, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])  # after one layer of the rounding walk, after the last one (in the KL)
+def test_a_killed_rounding_walk_resumes_after_its_last_finished_layer(tiny_llama_dir: Path, tmp_path: Path,
+                                                                      kill_at: int) -> None:
+    from prismq.rounding.lanes import round_lanes
+
+    names = _linear_names()
+    assignment = {n: "NVFP4" for n in names}
+    assignment["model.layers.1.mlp.down_proj"] = "MXFP8"
+    candidates = [(assignment, "rtn"), (assignment, "gptq")]
+    amax = {n: torch.tensor(3.0) for n in names}
+    calibration, heldout = _texts()
+    with streamed(tiny_llama_dir) as (stream, calls):
+        whole = round_lanes(stream, candidates, calibration, heldout, amax, progress=False,
+                            spill_dir=tmp_path / "whole")
+    state = WalkState(tmp_path / "walk", {"run": 1})
+    with streamed(tiny_llama_dir, kill_at) as (stream, _), pytest.raises(Killed):
+        round_lanes(stream, candidates, calibration, heldout, amax, progress=False, spill_dir=tmp_path / "resumed",
+                    state=state)
+        raise Killed  # killed during the final KL: nothing left to read
+    with streamed(tiny_llama_dir) as (stream, resumed_calls):
+        resumed = round_lanes(stream, candidates, calibration, heldout, amax, progress=False,
+                              spill_dir=tmp_path / "resumed", state=state)
+    assert resumed_calls == calls[kill_at:]
+    assert [r.mean_kl for r in resumed.kl] == [r.mean_kl for r in whole.kl]
+    for ours, theirs in zip(resumed.rounded, whole.rounded):
+        assert ours.details == theirs.details and set(ours.encoded) == set(theirs.encoded) == set(assignment)
+        for name in assignment:
+            assert all(torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t,
+                                   v.view(torch.uint8) if v.dtype.itemsize == 1 else v)
+                       for t, v in zip(ours.encoded[name].values(), theirs.encoded[name].values())), name
+
+
+@pytest.mark.parametrize("from_probe", [False, True])
+def test_a_killed_input_range_walk_resumes_after_its_last_finished_layer(tiny_llama_dir: Path, tmp_path: Path,
+                                                                         from_probe: bool) -> None:
+    from prismq.rounding.clip import streamed_input_amax
+
+    assignment = {n: "NVFP4" for n in _linear_names()}
+    calibration, _ = _texts()
+    token_max = None
+    if from_probe:  # the per-token maxima the probe records
+        from prismq.measure.fisher import X_TOKEN_MAX
+
+        with streamed(tiny_llama_dir) as (stream, _):
+            probed = probe_streamed(stream, calibration, list(assignment), sample_rows=4, progress=False)
+        token_max = {n: probed[f"{n}.{X_TOKEN_MAX}"] for n in assignment}
+    with streamed(tiny_llama_dir) as (stream, calls):
+        whole = streamed_input_amax(stream, calibration, assignment, progress=False, token_max=token_max)
+    state = WalkState(tmp_path, {"run": 1})
+    with streamed(tiny_llama_dir, 1) as (stream, _), pytest.raises(Killed):
+        streamed_input_amax(stream, calibration, assignment, progress=False, token_max=token_max, state=state)
+    with streamed(tiny_llama_dir) as (stream, resumed_calls):
+        resumed = streamed_input_amax(stream, calibration, assignment, progress=False, token_max=token_max,
+                                      state=state)
+    assert resumed_calls == calls[1:] == [1]
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[n], whole[n]) for n in whole)
+
+
+def test_a_killed_forward_walk_resumes_after_its_last_finished_layer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from prismq.engine.stream import final_hidden_states
+
+    _, heldout = _texts()
+    with streamed(tiny_llama_dir) as (stream, _):
+        whole = final_hidden_states(stream, heldout, progress=False)
+    state = WalkState(tmp_path, {"run": 1})
+    with streamed(tiny_llama_dir, 1) as (stream, _), pytest.raises(Killed):
+        final_hidden_states(stream, heldout, progress=False, state=state)
+    with streamed(tiny_llama_dir) as (stream, calls):
+        resumed = final_hidden_states(stream, heldout, progress=False, state=state)
+    assert calls == [1]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole))
+
+
+@pytest.fixture(scope="module")
+def small_vocab_llama(default_model_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer hidden-64 Llama with the default model's tokenizer and 49152-token vocabulary, for whole runs."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("llama-49k")
+    build_tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=49152, num_attention_heads=2,
+                     num_key_value_heads=1).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(default_model_dir / name, path / name)
+    return path
+
+
+def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monkeypatch) -> list[int]:
+    """`prismq quantize` on `model` into tmp_path/name (work directory beside it); the layers it read, in order.
+    With `kill_at`: the run is killed when it asks for its kill_at-th layer."""
+    from prismq.cli import main
+
+    calls: list[int] = []
+    original = LayerStream.layer
+
+    @contextmanager
+    def layer(self, index: int):
+        if kill_at is not None and len(calls) == kill_at:
+            raise Killed
+        calls.append(index)
+        with original(self, index) as module:
+            yield module
+
+    monkeypatch.setattr(LayerStream, "layer", layer)
+    args = ["quantize", str(model), "--out", str(tmp_path / name), "--overwrite", "--calib-blocks", "4",
+            "--calib-seqlen", "32", "--heldout-blocks", "2", "--formats", "NVFP4,MXFP8,BF16", "--target-bits",
+            "6", "--rounding", "best", "--device", "cpu"]
+    if kill_at is None:
+        assert main(args) == 0
+    else:
+        with pytest.raises(Killed):
+            main(args)
+    monkeypatch.setattr(LayerStream, "layer", original)
+    return calls
+
+
+def test_a_run_killed_in_any_walk_resumes_there_and_ships_the_same_checkpoint(small_vocab_llama: Path,
+                                                                              tmp_path: Path, monkeypatch) -> None:
+    """Every walk of `prismq quantize` (probe forward and reverse, input ranges, rounding lanes, baselines, the
+    export's read-back) killed at each layer it reads: the rerun reads exactly the layers not yet finished and
+    writes the checkpoint, report numbers and KL of the uninterrupted run."""
+    import json
+
+    calls = _quantize(small_vocab_llama, tmp_path, "whole", None, monkeypatch)
+    expected = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
+    expected_eval = json.loads((tmp_path / "whole.work" / "eval.json").read_text())
+    for kill_at in range(1, len(calls)):
+        name = f"killed-{kill_at}"
+        assert _quantize(small_vocab_llama, tmp_path, name, kill_at, monkeypatch) == calls[:kill_at]
+        # the checkpoint exists only when the kill came in its read-back (the last walk, 2 layers), never half
+        assert (tmp_path / name).exists() == (kill_at >= len(calls) - 2)
+        assert _quantize(small_vocab_llama, tmp_path, name, None, monkeypatch) == calls[kill_at:], kill_at
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).glob("*.safetensors")} == expected, kill_at
+        evaluation = json.loads((tmp_path / f"{name}.work" / "eval.json").read_text())
+        assert evaluation["mean_kl"] == expected_eval["mean_kl"]
+        assert not list((tmp_path / f"{name}.work").rglob("*.walk"))  # walk states are gone once a stage is done

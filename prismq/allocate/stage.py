@@ -65,12 +65,25 @@ def _cost_fingerprint(work: Path) -> str:
     return hashlib.sha256((work / "cost.json").read_bytes()).hexdigest()[:16]
 
 
+def _in_model_order(allocation: Allocation, rows: list[CostRow]) -> Allocation:
+    """The allocation with its assignments in the model's order (the cost rows'), as the stage made them: JSON
+    stores them sorted by name, and fused siblings are grouped in the order they come (q, k, v: q leads)."""
+    order = {row.linear: position for position, row in reversed(list(enumerate(rows)))}
+
+    def ordered(assignment: dict[str, str]) -> dict[str, str]:
+        return dict(sorted(assignment.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+
+    return allocation.model_copy(update={
+        "assignment": ordered(allocation.assignment),
+        "baselines": {name: (ordered(assignment), bits) for name, (assignment, bits) in allocation.baselines.items()}})
+
+
 def stage_allocate(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[CostRow]) -> Allocation:
     """Run (or resume) the allocation of the work directory's cost rows under `config`'s budget."""
     expect = {"cost": _cost_fingerprint(work), "settings": _settings(config)}
     done = read_current(work / "allocation.json", ALLOCATION, expect)
     if done is not None:
-        return Allocation.model_validate(done["allocation"])
+        return _in_model_order(Allocation.model_validate(done["allocation"]), rows)
     formats, fallback = offered_formats(config)
     units = model_units(model_dir)
     pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.linears import model_dtype
 from prismq.model.source import resolve_device
 
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
+FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
 
 
 class _Stop(Exception):
@@ -322,14 +324,24 @@ def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> N
 
 @torch.no_grad()
 def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: bool = True,
-                        desc: str = "forward") -> list[torch.Tensor]:
-    """The decoder's final hidden states [L, hidden] of each block (one block per forward), layer by layer."""
+                        desc: str = "forward", state: WalkState | None = None) -> list[torch.Tensor]:
+    """The decoder's final hidden states [L, hidden] of each block (one block per forward), layer by layer.
+    `state`: the hidden states are saved there after every layer, and a rerun with the same state resumes after
+    the last layer saved."""
     from tqdm import tqdm
 
     inputs = stream.first_inputs(blocks, 1)
-    for index in tqdm(range(len(stream)), desc=desc, unit="layer", disable=not progress):
+    saved = state.load(FORWARD) if state is not None else None
+    start = 0 if saved is None else saved[1]["layer"]
+    if saved is not None:
+        hidden = unpack(saved[0], "hidden", stream.device, stream.dtype)
+        inputs = [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream), desc=desc, unit="layer",
+                      disable=not progress):
         with stream.layer(index) as layer:
             inputs = run_layer(layer, inputs)
+        if state is not None:
+            state.save(FORWARD, pack("hidden", [h for h, _ in inputs]), layer=index + 1)
     return [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
 
 

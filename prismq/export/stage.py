@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from prismq.artifacts import write_json
+from prismq.artifacts import fingerprint_model, fingerprint_tokens, write_json
 from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream, final_hidden_states
+from prismq.engine.walkstate import WalkState
 from prismq.export.writer import ExportResult, write_checkpoint
 from prismq.measure.kl import HiddenStates, evaluate_states
 from prismq.rounding.stage import Rounding, read_reference_hidden
@@ -34,9 +35,13 @@ def stage_eval(work: Path, out: Path, model_dir: Path, heldout: torch.Tensor, dt
         if hidden is None:
             hidden = final_hidden_states(reference, heldout, desc="reference")
         with LayerStream(out, dtype, device, max_memory) as exported:
-            read_back = final_hidden_states(exported, heldout, desc="read back the export")
+            state = WalkState(work / "eval.walk", {"export": fingerprint_model(out), "text": fingerprint_tokens(heldout),
+                                                   "dtype": str(dtype).removeprefix("torch."),
+                                                   "device": exported.device.type})
+            read_back = final_hidden_states(exported, heldout, desc="read back the export", state=state)
             (result,) = evaluate_states(HiddenStates(reference.head, heldout, hidden),
                                         [HiddenStates(exported.head, heldout, read_back)], heldout)
     evaluation = {**result.to_json(), "checkpoint": str(out)}
     write_json(work / "eval.json", "eval", evaluation)
+    state.clear()
     return evaluation

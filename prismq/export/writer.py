@@ -97,6 +97,12 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
     with ExitStack() as stack:
         source = SourceTensors(source_dir, stack)
         shapes = {name: source.shape(f"{name}.weight") for name in assignment if f"{name}.weight" in source.location}
+        check_assignment(assignment, shapes)  # errors reported in the caller's order
+        order = {name: position for position, name in enumerate(source.names())}
+        # written in the checkpoint's own order, not the assignment's: a resumed run (its assignment read back from
+        # JSON) writes the same bytes as an uninterrupted one
+        assignment = dict(sorted(assignment.items(), key=lambda item: (order.get(f"{item[0]}.weight", len(order)),
+                                                                        item[0])))
         groups = check_assignment(assignment, shapes)
         for name, format_name in assignment.items():
             if get_format(format_name).needs_input_amax and name not in input_amax and name not in encoded:

@@ -25,9 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.siblings import sibling_groups
+
+RANGES = "ranges"  # the walk's snapshot: hidden states, candidate ranges and their errors so far
 
 CLIP_QUANTILES = (0.9999, 0.999, 0.99)
 SCORE_BLOCKS = 8
@@ -114,12 +117,14 @@ def calibrated_input_amax(model: nn.Module, blocks: torch.Tensor, assignment: di
 @torch.no_grad()
 def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: dict[str, str],
                         progress: bool = True,
-                        token_max: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                        token_max: Mapping[str, torch.Tensor] | None = None,
+                        state: WalkState | None = None) -> dict[str, torch.Tensor]:
     """`calibrated_input_amax` on a streamed model, equal to it: each layer read once, its inputs' per-token maxima
     recorded over every block, then its candidates scored on the scored blocks' inputs of the same layer.
 
     `token_max` (per Linear, every token's max |x| over `blocks`, block after block: what the probe records) spares
-    the first pass: only the scored blocks are run."""
+    the first pass: only the scored blocks are run. `state`: the walk is saved there after every layer, and a rerun
+    with the same state resumes after the last layer saved."""
     groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
     if not groups:
         return {}
@@ -129,7 +134,17 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
         candidates = {g[0]: _candidates([token_max[g[0]].float()]) for g in groups}
     inputs = stream.first_inputs(blocks if token_max is None else blocks[scored], 1)
     errors: dict[str, torch.Tensor] = {}
-    for index in tqdm(range(len(stream)), desc="calibrate input ranges", unit="layer", disable=not progress):
+    saved = state.load(RANGES) if state is not None else None
+    start = 0 if saved is None else saved[1]["layer"]
+    if saved is not None:
+        hidden = unpack(saved[0], "hidden", stream.device, stream.dtype)
+        inputs = [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
+        for key in saved[0]:
+            kind, _, name = key.partition(":")
+            if kind in ("errors", "candidates"):
+                (errors if kind == "errors" else candidates)[name] = saved[0][key]
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream), desc="calibrate input ranges",
+                      unit="layer", disable=not progress):
         with stream.layer(index) as layer:
             modules = stream.layer_names(index, layer)
             here = [g for g in groups if g[0] in modules]
@@ -144,6 +159,10 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
             hooks = {modules[g[0]]: _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]]) for g in here}
             scored_outputs = _hooked(layer, inputs_to_score, hooks)
             inputs = outputs if token_max is None else scored_outputs
+        if state is not None:
+            state.save(RANGES, {**pack("hidden", [h for h, _ in inputs]),
+                                **{f"errors:{n}": e for n, e in errors.items()},
+                                **{f"candidates:{n}": c for n, c in candidates.items()}}, layer=index + 1)
     outside = [g[0] for g in groups if g[0] not in errors]
     if outside:
         raise PrismqError(f"{outside[0]} lies outside the decoder layers; its format cannot take a static input scale")

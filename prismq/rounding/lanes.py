@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.engine.stream import LayerInput, LayerStream, run_layer
+from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_states
@@ -28,6 +29,8 @@ from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
 from prismq.rounding.store import EncodedStore
+
+LANES = "lanes"  # the walk's snapshot: hidden states and details before its next layer
 
 
 @dataclass
@@ -70,7 +73,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                 calibration: torch.Tensor | None,
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
-                spill_dir: Path | None = None, chunk_size: int = DEFAULT_CHUNK, progress: bool = True) -> LaneResults:
+                spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
+                progress: bool = True) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
@@ -78,7 +82,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     evaluator runs them).
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
-    staying in memory."""
+    staying in memory. `state` (with `spill_dir`): the walk saves its hidden states after every layer there, and a
+    rerun with the same state resumes after the last layer saved."""
     for _, method in candidates:
         if method not in METHODS:
             raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
@@ -88,13 +93,21 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
     first_calibration = [] if calibration is None else stream.first_inputs(calibration, batch_size)
     first_heldout = stream.first_inputs(heldout, 1)
+    if state is not None and spill_dir is None:
+        raise PrismqError("a resumable rounding walk needs a spill directory for its tensors")
+    saved = state.load(LANES) if state is not None else None
+    start = 0 if saved is None else saved[1]["layer"]
     lanes = [Lane(assignment, method, first_calibration, first_heldout,
-                  RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / f"candidate-{k}")))
+                  RoundedModel({} if spill_dir is None else
+                               EncodedStore(Path(spill_dir) / f"candidate-{k}", fresh=saved is None)))
              for k, (assignment, method) in enumerate(candidates)]
     reference = None if reference_hidden is not None else first_heldout
+    if saved is not None:
+        reference = _restore(saved, lanes, reference, stream)
     hidden_bytes = sum(h.numel() * h.element_size() for lane in lanes for h, _ in [*lane.calibration, *lane.heldout])
     share = stream.layer_copies(reserved=hidden_bytes) > len(lanes)  # else each lane reads the layer itself
-    for index in tqdm(range(len(stream)), desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
+                      desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
         if share:
             with stream.layer(index) as original:
                 if reference is not None:
@@ -103,13 +116,15 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                     layer = original if number == len(lanes) - 1 else copy.deepcopy(original)
                     _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
                     del layer
-            continue
-        if reference is not None:
-            with stream.layer(index) as original:
-                reference = run_layer(original, reference)
-        for lane, layer_groups in zip(lanes, groups):
-            with stream.layer(index) as layer:
-                _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
+        else:
+            if reference is not None:
+                with stream.layer(index) as original:
+                    reference = run_layer(original, reference)
+            for lane, layer_groups in zip(lanes, groups):
+                with stream.layer(index) as layer:
+                    _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
+        if state is not None:
+            _save(state, index + 1, lanes, reference)
     _encode_outside(stream, lanes)
     if reference is not None:
         reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
@@ -119,6 +134,37 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                          [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
                          chunk_size, progress)
     return LaneResults([lane.rounded for lane in lanes], kl, reference_hidden)
+
+
+def _save(state: WalkState, layer: int, lanes: list[Lane], reference: list[LayerInput] | None) -> None:
+    """Snapshot the walk before decoder layer `layer`: every lane's hidden states and GPTQ details (its tensors so
+    far are already in its store), and the reference's held-out hidden states."""
+    tensors: dict[str, torch.Tensor] = {}
+    for number, lane in enumerate(lanes):
+        if lane.method != "rtn":  # round-to-nearest never advances its calibration inputs
+            tensors.update(pack(f"lane{number}.calibration", [h for h, _ in lane.calibration]))
+        tensors.update(pack(f"lane{number}.heldout", [h for h, _ in lane.heldout]))
+    if reference is not None:
+        tensors.update(pack("reference", [h for h, _ in reference]))
+    state.save(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes])
+
+
+def _restore(saved: tuple, lanes: list[Lane], reference: list[LayerInput] | None,
+             stream: LayerStream) -> list[LayerInput] | None:
+    """Put a snapshot's hidden states and details back into the lanes (their keyword arguments are the first
+    layer's, recomputed); returns the reference's hidden states."""
+    stored, meta = saved
+
+    def restored(prefix: str, inputs: list[LayerInput]) -> list[LayerInput]:
+        hidden = unpack(stored, prefix, stream.device, stream.dtype)
+        return [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
+
+    for number, (lane, details) in enumerate(zip(lanes, meta["details"])):
+        if lane.method != "rtn":
+            lane.calibration = restored(f"lane{number}.calibration", lane.calibration)
+        lane.heldout = restored(f"lane{number}.heldout", lane.heldout)
+        lane.rounded.details = {name: tuple(value) for name, value in details.items()}
+    return None if reference is None else restored("reference", reference)
 
 
 def _advance(stream: LayerStream, index: int, layer: torch.nn.Module, lane: Lane, groups: list[list[str]],

@@ -11,8 +11,8 @@ with the same allocation and settings reuses all of it.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,11 @@ from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current
     write_tensors
 from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
+from prismq.engine.walkstate import WalkState
 from prismq.formats import get_format
 from prismq.measure.fisher import X_TOKEN_MAX
 from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+from prismq.model.source import resolve_device
 from prismq.rounding.clip import streamed_input_amax
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
@@ -75,14 +77,18 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
     baselines = allocation.baselines
+    walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
+                   "heldout": fingerprint_tokens(heldout), "device": resolve_device(device).type}
+    states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
+              for walk in ("ranges", "methods", "baselines")}
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         started = time.perf_counter()
         input_amax = _input_ranges(stream, calibration, [allocation.assignment, *(a for a, _ in baselines.values())],
-                                   work)
+                                   work, states["ranges"])
         timings["input ranges"] = time.perf_counter() - started
         started = time.perf_counter()
         walk = round_lanes(stream, [(allocation.assignment, m) for m in methods], calibration, heldout, input_amax,
-                           settings, spill_dir=work / "rounded" / "methods")
+                           settings, spill_dir=work / "rounded" / "methods", state=states["methods"])
         kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
         chosen = min(kls, key=kls.__getitem__)
         if len(methods) > 1:
@@ -92,7 +98,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
         if baselines:
             baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration, heldout,
                                         input_amax, settings, reference_hidden=walk.reference_hidden,
-                                        spill_dir=work / "rounded" / "baselines")
+                                        spill_dir=work / "rounded" / "baselines", state=states["baselines"])
         timings["rounding + held-out eval"] = time.perf_counter() - started
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": torch.stack(walk.reference_hidden).cpu()},
                       reference_expect(model_dir, heldout, dtype))
@@ -114,6 +120,8 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
                       assignment=allocation.assignment if shipped == "mix" else baselines[shipped][0],
                       store=str(store))
     write_json(work / "rounding.json", ROUNDING, {**expect, "rounding": result.model_dump()})
+    for state in states.values():
+        state.clear()
     return result
 
 
@@ -148,7 +156,7 @@ def _error_summary(rounded: RoundedModel) -> dict[str, Any]:
 
 
 def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: list[dict[str, str]],
-                  work: Path) -> dict[str, torch.Tensor]:
+                  work: Path, state: WalkState) -> dict[str, torch.Tensor]:
     """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format,
     started from the per-token input maxima the probe recorded on the same blocks (when it did, in the same
     arithmetic)."""
@@ -158,4 +166,4 @@ def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: l
     same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
     if probed is not None and same_arithmetic and all(f"{n}.{X_TOKEN_MAX}" in probed[0] for n in needing):
         token_max = {n: probed[0][f"{n}.{X_TOKEN_MAX}"][:calibration.numel()] for n in needing}
-    return streamed_input_amax(stream, calibration, needing, token_max=token_max)
+    return streamed_input_amax(stream, calibration, needing, token_max=token_max, state=state)

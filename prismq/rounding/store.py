@@ -4,13 +4,13 @@ only the current decoder layer's tensors of each in memory (the rest are read ba
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from prismq.errors import PrismqError
+from prismq.export.shards import write_safetensors
 from prismq.formats import Tensors
 from prismq.model.checkpoint import TensorFile
 
@@ -23,29 +23,37 @@ class EncodedStore(Mapping[str, Tensors]):
     are removed). Reading gives the tensors exactly as added."""
 
     def __init__(self, directory: Path, fresh: bool = True) -> None:
+        """`fresh`: start empty (removing what the directory holds); else go on from what its index lists."""
         self.directory = Path(directory)
         self.pending: dict[str, Tensors] = {}
         self.location: dict[str, tuple[Path, tuple[str, ...]]] = {}
         if fresh:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(parents=True)
+        elif (self.directory / INDEX).exists():
+            self._read_index()
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def reopen(cls, directory: Path) -> EncodedStore:
         """A store written earlier (what its index lists), for reading; a missing or corrupt one is an error."""
-        store = cls(directory, fresh=False)
+        if not (Path(directory) / INDEX).exists():
+            raise PrismqError(f"{directory}: the rounded tensors are missing; delete the work directory's "
+                              "rounding.json to redo the rounding")
+        return cls(directory, fresh=False)
+
+    def _read_index(self) -> None:
         try:
-            index = json.loads((store.directory / INDEX).read_text())
-            store.location = {name: (store.directory / file, tuple(suffixes))
-                              for name, (file, suffixes) in index.items()}
+            index = json.loads((self.directory / INDEX).read_text())
+            self.location = {name: (self.directory / file, tuple(suffixes)) for name, (file, suffixes) in index.items()}
         except (OSError, ValueError, TypeError) as exc:
-            raise PrismqError(f"{directory}: the rounded tensors are missing or corrupt ({exc}); delete the work "
+            raise PrismqError(f"{self.directory}: the rounded tensors are corrupt ({exc}); delete the work "
                               "directory's rounding.json to redo the rounding") from None
-        missing = [path for path, _ in store.location.values() if not path.exists()]
+        missing = [path for path, _ in self.location.values() if not path.exists()]
         if missing:
             raise PrismqError(f"{missing[0]} is missing; delete the work directory's rounding.json to redo the "
                               "rounding")
-        return store
 
     def update(self, tensors: Mapping[str, Tensors]) -> None:  # type: ignore[override]
         """Add Linears' tensors (kept in memory until the next flush)."""
@@ -55,15 +63,17 @@ class EncodedStore(Mapping[str, Tensors]):
         """Write the pending tensors to the next file of the directory and drop them from memory."""
         if not self.pending:
             return
-        path = self.directory / f"part-{len({p for p, _ in self.location.values()}):05d}.safetensors"
+        path = self.directory / f"part-{len(list(self.directory.glob('part-*.safetensors'))):05d}.safetensors"
         flat = {f"{name}::{suffix}": tensor.detach().to("cpu").contiguous()
                 for name, tensors in self.pending.items() for suffix, tensor in tensors.items()}
-        save_file(flat, str(path))
+        write_safetensors(path, flat)
         for name, tensors in self.pending.items():
             self.location[name] = (path, tuple(tensors))
         self.pending = {}
         index = {name: [file.name, list(suffixes)] for name, (file, suffixes) in self.location.items()}
-        (self.directory / INDEX).write_text(json.dumps(index) + "\n")
+        partial = self.directory / f".{INDEX}.partial"
+        partial.write_text(json.dumps(index) + "\n")
+        os.replace(partial, self.directory / INDEX)  # a kill leaves the old index or the new one, never half
 
     def __getitem__(self, name: str) -> Tensors:
         if name in self.pending:
