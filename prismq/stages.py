@@ -19,9 +19,10 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.cost import CostRow, run_cost
 from prismq.measure.probe_stage import run_probe
-from prismq.model.linears import linear_shapes, model_dtype, quantizable
+from prismq.model.linears import model_dtype
 from prismq.model.precision import resolve_compute_dtype
 from prismq.model.source import load_tokenizer, resolve_device, resolve_model
+from prismq.model.targets import model_targets
 
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:
@@ -80,10 +81,9 @@ def stage_cost(work_dir: Path, formats: list[str], device: str = "auto", compute
     quantization is simulated in `compute_dtype` (auto | bf16 | fp32)."""
     model_dir = run_model_dir(work_dir)
     names = [get_format(f).name for f in formats]
-    linears = list(quantizable(linear_shapes(model_dir)))
     target = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, target, model_dtype(model_dir))
-    return run_cost(model_dir, Path(work_dir), linears, names, target, dtype=dtype)
+    return run_cost(model_dir, Path(work_dir), model_targets(model_dir), names, target, dtype=dtype)
 
 
 def cost_summary(rows: list[CostRow]) -> str:

@@ -15,7 +15,7 @@ from prismq.export.writer import write_checkpoint
 from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
 from prismq.measure.cost import LinearStats, batch_costs, run_cost
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.targets import Target, model_targets
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -62,22 +62,23 @@ def test_activation_error_is_the_extra_output_error_of_quantized_inputs() -> Non
                        ["weight"])[0].act_err == 0
 
 
-def fake_probe(model_dir: Path, work_dir: Path, seed: int = 2) -> dict[str, tuple[int, int]]:
-    """Probe tensors of the right shapes (values random): the cost stage's contract, without running a probe."""
-    shapes = quantizable(linear_shapes(model_dir))
+def fake_probe(model_dir: Path, work_dir: Path, seed: int = 2) -> dict[str, Target]:
+    """Probe tensors of the right shapes (values random): the cost stage's contract, without running a probe;
+    returns the model's quantization targets."""
+    targets = model_targets(model_dir)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, (out, inp) in shapes.items():
+    for name, (out, inp) in ((n, t.shape) for n, t in targets.items()):
         tensors |= {f"{name}.fisher_out": torch.rand(out, generator=g), f"{name}.x_sq": torch.rand(inp, generator=g),
                     f"{name}.x_absmax": torch.tensor(4.0), f"{name}.fisher_trace": torch.tensor(1.0),
                     f"{name}.x_sample": torch.randn(16, inp, generator=g).to(torch.bfloat16)}
     write_tensors(work_dir / "probe", "probe", tensors, {"model": fingerprint_model(model_dir)})
-    return shapes
+    return targets
 
 
 def test_cost_stage_prices_the_shipped_bytes_with_shared_sibling_scales(tiny_llama_dir: Path, tmp_path: Path) -> None:
     shapes = fake_probe(tiny_llama_dir, tmp_path)
-    rows = run_cost(tiny_llama_dir, tmp_path, list(shapes), ["NVFP4A16", "INT4_W4A16", "BF16"], torch.device("cpu"),
+    rows = run_cost(tiny_llama_dir, tmp_path, shapes, ["NVFP4A16", "INT4_W4A16", "BF16"], torch.device("cpu"),
                     progress=False)
     assert len(rows) == 3 * len(shapes)  # every tiny-Llama Linear has in % 128 == 0
     exported = write_checkpoint(tiny_llama_dir, {n: "NVFP4A16" for n in shapes}, tmp_path / "ckpt", progress=False)
@@ -93,20 +94,20 @@ def test_cost_stage_prices_the_shipped_bytes_with_shared_sibling_scales(tiny_lla
 def test_cost_stage_resumes_and_refuses_a_missing_or_stale_probe(tiny_llama_dir: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
     with pytest.raises(PrismqError, match="no probe"):
-        run_cost(tiny_llama_dir, tmp_path, [], ["FP8"], torch.device("cpu"))
+        run_cost(tiny_llama_dir, tmp_path, {}, ["FP8"], torch.device("cpu"))
     shapes = fake_probe(tiny_llama_dir, tmp_path)
-    first = run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8"], torch.device("cpu"), progress=False)
+    first = run_cost(tiny_llama_dir, tmp_path, shapes, ["FP8"], torch.device("cpu"), progress=False)
     import prismq.measure.cost as cost
 
     monkeypatch.setattr(cost, "measure_costs", lambda *a, **k: pytest.fail("recomputed instead of resuming"))
-    assert run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8"], torch.device("cpu")) == first
+    assert run_cost(tiny_llama_dir, tmp_path, shapes, ["FP8"], torch.device("cpu")) == first
     monkeypatch.undo()
-    both = run_cost(tiny_llama_dir, tmp_path, list(shapes), ["BF16", "FP8"], torch.device("cpu"), progress=False)
+    both = run_cost(tiny_llama_dir, tmp_path, shapes, ["BF16", "FP8"], torch.device("cpu"), progress=False)
     assert read_json(tmp_path / "cost.json", "cost")["formats"] == ["FP8", "BF16"]  # only BF16 was measured
     assert [r for r in both if r.format == "FP8"] == first
     fake_probe(tiny_llama_dir, tmp_path, seed=3)  # a new probe (other values): the old costs are stale
     with pytest.raises(PrismqError, match="stale"):
-        run_cost(tiny_llama_dir, tmp_path, list(shapes), ["FP8"], torch.device("cpu"))
+        run_cost(tiny_llama_dir, tmp_path, shapes, ["FP8"], torch.device("cpu"))
 
 
 def test_batching_equal_shapes_changes_no_number(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -119,8 +120,8 @@ def test_batching_equal_shapes_changes_no_number(tiny_llama_dir: Path, tmp_path:
     formats = ["NVFP4", "MXFP4", "FP8", "INT4_W4A16", "BF16"]
     with ExitStack() as stack:
         source = SourceTensors(tiny_llama_dir, stack)
-        batched = measure_costs(source, probe, list(shapes), formats, torch.device("cpu"), progress=False)
-        alone = measure_costs(source, probe, list(shapes), formats, torch.device("cpu"), progress=False,
+        batched = measure_costs(source, probe, shapes, formats, torch.device("cpu"), progress=False)
+        alone = measure_costs(source, probe, shapes, formats, torch.device("cpu"), progress=False,
                               max_batch_elements=1)
     assert len(batched) == len(shapes) * len(formats)
     for a, b in zip(batched, alone):

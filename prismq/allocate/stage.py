@@ -25,6 +25,7 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.cost import CostRow
 from prismq.model.checkpoint import SourceTensors
+from prismq.model.targets import model_targets
 from prismq.model.units import model_units
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def _other_bytes(model_dir: Path, problem: Problem) -> int:
     """Bytes of every source tensor that is not an allocated Linear's weight (they ship unchanged)."""
     from contextlib import ExitStack
 
-    allocated = {f"{n}.weight" for members in problem.units for n in members}
+    targets = model_targets(model_dir)
+    allocated = {targets[n].key for members in problem.units for n in members}
     with ExitStack() as stack:
         source = SourceTensors(model_dir, stack)
         return sum(source.nbytes(key) for key in source.names() if key not in allocated)

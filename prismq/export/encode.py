@@ -8,6 +8,7 @@ from torch import nn
 from prismq.formats import Tensors, get_format
 from prismq.formats.base import Rounding
 from prismq.model.siblings import sibling_groups
+from prismq.model.targets import targets_named
 
 
 def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax: dict[str, torch.Tensor],
@@ -31,12 +32,7 @@ def encode_model(model: nn.Module, assignment: dict[str, str], input_amax: dict[
     modules = dict(model.named_modules())
     encoded: dict[str, Tensors] = {}
     for group in sibling_groups(assignment):
-        weights = {name: stored_weight(modules[name], weight_dtype) for name in group}
+        targets = targets_named(group, modules)
+        weights = {name: target.weight(modules, weight_dtype) for name, target in targets.items()}
         encoded.update(encode_group(assignment[group[0]], weights, input_amax or {}))
     return encoded
-
-
-def stored_weight(module: nn.Module, weight_dtype: torch.dtype | None) -> torch.Tensor:
-    """A Linear's weight as the checkpoint stores it (`weight_dtype`; None: as the module holds it), detached."""
-    weight = module.weight.detach()
-    return weight if weight_dtype is None else weight.to(weight_dtype)

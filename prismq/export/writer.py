@@ -24,6 +24,7 @@ from prismq.export.qconfig import quantization_config
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
 from prismq.model.assignment import check_assignment
+from prismq.model.targets import Target, model_targets
 from prismq.model.checkpoint import SourceTensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
@@ -43,19 +44,19 @@ class ExportResult:
         return 8 * self.linear_bytes / max(self.linear_params, 1)
 
 
-def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceTensors,
+def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceTensors, targets: dict[str, Target],
                    encoded: Mapping[str, Tensors], input_amax: dict[str, torch.Tensor]) -> dict[str, Tensors]:
     """The tensors of one sibling group: pre-encoded ones checked against the format's specs, the rest encoded."""
     fmt = get_format(assignment[group[0]])
     for name in group:
         if name in encoded:
-            expected = fmt.tensor_specs(source.shape(f"{name}.weight"), source.dtype(f"{name}.weight"))
+            expected = fmt.tensor_specs(targets[name].shape, source.dtype(targets[name].key))
             got = {k: (t.dtype, tuple(t.shape)) for k, t in encoded[name].items()}
             if got != expected:
                 raise PrismqError(f"{name}: pre-encoded tensors {got} do not match what {fmt.name} ships: {expected}")
     if all(name in encoded for name in group):
         return {name: encoded[name] for name in group}
-    fresh = encode_group(fmt.name, {name: source.get(f"{name}.weight") for name in group}, input_amax)
+    fresh = encode_group(fmt.name, {name: targets[name].read(source) for name in group}, input_amax)
     return {name: encoded.get(name, fresh[name]) for name in group}
 
 
@@ -96,20 +97,20 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
     config = json.loads((source_dir / "config.json").read_text())
     with ExitStack() as stack:
         source = SourceTensors(source_dir, stack)
-        shapes = {name: source.shape(f"{name}.weight") for name in assignment if f"{name}.weight" in source.location}
+        targets = {name: t for name, t in model_targets(source_dir, head=True).items() if t.key in source.location}
+        shapes = {name: target.shape for name, target in targets.items()}
         check_assignment(assignment, shapes)  # errors reported in the caller's order
         order = {name: position for position, name in enumerate(source.names())}
         # written in the checkpoint's own order, not the assignment's: a resumed run (its assignment read back from
         # JSON) writes the same bytes as an uninterrupted one
-        assignment = dict(sorted(assignment.items(), key=lambda item: (order.get(f"{item[0]}.weight", len(order)),
-                                                                        item[0])))
+        assignment = dict(sorted(assignment.items(), key=lambda item: (order[targets[item[0]].key], item[0])))
         groups = check_assignment(assignment, shapes)
         for name, format_name in assignment.items():
             if get_format(format_name).needs_input_amax and name not in input_amax and name not in encoded:
                 raise PrismqError(f"{name}: {format_name} needs the calibrated input absmax of this Linear")
         staging = stack.enter_context(atomic_directory(out_dir, overwrite))
         shards = ShardWriter(staging, max_shard_bytes)
-        replaced = {f"{name}.weight": group for group in groups for name in group}
+        replaced = {targets[name].key: group for group in groups for name in group}
         linear_bytes = linear_params = 0
         written_groups: set[int] = set()
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
@@ -120,12 +121,11 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
             if id(group) in written_groups:
                 continue
             written_groups.add(id(group))
-            for name, tensors in _group_tensors(group, assignment, source, encoded, input_amax).items():
+            for name, tensors in _group_tensors(group, assignment, source, targets, encoded, input_amax).items():
                 for suffix, tensor in tensors.items():
                     shards.add(f"{name}.{suffix}", tensor)
                     linear_bytes += tensor.numel() * tensor.element_size()
-                rows, cols = source.shape(f"{name}.weight")
-                linear_params += rows * cols
+                linear_params += targets[name].params
         total = shards.close()
         config["quantization_config"] = quantization_config(assignment)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

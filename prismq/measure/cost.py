@@ -20,6 +20,7 @@ cross-channel curvature (as Optimal Brain Damage does); selection later checks t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +30,11 @@ from tqdm import tqdm
 
 from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_json
 from prismq.errors import PrismqError
-from prismq.model.checkpoint import SourceTensors
 from prismq.formats import get_format
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.siblings import sibling_groups
+from prismq.model.targets import Target
+from prismq.model.units import formats_legal_for
 
 
 @dataclass(frozen=True)
@@ -100,33 +103,34 @@ def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats
                     predicted_dloss=float(dloss[b])) for b, name in enumerate(names)]
 
 
-def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears: list[str], formats: list[str],
-                  device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24,
+def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targets: Mapping[str, Target],
+                  formats: list[str], device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24,
                   dtype: torch.dtype | None = None) -> list[CostRow]:
-    """Cost rows of every Linear for every format legal for its shape, sibling groups sharing their scales.
+    """Cost rows of every target for every format legal for its fused group's shapes, sibling groups sharing their
+    scales.
 
-    Linears of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
+    Targets of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
     one shape bucket at a time, so memory holds one bucket (not the model)."""
+    linears = list(targets)
     joint_amax: dict[str, torch.Tensor] = {}
     joint_input: dict[str, torch.Tensor] = {}
+    legal_for_group: dict[str, list[str]] = {}
     for group in sibling_groups(linears):
-        weight_amax = torch.stack([source.get(f"{n}.weight").abs().amax() for n in group]).amax()
+        weight_amax = torch.stack([targets[n].read(source).abs().amax() for n in group]).amax()
         input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
         joint_amax.update(dict.fromkeys(group, weight_amax))
         joint_input.update(dict.fromkeys(group, input_amax))
+        legal_for_group.update(dict.fromkeys(group, formats_legal_for([targets[n].shape for n in group], formats)))
     buckets: dict[tuple[int, ...], list[str]] = {}
     for name in linears:
-        buckets.setdefault(source.shape(f"{name}.weight"), []).append(name)
-    legal_for_group = {n: [f for f in formats if all(get_format(f).legal(source.shape(f"{m}.weight"))
-                                                     for m in group)]
-                       for group in sibling_groups(linears) for n in group}
+        buckets.setdefault(targets[name].shape, []).append(name)
     rows: dict[tuple[str, str], CostRow] = {}
     bar = tqdm(total=len(linears), desc="cost", unit="linear", disable=not progress)
     for shape, names in buckets.items():
         step = max(1, max_batch_elements // (shape[0] * shape[1]))
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
-            weights = torch.stack([source.get(f"{n}.weight") for n in chunk]).to(device)
+            weights = torch.stack([targets[n].read(source) for n in chunk]).to(device)
             stats = [LinearStats.from_probe(probe, n) for n in chunk]
             for format_name in formats:
                 members = [i for i, n in enumerate(chunk) if format_name in legal_for_group[n]]
@@ -143,9 +147,9 @@ def measure_costs(source: SourceTensors, probe: dict[str, torch.Tensor], linears
     return [rows[(n, f)] for n in linears for f in formats if (n, f) in rows]
 
 
-def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[str], device: torch.device,
+def run_cost(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], formats: list[str], device: torch.device,
              progress: bool = True, dtype: torch.dtype | None = None) -> list[CostRow]:
-    """The cost stage: rows of `formats` for `linears`. Formats already priced in work_dir/cost.json for this model and
+    """The cost stage: rows of `formats` for `targets`. Formats already priced in work_dir/cost.json for this model and
     probe are reused; only missing ones are measured and merged in (a new budget or format list reuses the work).
     A cost.json made from another model or probe is refused as stale. `dtype`: the compute dtype activation
     quantization is simulated in."""
@@ -161,9 +165,9 @@ def run_cost(model_dir: Path, work_dir: Path, linears: list[str], formats: list[
     missing = [n for n in names if n not in known]
     if missing:
         with ExitStack() as stack:
-            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, linears, missing, device, progress,
+            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, targets, missing, device, progress,
                                   dtype=dtype)
         write_json(Path(work_dir) / "cost.json", "cost",
                    {**expect, "formats": known + missing, "rows": [asdict(r) for r in rows]})
-    wanted, members = set(names), set(linears)
+    wanted, members = set(names), set(targets)
     return [r for r in rows if r.format in wanted and r.linear in members]

@@ -27,7 +27,8 @@ from prismq.formats import get_format
 from prismq.engine.stream import LayerStream, final_hidden_states
 from prismq.measure.kl import HiddenStates, KLResult, evaluate_states
 from prismq.model.assignment import check_assignment
-from prismq.model.linears import linear_shapes, model_dtype
+from prismq.model.linears import model_dtype
+from prismq.model.targets import model_targets
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import load_model, load_tokenizer, resolve_device, resolve_model
 from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
@@ -132,7 +133,8 @@ def _streamed_kl(stream: LayerStream, quantized: str, blocks: torch.Tensor, roun
                                    [HiddenStates(candidate.head, blocks, hidden)], blocks, progress=progress)[0]
     if path.is_file() and path.suffix.lower() == ".json":
         assignment, amax = read_assignment(path)
-        check_assignment(assignment, linear_shapes(stream.model_dir), export=False)
+        check_assignment(assignment, {n: t.shape for n, t in model_targets(stream.model_dir, head=True).items()},
+                         export=False)
         missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in amax}
         calibration = default_calibration_blocks(stream.model_dir) if missing or rounding != "rtn" else None
         if missing:

@@ -17,7 +17,7 @@ from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_tensors
 from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
 from prismq.measure import fisher_streamed
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.targets import model_targets
 
 PROBE_KIND = "probe"
 PROBE_STEM = "probe"
@@ -44,7 +44,7 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     expect = probe_expect(model_dir, blocks, sample_rows, seed)
     if read_tensors(stem, PROBE_KIND, expect) is not None:
         return stem
-    names = list(quantizable(linear_shapes(model_dir)))
+    names = list(model_targets(model_dir))
     with LayerStream(model_dir, dtype, device, max_memory) as stream:
         computed_in = str(stream.dtype).removeprefix("torch.")
         state = WalkState(work_dir / f"{PROBE_STEM}.walk", {**expect, "dtype": computed_in,

@@ -12,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from prismq.formats import Format, Tensors, get_format
 from prismq.model.siblings import sibling_groups
+from prismq.model.targets import targets_named
 
 
 class _SharedInput:
@@ -51,13 +52,12 @@ def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dic
     handles = []
     for group in sibling_groups(assignment):
         hooks: dict[str, tuple[Format, torch.Tensor | None, tuple[str, bytes]]] = {}
-        for name in group:
-            fmt, module = get_format(assignment[name]), modules[name]
+        for name, target in targets_named(group, modules).items():
+            fmt = get_format(assignment[name])
             if fmt.scheme() is None:
                 continue
             tensors = encoded[name]
-            with torch.no_grad():
-                module.weight.copy_(fmt.decode(tensors, weight_dtype or module.weight.dtype))
+            target.install(modules, fmt.decode(tensors, weight_dtype or modules[target.module].weight.dtype))
             if fmt.quantizes_activations:
                 igs = tensors.get("input_global_scale")
                 hooks[name] = (fmt, igs, (fmt.name, b"" if igs is None else igs.detach().cpu().numpy().tobytes()))

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.linears import quantizable
 from prismq.model.siblings import EXPERT, fused_name, sibling_groups
+from prismq.model.targets import model_targets
 
 # model_type values whose fusion the rule above was checked against (vLLM model files, packed_modules_mapping).
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3",
@@ -80,10 +82,17 @@ def legal_formats(unit: Unit, formats: list[str]) -> list[str]:
     keeping the model dtype is always possible."""
     if unit.pinned is not None:
         return [get_format(unit.pinned).name]
+    return formats_legal_for(unit.shapes, formats)
+
+
+def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str]) -> list[str]:
+    """The formats (canonical names, first-seen order) every one of `shapes` can take: fused siblings take one
+    format, so one member's shape that a format cannot take rules it out for all."""
+    shapes = list(shapes)
     offered: list[str] = []
     for name in formats:
         fmt = get_format(name)
-        if fmt.name not in offered and all(fmt.legal(shape) for shape in unit.shapes):
+        if fmt.name not in offered and all(fmt.legal(shape) for shape in shapes):
             offered.append(fmt.name)
     return offered
 
@@ -94,7 +103,7 @@ def model_units(model_dir: Path) -> list[Unit]:
         model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as exc:
         raise PrismqError(f"cannot read {model_dir}/config.json: {exc}") from exc
-    return decision_units(linear_shapes(Path(model_dir)), model_type)
+    return decision_units({name: t.shape for name, t in model_targets(Path(model_dir)).items()}, model_type)
 
 
 def _notice(model_type: str, shapes: dict[str, tuple[int, int]]) -> None:

@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from prismq.engine.stream import LayerInput, decoder_layers, first_layer_inputs, run_layer
 from prismq.errors import PrismqError
-from prismq.export.encode import encode_group, encode_model, stored_weight
+from prismq.export.encode import encode_group, encode_model
 from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
+from prismq.model.targets import targets_named
 from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
 from prismq.rounding.store import EncodedStore
 
@@ -120,7 +121,7 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in to_gptq}, inputs) if to_gptq else {}
     for group in groups:
         format_name = assignment[group[0]]
-        weights = {n: stored_weight(modules[n], weight_dtype) for n in group}
+        weights = {n: target.weight(modules, weight_dtype) for n, target in targets_named(group, modules).items()}
         rounding = _SiblingGPTQ(weights, hessians.pop(group[0]), settings) if group[0] in hessians else None
         tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
         if rounding is not None:
