@@ -71,3 +71,11 @@ def ct_fake_quantize_activation(format_name: str, x: torch.Tensor,
     scale, zero_point = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=input_global_scale)
     return fake_quantize(x, scale, zero_point if args.strategy == "int" else None, args,
                          global_scale=input_global_scale)
+
+
+def ct_decode(format_name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight compressed-tensors' own decompression reconstructs from shipped tensors, in `dtype`."""
+    preset, ct_format = PRESETS[format_name]
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    compressor = BaseCompressor.get_value_from_registry(ct_format)
+    return compressor.decompress(dict(tensors), scheme)["weight"].to(dtype)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ct_reference import PRESETS, ct_encode, ct_fake_quantize_activation
+from ct_reference import PRESETS, ct_decode, ct_encode, ct_fake_quantize_activation
 from safetensors.torch import load_file
 
-from prismq.formats import get_format
+from prismq.formats import base, get_format
 
 SERVABLE = list(PRESETS)
 
@@ -39,8 +39,13 @@ def hard_weight(out: int = 64, inp: int = 512, seed: int = 0) -> torch.Tensor:
     return w.to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("chunk", [None, 512, 1600])  # whole; one row at a time; 3 rows (a short last chunk)
 @pytest.mark.parametrize("name", SERVABLE)
-def test_encode_bytes_equal_compressed_tensors_on_hard_weights(name: str) -> None:
+def test_encode_bytes_equal_compressed_tensors_on_hard_weights(name: str, chunk: int | None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large matrices are encoded a few rows at a time; forced here onto a small one, the bytes do not change."""
+    if chunk is not None:
+        monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk)
     w = hard_weight()
     input_amax = torch.tensor(13.7)
     assert_same_tensors(get_format(name).encode(w, input_amax=input_amax), ct_encode(name, w, input_amax=input_amax),
@@ -86,3 +91,16 @@ def test_activation_fake_quant_equals_compressed_tensors_forward(name: str) -> N
     assert ours.dtype == x.dtype
     assert torch.equal(ours, ref.to(x.dtype))
     assert not torch.equal(ours, x)
+
+
+@pytest.mark.parametrize("name", SERVABLE)
+def test_decoding_a_few_rows_at_a_time_gives_compressed_tensors_weights(name: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode_into (how fake quantization installs shipped weights) writes compressed-tensors' decompressed weight."""
+    w = hard_weight()
+    tensors = get_format(name).encode(w, input_amax=torch.tensor(13.7))
+    expected = ct_decode(name, tensors, torch.bfloat16)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1600)
+    out = torch.full(w.shape, float("nan"), dtype=torch.float32)
+    get_format(name).decode_into(tensors, out, torch.bfloat16)
+    assert torch.equal(out, expected.float())

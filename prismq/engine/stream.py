@@ -15,6 +15,8 @@ are the model's own modules.
 from __future__ import annotations
 
 import copy
+import ctypes
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,6 +33,7 @@ from prismq.model.source import resolve_device
 
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
 FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
+READ_CHUNK_BYTES = 32 << 20  # a large checkpoint tensor is read this many bytes at a time
 
 
 class _Stop(Exception):
@@ -153,7 +156,17 @@ class LayerStream:
                 if self.source.shape(key) != tuple(tensor.shape):
                     raise PrismqError(f"{self.model_dir}: tensor {key} has shape {list(self.source.shape(key))}, "
                                       f"the model's config expects {list(tensor.shape)}")
-                tensor.copy_(self.source.get(key))  # casts as it copies: no second full-size temporary
+                self._copy_stored(key, tensor)
+
+    def _copy_stored(self, key: str, tensor: torch.Tensor) -> None:
+        """Copy checkpoint tensor `key` into `tensor` (casting as it copies), a few rows at a time: a large tensor
+        (the embeddings) never has a second full-size copy in memory beside its materialized one."""
+        if tensor.ndim == 0 or self.source.nbytes(key) <= READ_CHUNK_BYTES:
+            tensor.copy_(self.source.get(key))
+            return
+        rows = max(1, READ_CHUNK_BYTES // (self.source.nbytes(key) // tensor.shape[0]))
+        for start in range(0, tensor.shape[0], rows):
+            tensor[start:start + rows].copy_(self.source.get_rows(key, start, start + rows))
 
     def _stored_key(self, key: str) -> str:
         """The checkpoint tensor holding parameter `key`: itself, or for an output head tied to the input
@@ -231,6 +244,7 @@ class LayerStream:
             yield module
         finally:
             module.to("meta")
+            release_freed_memory()
 
     def _load_compressed(self, module: nn.Module, prefix: str) -> None:
         """Materialize a layer of a compressed-tensors checkpoint with that library's own code, as transformers
@@ -296,6 +310,27 @@ class CastingHead(nn.Module):
 def _size(nbytes: int) -> str:
     """A byte count for people: GB from 1 GB up, MB below."""
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc keeps freed medium-size blocks in its heap, so
+    a walk's resident size would creep up layer by layer). No-op where the C library has no malloc_trim."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (it has malloc_trim), else None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - a Linux without a loadable C library
+        return None
+
+
+_LIBC = _glibc()
 
 
 def available_memory(device: torch.device) -> int:

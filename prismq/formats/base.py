@@ -19,6 +19,8 @@ from prismq.errors import PrismqError
 Tensors = dict[str, torch.Tensor]
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 Rounding = Callable[["Grid", torch.Tensor, str], Tensors]  # (grid, weight, name) -> codes and scales by grid.pack
+ROW_TENSORS = frozenset({"weight", "weight_packed", "weight_scale"})  # shipped tensors with one row per weight row
+CHUNK_ELEMENTS = 1 << 21  # values per row-wise step of a large matrix (bounds the codecs' float temporaries)
 
 
 class FormatError(PrismqError, ValueError):
@@ -98,6 +100,16 @@ class Format(ABC):
     @abstractmethod
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight a loader reconstructs from the shipped tensors, in `dtype`."""
+
+    def decode_into(self, tensors: Tensors, out: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Write decode(tensors, dtype) into `out` [out, in] (cast to its dtype), a few rows at a time: the same
+        values, without the full-size temporaries of decoding a large matrix at once. Every shipped tensor holds
+        one row per weight row (ROW_TENSORS) or is shared by all rows (global and input scales, the shape)."""
+        rows = chunk_rows(out.shape[-1])
+        for start in range(0, out.shape[0], rows):
+            part = {suffix: tensor[start:start + rows] if suffix in ROW_TENSORS else tensor
+                    for suffix, tensor in tensors.items()}
+            out[start:start + rows].copy_(self.decode(part, dtype))
 
     def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> Grid:
         """The scale-and-round structure `weight` is encoded on (see Grid); formats that round nothing have none."""
@@ -197,9 +209,18 @@ class Grid(ABC):
         return self.round_values(groups, scales.unsqueeze(-1)).flatten(-2)
 
     def encode(self, weight: torch.Tensor) -> Tensors:
-        """Round-to-nearest: the shipped tensors of weight [out, in]."""
-        scales = self.fit(weight)
-        return self.pack(self.quantize(weight, self.expand(scales)), scales)
+        """Round-to-nearest: the shipped tensors of weight [out, in]. Every step is row by row, so it runs a few rows
+        at a time: the same bytes, without the full-size float temporaries of a large matrix at once."""
+        rows = chunk_rows(weight.shape[-1])
+        scales = torch.cat([self.fit(part) for part in weight.split(rows)])
+        codes = torch.cat([self.quantize(part, self.expand(part_scales))
+                           for part, part_scales in zip(weight.split(rows), scales.split(rows))])
+        return self.pack(codes, scales)
+
+
+def chunk_rows(columns: int) -> int:
+    """Rows of a [*, columns] matrix processed together by the row-wise codec steps (about CHUNK_ELEMENTS values)."""
+    return max(1, CHUNK_ELEMENTS // max(columns, 1))
 
 
 def group_absmax(x: torch.Tensor, group_size: int) -> torch.Tensor:

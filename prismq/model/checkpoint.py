@@ -71,6 +71,15 @@ class SourceTensors:
         """Read one tensor (a fresh CPU tensor of its own)."""
         return _read(self.location[name], name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows [start, stop) of one tensor (along its first dimension): a slice of the bytes, not the whole."""
+        entry = self.location[name]
+        row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+        stop = min(stop, entry.shape[0])
+        part = _Entry(entry.fd, entry.start + start * row, entry.start + stop * row, entry.dtype,
+                      (stop - start, *entry.shape[1:]))
+        return _read(part, name)
+
 
 class TensorFile(Mapping[str, torch.Tensor]):
     """One safetensors file as a read-only mapping name -> tensor, each read from disk when asked for (a large

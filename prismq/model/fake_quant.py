@@ -57,7 +57,9 @@ def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dic
             if fmt.scheme() is None:
                 continue
             tensors = encoded[name]
-            target.install(modules, fmt.decode(tensors, weight_dtype or modules[target.module].weight.dtype))
+            parameter = target.parameter(modules)
+            with torch.no_grad():
+                fmt.decode_into(tensors, parameter, weight_dtype or parameter.dtype)
             if fmt.quantizes_activations:
                 igs = tensors.get("input_global_scale")
                 hooks[name] = (fmt, igs, (fmt.name, b"" if igs is None else igs.detach().cpu().numpy().tobytes()))

@@ -57,10 +57,14 @@ class Target:
         weight = modules[self.module].weight.detach()
         return weight if dtype is None else weight.to(dtype)
 
+    def parameter(self, modules: Mapping[str, nn.Module]) -> torch.Tensor:
+        """The live weight in a materialized model, to write decoded shipped values into (under no_grad)."""
+        return modules[self.module].weight
+
     def install(self, modules: Mapping[str, nn.Module], value: torch.Tensor) -> None:
         """Replace the weight in a materialized model by `value` (decoded shipped values), cast to the model's dtype."""
         with torch.no_grad():
-            modules[self.module].weight.copy_(value)
+            self.parameter(modules).copy_(value)
 
 
 def model_targets(model_dir: Path, head: bool = False) -> dict[str, Target]:
