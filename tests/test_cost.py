@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ct_reference import PRESETS, ct_decode, ct_encode, ct_fake_quantize_activation
 from safetensors.torch import load_file
 
 from prismq.artifacts import fingerprint_model, read_json, write_tensors
@@ -37,7 +38,8 @@ def test_output_error_equals_a_direct_measurement(name: str) -> None:
     stats = LinearStats(fisher_out, x.square().mean(0), x.abs().amax(), x[:64].to(torch.bfloat16))
     (row,) = batch_costs(name, w[None], [stats], w.abs().amax()[None], x.abs().amax()[None], ["weight"])
     fmt = get_format(name)
-    shipped = fmt.decode(fmt.encode(w), torch.bfloat16).double()
+    # what a loader reconstructs, by compressed-tensors' own compression and decompression (BF16 ships w itself)
+    shipped = (ct_decode(name, ct_encode(name, w), torch.bfloat16) if name in PRESETS else w).double()
     per_channel = (x.double() @ (w.double() - shipped).T).square().mean(0)  # [out]
     assert row.output_err - row.act_err == pytest.approx(float(per_channel.sum()), rel=1e-5)
     if not fmt.quantizes_activations:
@@ -52,10 +54,9 @@ def test_activation_error_is_the_extra_output_error_of_quantized_inputs() -> Non
     w = (torch.randn(32, 128, generator=g) * 0.05).to(torch.bfloat16)
     x = (torch.randn(64, 128, generator=g) * torch.logspace(-2, 1, 128)).to(torch.bfloat16)
     stats = LinearStats(torch.ones(32), x.float().square().mean(0), x.abs().amax().float(), x)
-    fmt = get_format("MXFP8")
     (row,) = batch_costs("MXFP8", w[None], [stats], w.abs().amax()[None], x.abs().amax()[None], ["weight"])
-    wq = fmt.qdq(w).float()
-    exact, served = x.float() @ w.float().T, fmt.qdq_activation(x).float() @ wq.T
+    wq = ct_decode("MXFP8", ct_encode("MXFP8", w), torch.bfloat16).float()  # compressed-tensors' reference
+    exact, served = x.float() @ w.float().T, ct_fake_quantize_activation("MXFP8", x[None])[0].float() @ wq.T
     direct = ((exact - served).square().mean(0) - (exact - x.float() @ wq.T).square().mean(0)).clamp(min=0)
     assert row.act_err == pytest.approx(float(direct.sum()), rel=1e-5) and row.act_err > 0
     assert batch_costs("MXFP8A16", w[None], [stats], w.abs().amax()[None], x.abs().amax()[None],

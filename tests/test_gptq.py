@@ -20,6 +20,26 @@ def correlated_inputs(columns: int, tokens: int = 512, seed: int = 0) -> torch.T
     return (torch.randn(tokens, columns, generator=g) @ mixing) * energy
 
 
+def reference_sweep(grid, weight: torch.Tensor, importance: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The scale sweep written plainly: for every group, each candidate scale the format proposes, the float64
+    importance-weighted squared rounding error of the group's weights; the first minimum wins (candidate 0, the
+    incoming scale, on ties)."""
+    candidates = grid.candidates(scales)  # [C, rows, groups]
+    width = weight.shape[1] // scales.shape[1]
+    importance = importance.double().expand(weight.shape)
+    best = scales.clone()
+    for row in range(weight.shape[0]):
+        for group in range(scales.shape[1]):
+            columns = slice(group * width, (group + 1) * width)
+            w = weight[row, columns]
+            errors = []
+            for candidate in candidates[:, row, group]:
+                q = grid.dequantize(grid.quantize(w, candidate), candidate, weight.dtype)
+                errors.append(float(((w.double() - q.double()) ** 2 * importance[row, columns]).sum()))
+            best[row, group] = candidates[errors.index(min(errors)), row, group]
+    return best
+
+
 def reference_gptq(grid, weight: torch.Tensor, hessian: torch.Tensor, damping: float, act_order: bool,
                    sweep: bool) -> torch.Tensor:
     """Textbook GPTQ in float64: one column at a time, the full remaining row updated after each (no lazy blocks),
@@ -36,14 +56,14 @@ def reference_gptq(grid, weight: torch.Tensor, hessian: torch.Tensor, damping: f
     static = act_order or g > 64
     scales = grid.fit(weight)
     if static and sweep:
-        scales = sweep_scales(grid, weight, natural_importance, scales)
+        scales = reference_sweep(grid, weight, natural_importance, scales)
     codes = []
     for j in range(columns):
         if not static and j % g == 0:
             group = w[:, j:j + g].to(weight.dtype)
             fitted = grid.fit(group)
             if sweep:
-                fitted = sweep_scales(grid, group, importance[j:j + g], fitted)
+                fitted = reference_sweep(grid, group, importance[j:j + g], fitted)
             scales[:, j // g] = fitted[:, 0]
         scale = scales[:, int(order[j]) // g].unsqueeze(1)
         code = grid.quantize(w[:, j:j + 1].to(weight.dtype), scale)
