@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prismq.formats import FORMATS, FormatError, get_format
+from prismq.formats import FORMATS, FormatError, base, get_format
 from prismq.formats.elements import E2M1, E2M3, E3M2, e8m0_exponent, round_to_e4m3
 from prismq.formats.packing import pack_int32, pack_nibbles, pack_sextets, unpack_int32, unpack_sextets
 
@@ -120,9 +120,13 @@ def test_non_finite_weights_are_rejected_with_the_tensor_name(bad: float) -> Non
             get_format(name).encode(w, input_amax=torch.tensor(1.0), name="model.layers.0.self_attn.q_proj")
 
 
+@pytest.mark.parametrize("chunk", [None, 700])  # whole; 2 rows at a time (qdq, encode and decode chunk rows)
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_qdq_is_decode_of_encode(name: str, dtype: torch.dtype) -> None:
+def test_qdq_is_decode_of_encode(name: str, dtype: torch.dtype, chunk: int | None,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(48, 256, generator=g) * torch.logspace(-4, 0, 48).unsqueeze(1)).to(dtype)
     fmt = get_format(name)
@@ -170,8 +174,11 @@ def test_minifloat_encode_equals_brute_force_nearest_even(element) -> None:
     assert torch.equal((codes >> magnitude_bits).bool(), x < 0)
 
 
+@pytest.mark.parametrize("chunk", [None, 2000])  # whole; 2 rows of each matrix at a time
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_batched_qdq_equals_each_matrix_alone(name: str) -> None:
+def test_batched_qdq_equals_each_matrix_alone(name: str, chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(5)
     weights = (torch.randn(3, 32, 256, generator=g) * torch.tensor([1e-3, 1.0, 30.0]).view(3, 1, 1)).to(torch.bfloat16)
     shared = weights.abs().amax(dim=(1, 2)) * torch.tensor([1.0, 2.0, 1.5]).to(torch.bfloat16)

@@ -123,7 +123,8 @@ class Format(ABC):
         prices many Linears in one call; each matrix gets exactly what it would get alone."""
         self.check(weight, name, batched=True)
         grid = self.grid(weight, shared_amax)
-        return grid.round(weight, grid.fit(weight))
+        rows = max(1, chunk_rows(weight.shape[-1]) // (weight.shape[0] if weight.ndim == 3 else 1))
+        return torch.cat([grid.round(part, grid.fit(part)) for part in weight.split(rows, dim=-2)], dim=-2)
 
     def qdq_activation(self, x: torch.Tensor, input_global_scale: torch.Tensor | None = None) -> torch.Tensor:
         """What the runtime does to a Linear's input [..., in]: identity unless the format quantizes it."""
