@@ -40,7 +40,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         out.write(header)
         for tensor in tensors.values():
             if tensor.numel():
-                out.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                out.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 class ShardWriter:
@@ -71,7 +71,8 @@ class ShardWriter:
         if self.data is None:
             self.data = open(self.directory / f"shard-{len(self.shard_files):05d}.bytes", "w+b")
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self.data.write(flat.view(torch.uint8).numpy().tobytes() if size else b"")
+        if size:
+            self.data.write(flat.view(torch.uint8).numpy().data)  # the tensor's own bytes, not a copy of them
         self.entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.offset, self.offset + size]}
         self.offset += size

@@ -29,16 +29,19 @@ def stage_export(config: QuantizeConfig, model_dir: Path, rounding: Rounding) ->
 
 def stage_eval(work: Path, out: Path, model_dir: Path, heldout: torch.Tensor, dtype: torch.dtype,
                device: str, max_memory: int | None = None) -> dict[str, Any]:
-    """Held-out KL statistics of the written checkpoint against the reference (WORK/eval.json)."""
-    with LayerStream(model_dir, dtype, device, max_memory) as reference:
-        hidden = read_reference_hidden(work, model_dir, heldout, dtype)
-        if hidden is None:
+    """Held-out KL statistics of the written checkpoint against the reference (WORK/eval.json). One model is open
+    at a time while layers are read: the reference's final hidden states come from the round stage (or a walk of
+    their own), the export is walked, and only then is the reference's head opened beside the export's."""
+    hidden = read_reference_hidden(work, model_dir, heldout, dtype)
+    if hidden is None:
+        with LayerStream(model_dir, dtype, device, max_memory) as reference:
             hidden = final_hidden_states(reference, heldout, desc="reference")
-        with LayerStream(out, dtype, device, max_memory) as exported:
-            state = WalkState(work / "eval.walk", {"export": fingerprint_model(out), "text": fingerprint_tokens(heldout),
-                                                   "dtype": str(dtype).removeprefix("torch."),
-                                                   "device": exported.device.type})
-            read_back = final_hidden_states(exported, heldout, desc="read back the export", state=state)
+    with LayerStream(out, dtype, device, max_memory) as exported:
+        state = WalkState(work / "eval.walk", {"export": fingerprint_model(out), "text": fingerprint_tokens(heldout),
+                                               "dtype": str(dtype).removeprefix("torch."),
+                                               "device": exported.device.type})
+        read_back = final_hidden_states(exported, heldout, desc="read back the export", state=state)
+        with LayerStream(model_dir, dtype, device, max_memory) as reference:
             (result,) = evaluate_states(HiddenStates(reference.head, heldout, hidden),
                                         [HiddenStates(exported.head, heldout, read_back)], heldout)
     evaluation = {**result.to_json(), "checkpoint": str(out)}
