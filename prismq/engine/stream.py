@@ -406,9 +406,18 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: torch.Te
 
 
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
-    """The layer's outputs for each input, as the next layer's inputs (same keyword arguments)."""
+    """The layer's outputs for each input, as the next layer's inputs (same keyword arguments). Hidden states kept
+    off the layer's device (spilled to the host, see `spill`) go there one batch at a time and come back."""
+    device = next((p.device for p in layer.parameters()), None)
     outputs = []
     for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+        out = layer(hidden if device is None else hidden.to(device), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outputs.append((out.to(hidden.device), kwargs))
     return outputs
+
+
+def spill(inputs: list[LayerInput]) -> list[LayerInput]:
+    """The same inputs with their hidden states in host memory: for walks whose hidden states do not fit on the
+    accelerator beside a layer (`run_layer` moves each batch over and back)."""
+    return [(hidden.cpu(), kwargs) for hidden, kwargs in inputs]

@@ -97,6 +97,11 @@ class Recorder:
         """Set the sample slots filled from this block and their positions in it; forget the last input."""
         self.slots, self.local, self._last = slots, local, None
 
+    def forget(self) -> None:
+        """Drop the reference to the last input seen (a layer's widest activation): the hooks left on the outputs
+        would otherwise keep it alive after the layer is done."""
+        self._last = None
+
     def start(self, positions: torch.Tensor, index: int, device: torch.device) -> None:
         """start_block for block `index`: the sampled global `positions` that fall in it."""
         in_block = (positions >= index * self.seqlen) & (positions < (index + 1) * self.seqlen)

@@ -129,6 +129,7 @@ class _ProbeWalk:
                 finally:
                     for handle in handles:
                         handle.remove()
+                    recorder.forget()
             self.state.save(f"stats-{index}", linear_results(recorder, self.blocks.shape[0], self.total))
             self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
             self.state.remove(f"input-{index}")

@@ -14,13 +14,14 @@ and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from prismq.engine.stream import LayerInput, LayerStream, run_layer
+from prismq.engine.stream import LayerInput, LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format
@@ -30,6 +31,7 @@ from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
 from prismq.rounding.store import EncodedStore
 
+logger = logging.getLogger(__name__)
 LANES = "lanes"  # the walk's snapshot: hidden states and details before its next layer
 
 
@@ -105,6 +107,12 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     if saved is not None:
         reference = _restore(saved, lanes, reference, stream)
     hidden_bytes = sum(h.numel() * h.element_size() for lane in lanes for h, _ in [*lane.calibration, *lane.heldout])
+    if stream.device.type != "cpu" and stream.layer_copies(reserved=hidden_bytes) < 1:
+        logger.info("the candidates' hidden states (%.2f GB) do not fit on %s beside a layer: kept in host memory",
+                    hidden_bytes / 1e9, stream.device)
+        for lane in lanes:
+            lane.calibration, lane.heldout = spill(lane.calibration), spill(lane.heldout)
+        hidden_bytes = 0
     share = stream.layer_copies(reserved=hidden_bytes) > len(lanes)  # else each lane reads the layer itself
     for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
                       desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
