@@ -223,3 +223,20 @@ def test_the_head_stays_in_the_checkpoint_dtype_and_gives_the_logits_of_the_head
         expected = hidden @ stream.head.weight.float().T
     assert logits.dtype == torch.float32 and logits.shape == (7, 512)
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_input_embeddings_are_read_in_the_checkpoint_dtype_only_while_a_walk_starts(tiny_llama_dir: Path) -> None:
+    """A plain lookup table stays bf16 while an fp32 walk starts (its rows cast: the same first-layer inputs as the
+    model loaded in fp32), and is gone afterwards."""
+    blocks = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(8))
+    seen: list[torch.dtype] = []
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        embeddings = stream.model.get_input_embeddings()
+        handle = embeddings.register_forward_pre_hook(lambda module, _args: seen.append(module.weight.dtype))
+        inputs = stream.first_inputs(blocks, 1)
+        handle.remove()
+        assert seen == [torch.bfloat16, torch.bfloat16] and embeddings.weight.device.type == "meta"
+    model = load_model(tiny_llama_dir, torch.float32)
+    with torch.no_grad():
+        expected = [model.model.embed_tokens(block[None]) for block in blocks]
+    assert all(h.dtype == torch.float32 and torch.equal(h, e) for (h, _), e in zip(inputs, expected))

@@ -201,13 +201,24 @@ class LayerStream:
 
     @contextmanager
     def _embeddings_loaded(self) -> Iterator[None]:
-        """The input embeddings materialized (compute dtype) for the enclosed block, then dropped."""
+        """The input embeddings materialized for the enclosed block, then dropped. A plain lookup table stays in
+        the checkpoint's narrower dtype and its output is cast (the rows' values are the same, at half the memory
+        of a table cast whole); an embedding module with arithmetic of its own (a scale) computes in the compute
+        dtype."""
+        handles = []
         try:
             for name, module in self._embeddings:
+                lookup = type(module) is nn.Embedding and self.weight_dtype.itemsize < self.dtype.itemsize
+                if lookup:
+                    module.to(self.weight_dtype)  # on the meta device: free
+                    handles.append(module.register_forward_hook(lambda _m, _a, out: out.to(self.dtype)))
                 self._load(module, name)
-                cast_stored(module, self.weight_dtype, self.dtype)
+                if not lookup:
+                    cast_stored(module, self.weight_dtype, self.dtype)
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for _, module in self._embeddings:
                 module.to("meta")
 
