@@ -80,9 +80,11 @@ def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | N
     damped = hessian.clone()
     damped.diagonal().add_(damping * float(hessian.diagonal().mean()))
     factor, info = torch.linalg.cholesky_ex(damped)
+    del damped  # each [in, in] intermediate is dropped as soon as the next exists: two alive at a time, not four
     if int(info):
         return None
     inverse = torch.cholesky_inverse(factor)
+    del factor
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     return None if int(info) else upper
 
