@@ -155,13 +155,15 @@ def gptq_siblings(grid: Grid, weights: dict[str, torch.Tensor], hessian: torch.T
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"{label}: Hessian {tuple(hessian.shape)} does not match the weight {tuple(weight.shape)}")
     rows = [w.shape[0] for w in weights.values()]
-    hessian = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32).clone()
+    hessian = hessian.to(torch.float64 if hessian.dtype == torch.float64 else torch.float32)
     if not bool(torch.isfinite(hessian).all()):
         warnings.warn(f"{label}: the calibration Hessian has non-finite entries; rounding to nearest instead of GPTQ",
                       stacklevel=2)
         return {n: round_to_nearest(grid, w) for n, w in weights.items()}
     dead = hessian.diagonal() == 0  # inputs that were always zero: any value works, keep the problem regular
-    hessian[dead, dead] = 1.0
+    if bool(dead.any()):
+        hessian = hessian.clone()  # the caller's H stays as given; copied only when there is something to change
+        hessian[dead, dead] = 1.0
     rtn = round_to_nearest(grid, weight)
     rtn_errors = _member_errors(weight, rtn.weight, hessian, rows)
     best = [("rtn", rtn.codes, rtn.scales, rtn.weight, error) for error in rtn_errors]
