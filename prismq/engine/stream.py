@@ -28,6 +28,7 @@ from torch import nn
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
+from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import model_dtype
 from prismq.model.source import resolve_device
 
@@ -78,6 +79,7 @@ class LayerStream:
         except (ValueError, KeyError, OSError) as exc:
             self.close()
             raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
+        self.layout = CheckpointLayout(self.model, self.source.location)
         self.prefix, self.layers = decoder_layers(self.model)
         self.budget = max_memory if max_memory is not None else available_memory(self.device)
         try:
@@ -148,15 +150,20 @@ class LayerStream:
         with torch.no_grad():
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
                 key = self._stored_key(f"{prefix}.{name}" if prefix else name)
-                if key not in self.source.location:
+                parts = self.layout.parts(key, tuple(tensor.shape))
+                if parts is None:
                     if isinstance(tensor, nn.Parameter):
                         raise PrismqError(f"{self.model_dir}: the checkpoint has no tensor {key} (streaming reads the "
                                           "model's own parameter names; this layout is not supported yet)")
                     continue
-                if self.source.shape(key) != tuple(tensor.shape):
-                    raise PrismqError(f"{self.model_dir}: tensor {key} has shape {list(self.source.shape(key))}, "
-                                      f"the model's config expects {list(tensor.shape)}")
-                self._copy_stored(key, tensor)
+                for part in parts:  # the tensor itself, or an expert's slice (and half) of a fused parameter
+                    view = tensor if part.index is None else tensor[part.index]
+                    view = view if part.rows is None else view[part.rows[0]:part.rows[1]]
+                    if self.source.shape(part.key) != tuple(view.shape):
+                        raise PrismqError(f"{self.model_dir}: tensor {part.key} has shape "
+                                          f"{list(self.source.shape(part.key))}, the model's config expects "
+                                          f"{list(view.shape)}")
+                    self._copy_stored(part.key, view)
 
     def _copy_stored(self, key: str, tensor: torch.Tensor) -> None:
         """Copy checkpoint tensor `key` into `tensor` (casting as it copies), a few rows at a time: a large tensor

@@ -1,0 +1,68 @@
+"""MoE checkpoints stream: a layer's fused expert parameters (transformers 5's [E, 2I, H] gate_up_proj and [E, H, I]
+down_proj) are assembled from the checkpoint's per-expert tensors by reading transformers' own conversion mapping
+backwards, and the streamed model computes exactly what transformers computes after loading the whole model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from prismq.engine.stream import LayerStream, final_hidden_states
+from prismq.model.checkpoint import SourceTensors
+from prismq.model.layout import CheckpointLayout, Part
+from prismq.model.source import load_model
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+              vocab_size=256, head_dim=32)
+FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                         shared_expert_intermediate_size=64)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),  # w1/w3/w2, block_sparse_moe
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=4, num_experts_per_tok=2, bos_token_id=None,
+                                           eos_token_id=None)),
+    "glm4_moe": ("Glm4MoeConfig", dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                                       n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)),
+}
+
+
+def tiny_moe(family: str, path: Path) -> Path:
+    """A tiny random model of `family` saved by save_pretrained (the per-expert layout released checkpoints use)."""
+    config_class, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_moe_model_streams_like_transformers_loads_it(family: str, tmp_path: Path) -> None:
+    model_dir = tiny_moe(family, tmp_path / family)
+    blocks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    whole = load_model(model_dir, torch.float32)
+    with torch.no_grad():
+        expected = [whole.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+    with LayerStream(model_dir, torch.float32) as stream:
+        streamed = final_hidden_states(stream, blocks, progress=False)
+    assert all(torch.equal(got, want) for got, want in zip(streamed, expected))
+
+
+def test_a_fused_expert_parameter_is_each_experts_gate_and_up(tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    model_dir = tiny_moe("mixtral", tmp_path / "mixtral")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(model_dir))
+    with ExitStack() as stack:
+        layout = CheckpointLayout(model, SourceTensors(model_dir, stack).location)
+    parts = layout.parts("model.layers.1.mlp.experts.gate_up_proj", (4, 256, 64))
+    assert parts is not None and len(parts) == 8
+    assert parts[:2] == [Part("model.layers.1.block_sparse_moe.experts.0.w1.weight", 0, (0, 128)),
+                         Part("model.layers.1.block_sparse_moe.experts.0.w3.weight", 0, (128, 256))]
+    assert layout.parts("model.layers.0.mlp.experts.down_proj", (4, 64, 128))[3] == Part(  # type: ignore[index]
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight", 3, None)
+    assert layout.parts("model.layers.0.mlp.gate.weight", (4, 64)) == [Part("model.layers.0.block_sparse_moe.gate.weight")]
+    assert layout.parts("model.layers.0.mlp.nothing", (1,)) is None
