@@ -35,6 +35,8 @@ _QUANTIZE_HELP = "run the whole pipeline: MODEL in, compressed-tensors checkpoin
 _COMPUTE_HELP = ("arithmetic dtype of forwards, backwards and KL: auto (default) computes in bf16 on GPUs and on CPUs "
                  "with native bf16 (AVX512-BF16, AMX, Arm BF16) and in fp32 elsewhere; the quantized bytes do not "
                  "depend on it")
+_CHECK_HELP = ("say what prismq will do with MODEL before any compute: decision units and their formats, what stays "
+               "unquantized, tensors passed through, problems (reads the config and tensor headers only)")
 _FORMATS_HELP = "list the available formats: bits per weight, shape constraints, what vLLM runs them on"
 
 
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--formats", metavar="A,B,...",
                                help="formats to price (default: every exportable format)")
     _add_eval(commands)
+    check = commands.add_parser("check", help=_CHECK_HELP, description=_CHECK_HELP[0].upper() + _CHECK_HELP[1:] + ".")
+    check.add_argument("model", nargs="?", metavar="MODEL",
+                       help="Hugging Face model directory; omitted: the embedded SmolLM2-135M-Instruct")
+    check.add_argument("--formats", metavar="A,B,...", help="formats to offer (default NVFP4,MXFP8,BF16)")
     commands.add_parser("formats", help=_FORMATS_HELP, description=_FORMATS_HELP[0].upper() + _FORMATS_HELP[1:] + ".")
     return parser
 
@@ -251,6 +257,19 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Print what prismq will do with MODEL and whether it can; exit 1 on a problem."""
+    from prismq.config import QuantizeConfig
+    from prismq.formats import get_format
+    from prismq.model.check import check_model
+    from prismq.model.source import resolve_model
+
+    formats = args.formats.split(",") if args.formats else QuantizeConfig.model_fields["formats"].default_factory()
+    report = check_model(resolve_model(args.model), [get_format(f).name for f in formats])
+    print(report.table())
+    return EXIT_ERROR if report.problems else 0
+
+
 def _cmd_formats(args: argparse.Namespace) -> int:
     """Print the format registry's table."""
     from prismq.formats.registry import print_table
@@ -267,6 +286,8 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         return _cmd_report
     if command == "formats":
         return _cmd_formats
+    if command == "check":
+        return _cmd_check
     if command == "eval":
         return _cmd_eval
     if command == "probe":

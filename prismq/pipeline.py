@@ -29,6 +29,7 @@ from prismq.config import MeasureConfig, QuantizeConfig
 from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult
 from prismq.measure.cost import CostRow
+from prismq.model.check import check_model
 from prismq.model.linears import LM_HEAD, model_dtype
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import resolve_device, resolve_model
@@ -82,6 +83,12 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     formats, fallback = offered_formats(config)
     work = work_dir_of(config)
     model_dir = resolve_model(config.model)
+    checked = check_model(model_dir, formats)  # before any compute: a checkpoint we cannot serve fails here
+    if checked.problems:
+        raise PrismqError(f"{model_dir}: {checked.problems[0]}" + (f" (and {len(checked.problems) - 1} more; "
+                          "`prismq check` lists them)" if len(checked.problems) > 1 else ""))
+    for what, weights in checked.kept.items():
+        logger.info("kept in the model dtype: %s, %s weights", what, f"{weights:,}")
     target = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, target, model_dtype(model_dir))
     logger.info("computing in %s on %s", dtype_name(dtype), device_description(target))

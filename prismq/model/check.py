@@ -1,0 +1,103 @@
+"""`prismq check MODEL`: what prismq will do with a checkpoint, and whether it can, before any compute.
+
+Built from the config and the safetensors headers alone (the architecture on the meta device, no weight read):
+every parameter of the model is found among the checkpoint's tensors (directly, renamed, or as per-expert slices of
+a fused expert parameter, `prismq.model.layout`); every quantization target lies in exactly one decision unit; each
+unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts held as
+3-D parameters); and checkpoint tensors the model does not load (MTP heads, vision towers of a text-only class),
+which the exporter passes through byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prismq.errors import PrismqError
+from prismq.model.checkpoint import SourceTensors
+from prismq.model.layout import CheckpointLayout
+from prismq.model.targets import model_targets
+from prismq.model.units import Unit, decision_units, legal_formats
+
+
+@dataclass
+class CheckReport:
+    """The outcome of `check_model`: the units with their offered formats, and every finding."""
+
+    model_type: str
+    units: list[tuple[Unit, list[str]]]
+    kept: Counter[str] = field(default_factory=Counter)  # what stays in the model dtype -> weights
+    passthrough: list[str] = field(default_factory=list)  # checkpoint tensors the model does not load
+    problems: list[str] = field(default_factory=list)  # what makes quantization impossible
+
+    def table(self) -> str:
+        """The report as text: units by kind, what is kept and passed through, problems."""
+        kinds = Counter(unit.name.rsplit(".", 1)[-1] for unit, _ in self.units)
+        lines = [f"model_type {self.model_type}: {len(self.units)} decision units "
+                 f"({sum(len(u.members) for u, _ in self.units)} quantization targets)",
+                 f"{'unit kind':<24} {'units':>6}  offered formats"]
+        for kind, count in sorted(kinds.items(), key=lambda item: -item[1]):
+            offered = next(f for u, f in self.units if u.name.rsplit(".", 1)[-1] == kind)
+            lines.append(f"{kind:<24} {count:>6}  {','.join(offered) or '-'}")
+        for what, params in self.kept.items():
+            lines.append(f"kept in the model dtype: {what} ({params:,} weights)")
+        if self.passthrough:
+            lines.append(f"passed through byte for byte (the model does not load them): {len(self.passthrough)} "
+                         f"tensors, e.g. {self.passthrough[0]}")
+        lines += [f"problem: {problem}" for problem in self.problems]
+        lines.append("ok" if not self.problems else f"{len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+
+def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
+    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` (see the module
+    docstring); reading problems are in the report, an unbuildable architecture is an error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as exc:
+        raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
+    model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type"))
+    with ExitStack() as stack:
+        keys = set(SourceTensors(model_dir, stack).location)
+    layout = CheckpointLayout(model, keys)
+    report = CheckReport(model_type, [])
+    used: set[str] = set()
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        try:
+            parts = layout.parts(name, tuple(tensor.shape))
+        except PrismqError as exc:
+            report.problems.append(str(exc))
+            continue
+        if parts is None:
+            if isinstance(tensor, torch.nn.Parameter) and not (tied and name.startswith("lm_head")):
+                report.problems.append(f"the checkpoint has no tensor for parameter {name}")
+            continue
+        used.update(part.key for part in parts)
+        if tensor.ndim == 3:
+            report.kept["routed experts (3-D parameters; expert quantization is not built yet)"] += tensor.numel()
+    report.passthrough = sorted(keys - used)
+    targets = model_targets(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notices become report lines here
+        units = decision_units({name: target.shape for name, target in targets.items()}, model_type)
+    members = Counter(member for unit in units for member in unit.members)
+    report.problems += [f"{name} is in {count} decision units" for name, count in members.items() if count != 1]
+    report.problems += [f"{name} is in no decision unit" for name in targets if name not in members]
+    for unit in units:
+        offered = legal_formats(unit, formats)
+        report.units.append((unit, offered))
+        if unit.pinned:
+            report.kept[f"{unit.name.rsplit('.', 1)[-1]} (vLLM builds it unquantized)"] += unit.params
+    return report
