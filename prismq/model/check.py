@@ -22,6 +22,7 @@ import torch
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
+from prismq.model.linears import meta_model
 from prismq.model.targets import model_targets
 from prismq.model.units import Unit, decision_units, legal_formats
 
@@ -58,15 +59,9 @@ class CheckReport:
 def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
     """Check the checkpoint in `model_dir` against its architecture and the offered `formats` (see the module
     docstring); reading problems are in the report, an unbuildable architecture is an error."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_dir = Path(model_dir)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, OSError) as exc:
-        raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
+    model = meta_model(model_dir)
+    config = model.config
     model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type"))
     with ExitStack() as stack:
         keys = set(SourceTensors(model_dir, stack).location)

@@ -13,18 +13,23 @@ from prismq.errors import PrismqError
 LM_HEAD = "lm_head"
 
 
-def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> weight shape [out, in] of every nn.Linear, in model order, lm_head included.
-
-    Builds the architecture on the meta device, so it costs no memory and reads no weights."""
+def meta_model(model_dir: Path) -> nn.Module:
+    """The architecture of the checkpoint in `model_dir` built on the meta device (no memory, no weights read);
+    an architecture transformers cannot build is a one-line error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as exc:
-        raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from exc
+        raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
+
+
+def linear_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """Module name -> weight shape [out, in] of every nn.Linear, in model order, lm_head included (from the
+    architecture on the meta device: no memory, no weights read)."""
+    model = meta_model(model_dir)
     shapes = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not any(name != LM_HEAD for name in shapes):
         raise PrismqError(f"{model_dir}: the model has no Linear layers to quantize")
