@@ -118,15 +118,22 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     with _timed(timings, "eval (export)"):
         evaluation = stage_eval(work, result.path, model_dir, heldout, dtype, config.device,
                                 config.max_memory_bytes)
+    experts = sum(w for what, w in checked.kept.items() if what.startswith("routed experts"))
+    all_bytes = result.linear_bytes + experts * model_dtype(model_dir).itemsize
     summary = _summary(config, allocation, rounding, result, evaluation, rows,
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
-                        "seconds": {k: round(v, 1) for k, v in timings.items()}})
+                        "seconds": {k: round(v, 1) for k, v in timings.items()},
+                        "all_weights_params": result.linear_params + experts,
+                        "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1)})
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)
     per_format = summary["per_format"]
     counts = ", ".join(f"{f} x{sum(1 for v in rounding.assignment.values() if v == f)}" for f in per_format)
     logger.info("wrote %s: %.3f GB of tensors; %d Linears at %.3f bits/param (%s)", result.path,
                 result.checkpoint_bytes / 1e9, len(rounding.assignment), result.linear_bits_per_param, counts)
+    if experts:
+        logger.info("every quantizable weight, the routed experts kept in the model dtype included: %.3f bits/param",
+                    summary["all_weights_bits_per_param"])
     logger.info("held-out mean KL %.5f, same top-1 %.2f%%, PPL ratio %.4f; report: %s", evaluation["mean_kl"],
                 100 * evaluation["same_top1"], evaluation["ppl_ratio"], report)
     logger.info("serve it with: vllm serve %s --quantization compressed-tensors", result.path)

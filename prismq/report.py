@@ -50,6 +50,9 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         f"- checkpoint: `{s['out']}` ({s['checkpoint_bytes'] / 1e9:.4f} GB of tensors in all)",
         f"- allocated Linears: {len(assignment)}, {s['linear_params']:,} weights, {s['linear_bytes']:,} bytes = "
         f"**{s['bits_per_param']:.4f} bits/param** (every scale and global scale counted)",
+        *([f"- every quantizable weight, routed experts kept in the model dtype included: "
+           f"{s['all_weights_bits_per_param']:.4f} bits/param over {s['all_weights_params']:,} weights"]
+          if s.get("all_weights_params", s["linear_params"]) != s["linear_params"] else []),
         f"- budget: {s['budget']}",
         f"- kept unquantized by policy: {', '.join(s['kept'])}",
         f"- computed in {s['compute_dtype']} on {s['device']} (forwards, backwards, KL; the shipped bytes do not "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 from prismq.cli import main
@@ -34,3 +35,24 @@ def test_check_and_quantize_refuse_a_checkpoint_missing_an_expert(tmp_path: Path
     assert main(["quantize", str(model_dir), "--target-bits", "6", "--out", str(tmp_path / "out")]) == 1
     assert "experts.2.w3.weight (per-expert tensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_moe_run_states_bits_over_every_weight_its_experts_included(default_model_dir: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import json
+    import shutil
+
+    import test_layout
+
+    monkeypatch.setitem(test_layout.COMMON, "vocab_size", 49152)  # the default model's tokenizer
+    model_dir = tiny_moe("qwen3_moe", tmp_path / "moe")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(default_model_dir / name, model_dir / name)
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--calib-blocks", "2", "--calib-seqlen",
+                 "32", "--heldout-blocks", "2", "--target-bits", "6", "--rounding", "rtn", "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "out.work" / "summary.json").read_text())
+    experts = summary["all_weights_params"] - summary["linear_params"]
+    assert experts == 2 * (4 * 64 * 64 + 4 * 64 * 32)  # 2 layers of 4 experts' gate_up [64, 64] and down [64, 32]
+    expert_bits = (summary["all_weights_bits_per_param"] * summary["all_weights_params"]
+                   - summary["bits_per_param"] * summary["linear_params"]) / experts
+    assert expert_bits == pytest.approx(16.0)  # kept in bf16, and said so
