@@ -15,8 +15,6 @@ are the model's own modules.
 from __future__ import annotations
 
 import copy
-import ctypes
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prismq.engine.memory import available_memory, release_freed_memory, size_text
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
@@ -107,7 +106,7 @@ class LayerStream:
         """Bytes of a skeleton module once materialized (floating tensors in `dtype`, default the compute dtype),
         from its shapes."""
         size = (dtype or self.dtype).itemsize
-        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+        return sum(t.numel() * (size if t.is_floating_point() else t.elementsize_text())
                    for t in [*module.parameters(), *module.buffers()])
 
     def layer_bytes(self, index: int) -> int:
@@ -133,9 +132,9 @@ class LayerStream:
         """Refuse, on one line, a model of which one layer (beside the resident part) does not fit the budget."""
         if self.layer_copies() < 1:
             largest = max(range(len(self.layers)), key=self.layer_bytes)
-            raise PrismqError(f"decoder layer {largest} needs {_size(self.layer_bytes(largest))} in "
-                              f"{str(self.dtype).removeprefix('torch.')} beside {_size(self.resident_bytes())} of "
-                              f"output head and norm, more than the {_size(self.budget)} available on {self.device} "
+            raise PrismqError(f"decoder layer {largest} needs {size_text(self.layer_bytes(largest))} in "
+                              f"{str(self.dtype).removeprefix('torch.')} beside {size_text(self.resident_bytes())} of "
+                              f"output head and norm, more than the {size_text(self.budget)} available on {self.device} "
                               "(--max-memory)")
 
     # --- materialization -------------------------------------------------------------------------------------
@@ -323,41 +322,6 @@ class CastingHead(nn.Module):
         return torch.cat([nn.functional.linear(hidden, weight[start:start + self.rows].to(self.dtype),
                                                None if bias is None else bias[start:start + self.rows].to(self.dtype))
                           for start in range(0, weight.shape[0], self.rows)], dim=-1)
-
-
-def _size(nbytes: int) -> str:
-    """A byte count for people: GB from 1 GB up, MB below."""
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def release_freed_memory() -> None:
-    """Hand memory the process has freed back to the system (glibc keeps freed medium-size blocks in its heap, so
-    a walk's resident size would creep up layer by layer). No-op where the C library has no malloc_trim."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """The process's C library when it is glibc (it has malloc_trim), else None."""
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # pragma: no cover - a Linux without a loadable C library
-        return None
-
-
-_LIBC = _glibc()
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> None:

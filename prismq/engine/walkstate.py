@@ -13,7 +13,9 @@ input for its reverse sweep) keeps it here, on disk, not resident.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +23,9 @@ from typing import Any
 
 import torch
 
-from prismq.artifacts import read_tensors, write_tensors
 from prismq.errors import PrismqError
+from prismq.export.shards import write_safetensors
+from prismq.model.checkpoint import TensorFile
 
 logger = logging.getLogger(__name__)
 
@@ -36,29 +39,45 @@ class WalkState:
         self.directory = Path(directory)
         self.expect = expect
 
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.safetensors"
+
     def save(self, name: str, tensors: Mapping[str, torch.Tensor], **meta: Any) -> None:
-        """Write snapshot `name` (tensors and small JSON values) atomically, replacing an older one."""
-        write_tensors(self.directory / name, WALK_KIND, dict(tensors), {**self.expect, "meta": meta})
+        """Write snapshot `name` (tensors, and small JSON values in the file's own header) atomically, replacing an
+        older one: one file renamed into place, so a kill leaves the old snapshot or the new one, never a mix (no
+        hash to compute: a walk saves after every layer)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.directory / f".{name}.partial-{os.getpid()}"
+        header = {"kind": WALK_KIND, "expect": self.expect, "meta": meta}
+        try:
+            write_safetensors(partial, dict(tensors), {"format": "pt", WALK_KIND: json.dumps(header, sort_keys=True)})
+            os.replace(partial, self._path(name))
+        finally:
+            partial.unlink(missing_ok=True)
 
     def load(self, name: str) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None:
         """Snapshot `name` if one was saved for this walk (tensors read when asked for), else None; a snapshot of
         another walk, or a damaged one, is removed and None returned (the walk redoes that part)."""
+        if not self._path(name).exists():
+            return None
         try:
-            found = read_tensors(self.directory / name, WALK_KIND, self.expect)
-        except PrismqError as exc:
-            logger.info("not resuming from %s: %s", self.directory / name, exc)
+            stored = TensorFile(self._path(name))
+            header = json.loads(stored.metadata[WALK_KIND])
+            if header.get("expect") != json.loads(json.dumps(self.expect, sort_keys=True)):
+                raise PrismqError("it was saved by another walk (other model, text or settings)")
+        except (PrismqError, KeyError, ValueError, OSError) as exc:
+            logger.info("not resuming from %s: %s", self._path(name), exc)
             self.remove(name)
             return None
-        return None if found is None else (found[0], found[1]["meta"])
+        return stored, header["meta"]
 
     def exists(self, name: str) -> bool:
         """Whether snapshot `name` is on disk (not yet checked against this walk)."""
-        return (self.directory / f"{name}.json").exists()
+        return self._path(name).exists()
 
     def remove(self, name: str) -> None:
-        """Delete snapshot `name` (sidecar first, so a kill in between leaves no sidecar without its tensors)."""
-        (self.directory / f"{name}.json").unlink(missing_ok=True)
-        (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
+        """Delete snapshot `name`."""
+        self._path(name).unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Delete every snapshot: the stage's own artifact now holds the result."""

@@ -12,11 +12,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-
-from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -90,6 +89,8 @@ class TensorFile(Mapping[str, torch.Tensor]):
         fd = os.open(self.path, os.O_RDONLY)
         try:
             self.location = _read_header(self.path, fd)
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            self.metadata: dict[str, str] = json.loads(os.pread(fd, length, 8)).get("__metadata__") or {}
         finally:
             os.close(fd)
 
