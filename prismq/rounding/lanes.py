@@ -137,7 +137,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     if reference is not None:
         reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
     assert reference_hidden is not None
-    candidates_hidden = [[stream.final_hidden(hidden)[0] for hidden, _ in lane.heldout] for lane in lanes]
+    candidates_hidden = [[stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in lane.heldout]
+                         for lane in lanes]
     kl = evaluate_states(HiddenStates(stream.head, heldout, reference_hidden),
                          [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
                          chunk_size, progress)

@@ -66,11 +66,12 @@ def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear], inputs: list
         return hook
 
     handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in modules.items()]
+    device = next((p.device for p in layer.parameters()), None)
     try:
         for index, (hidden, kwargs) in enumerate(inputs):
             seen.clear()
             try:
-                layer(hidden, **kwargs)
+                layer(hidden if device is None else hidden.to(device), **kwargs)  # spilled states come over
             except _Stop:
                 pass
             if index == 0:
