@@ -167,7 +167,7 @@ def bench_shape(shape: tuple[int, int], device: torch.device, warmup: int, reps:
     cpu_weight = (torch.randn(shape, generator=generator) * WEIGHT_STD).to(torch.bfloat16)
     weight = cpu_weight.to(device)
     destination = torch.empty_like(weight)
-    copy_s, _ = median_seconds(lambda: destination.copy_(weight), device, warmup + 2, max(reps, 10))
+    copy_s, _ = median_seconds(lambda out=destination: out.copy_(weight), device, warmup + 2, max(reps, 10))
     del destination
     result = ShapeResult(shape, 1e3 * copy_s, 2 * weight.numel() / copy_s / 1e9)
     reference = cpu_weight if device.type != "cpu" else None

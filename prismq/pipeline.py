@@ -129,7 +129,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     report = write_report(work, summary, rounding.assignment, plot)
     per_format = summary["per_format"]
     counts = ", ".join(f"{f} x{sum(1 for v in rounding.assignment.values() if v == f)}" for f in per_format)
-    logger.info("wrote %s: %.3f GB of tensors; %d Linears at %.3f bits/param (%s)", result.path,
+    logger.info("wrote %s: %.3f GB of tensors; %d weight matrices at %.3f bits/param (%s)", result.path,
                 result.checkpoint_bytes / 1e9, len(rounding.assignment), result.linear_bits_per_param, counts)
     if experts:
         logger.info("every quantizable weight, the routed experts kept in the model dtype included: %.3f bits/param",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file, save_file
 
 from prismq.cli import main
@@ -18,9 +17,11 @@ def test_check_lists_units_kept_weights_and_passthrough_tensors(tmp_path: Path, 
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     assert main(["check", str(model_dir), "--formats", "NVFP4,MXFP8"]) == 0
     out = capsys.readouterr().out
-    assert "4 decision units (8 quantization targets)" in out  # q/k/v and o per layer: experts are 3-D parameters
+    # per layer: q/k/v, o, and the routed experts (4 experts' gate, up, down) as one unit
+    assert "6 decision units (32 quantization targets)" in out
     assert "qkv_proj                      2  NVFP4,MXFP8" in out
-    assert "routed experts (3-D parameters; expert quantization is not built yet) (49,152 weights)" in out
+    assert "experts                       2  NVFP4,MXFP8" in out
+    assert "routed experts" not in out  # none kept: every expert is quantized
     assert "1 tensors, e.g. mtp.layers.0.eh_proj.weight" in out and out.rstrip().endswith("ok")
 
 
@@ -37,8 +38,7 @@ def test_check_and_quantize_refuse_a_checkpoint_missing_an_expert(tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_moe_run_states_bits_over_every_weight_its_experts_included(default_model_dir: Path, tmp_path: Path,
-                                                                      monkeypatch) -> None:
+def test_a_moe_run_quantizes_and_counts_every_expert(default_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import json
     import shutil
 
@@ -48,13 +48,15 @@ def test_a_moe_run_states_bits_over_every_weight_its_experts_included(default_mo
     model_dir = tiny_moe("qwen3_moe", tmp_path / "moe")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(default_model_dir / name, model_dir / name)
-    with pytest.warns(UserWarning, match="routed experts are fused 3-D parameters"):
-        assert main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--calib-blocks", "2",
-                     "--calib-seqlen", "32", "--heldout-blocks", "2", "--target-bits", "6", "--rounding", "rtn",
-                     "--device", "cpu"]) == 0
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--calib-blocks", "2",
+                 "--calib-seqlen", "32", "--heldout-blocks", "2", "--target-bits", "6", "--rounding", "rtn",
+                 "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "out.work" / "summary.json").read_text())
-    experts = summary["all_weights_params"] - summary["linear_params"]
-    assert experts == 2 * (4 * 64 * 64 + 4 * 64 * 32)  # 2 layers of 4 experts' gate_up [64, 64] and down [64, 32]
-    expert_bits = (summary["all_weights_bits_per_param"] * summary["all_weights_params"]
-                   - summary["bits_per_param"] * summary["linear_params"]) / experts
-    assert expert_bits == pytest.approx(16.0)  # kept in bf16, and said so
+    attention = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64
+    experts = 4 * 64 * 64 + 4 * 64 * 32  # 4 experts' gate_up [64, 64] and down [64, 32]
+    assert summary["linear_params"] == summary["all_weights_params"] == 2 * (attention + experts)
+    assignment = json.loads((tmp_path / "out.work" / "rounding.json").read_text())["rounding"]["assignment"]
+    for layer in range(2):
+        formats = {assignment[f"model.layers.{layer}.mlp.experts.{e}.{p}"] for e in range(4)
+                   for p in ("gate_proj", "up_proj", "down_proj")}
+        assert len(formats) == 1 and formats != {"BF16"}  # one format per layer's experts, and quantized

@@ -13,6 +13,7 @@ import torch
 from prismq.errors import PrismqError
 from prismq.model.assignment import check_assignment
 from prismq.model.linears import LM_HEAD, linear_shapes, quantizable
+from prismq.model.siblings import sibling_groups, unit_groups
 from prismq.model.units import Unit, decision_units, legal_formats, model_units
 
 HIDDEN, INTER, KV = 64, 128, 32  # 4 heads of 16, 2 KV heads
@@ -50,8 +51,11 @@ def make_config(family: str):
 
 
 def config_dir(family: str, tmp_path: Path) -> Path:
-    """config.json alone: enough for `linear_shapes`, which builds the architecture on the meta device."""
-    make_config(family).save_pretrained(tmp_path)
+    """A tiny random checkpoint of `family` (the targets are read from its config and its safetensors headers)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(make_config(family)).to(torch.bfloat16).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -119,20 +123,30 @@ def test_unit_params_and_legal_formats() -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_transformers5_moe_experts_are_not_linears_and_are_said_to_stay_bf16(family: str, tmp_path: Path) -> None:
+def test_transformers5_moe_experts_of_a_layer_are_one_unit_named_as_stored(family: str, tmp_path: Path) -> None:
     model_dir = config_dir(family, tmp_path)
-    shapes = linear_shapes(model_dir)
-    assert not any(".experts" in name or name.endswith("mlp.gate") for name in shapes)  # 3-D params, routers
-    with pytest.warns(UserWarning, match=r"experts are fused 3-D parameters.*BF16"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         units = model_units(model_dir)
-    assert layer_units(units, 0) == LLAMA_LAYER[:2]  # attention only: the MoE block has no Linear
+    assert prismq_warnings(caught) == []
+    block, leaves = ("block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral" else \
+        ("mlp", ("gate_proj", "up_proj", "down_proj"))
+    inter = INTER if family == "mixtral" else 48
+    assert layer_units(units, 0)[:2] == LLAMA_LAYER[:2]
+    experts = layer_units(units, 0)[-1]
+    assert experts[0] == f"{block}.experts"  # the vLLM FusedMoE layer, under the checkpoint's own names
+    assert experts[1] == (*(f"{block}.experts.{e}.{leaf}" for e in range(4) for leaf in leaves[:2]),
+                          *(f"{block}.experts.{e}.{leaves[2]}" for e in range(4)))  # as the fused parameters hold them
+    assert experts[2] == ((inter, HIDDEN),) * 8 + ((HIDDEN, inter),) * 4
+    unit = next(u for u in units if u.name == f"model.layers.0.{block}.experts")
+    offered = legal_formats(unit, ["MXFP8A16", "MXFP4A16", "NVFP4", "FP8", "NVFP4A16", "BF16"])
+    assert offered == ["NVFP4", "FP8", "NVFP4A16", "BF16"]  # the MoE path quantizes A16 MX activations anyway
     if family == "qwen3_moe":  # mlp_only_layers=[1]: a dense MLP, gate/up fused as usual
         assert [name for name, _, _ in layer_units(units, 1)] == [n for n, _, _ in LLAMA_LAYER]
 
 
 def test_qwen2_moe_shared_expert_fused_and_its_gate_pinned_bf16(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="experts"):
-        units = model_units(config_dir("qwen2_moe", tmp_path))
+    units = model_units(config_dir("qwen2_moe", tmp_path))
     by_name = {u.name: u for u in units}
     shared = by_name["model.layers.0.mlp.shared_expert.gate_up_proj"]
     assert shared.members == ("model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.up_proj")
@@ -200,10 +214,12 @@ def saved_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def assert_check_agrees(units: list[Unit], shapes: dict[str, tuple[int, int]]) -> None:
-    """A unit-respecting assignment passes check_assignment with the units as its groups; any one member of a
-    multi-Linear unit given its own format is refused; changing a whole unit alone is accepted."""
+    """A unit-respecting assignment passes check_assignment (which returns the groups sharing scales: the units,
+    each routed expert's gate/up and down apart); any one member of a multi-Linear unit given its own format is
+    refused; changing a whole unit alone is accepted."""
     uniform = {m: "NVFP4" for u in units for m in u.members}
-    assert check_assignment(uniform, shapes) == [list(u.members) for u in units]
+    assert check_assignment(uniform, shapes) == sibling_groups(uniform)
+    assert unit_groups(uniform) == [list(u.members) for u in units]
     for unit in units:
         whole = dict(uniform, **dict.fromkeys(unit.members, "BF16"))
         check_assignment(whole, shapes)

@@ -27,13 +27,17 @@ from prismq.engine.memory import available_memory, release_freed_memory, size_te
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
+from prismq.model.compressed_experts import CompressedExperts
+from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import model_dtype
 from prismq.model.source import resolve_device
+from prismq.model.targets import targets_of
 
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
 FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
 READ_CHUNK_BYTES = 32 << 20  # a large checkpoint tensor is read this many bytes at a time
+TRIM_LAYER_BYTES = 64 << 20  # after a layer this large, freed memory goes back to the system (smaller: kept for reuse)
 
 
 class _Stop(Exception):
@@ -74,11 +78,16 @@ class LayerStream:
                 self.quantization = self.quantization.to_dict()
             with torch.device("meta"):  # an export is decompressed in its stored dtype, then cast (load_layer)
                 built = self.weight_dtype if self.quantization is not None else self.dtype
-                self.model = AutoModelForCausalLM.from_config(config, dtype=built).eval()
+                self.model = AutoModelForCausalLM.from_config(
+                    config, dtype=built, experts_implementation=EXPERTS_IMPLEMENTATION).eval()
         except (ValueError, KeyError, OSError) as exc:
             self.close()
             raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
-        self.layout = CheckpointLayout(self.model, self.source.location)
+        # an export's routed experts are stored compressed under per-expert names that no module loads
+        self._experts = CompressedExperts(self.source, self.quantization) if self.quantization is not None else None
+        keys = self.source.location if self._experts is None else self._experts.keys(self.source.location)
+        self.layout = CheckpointLayout(self.model, keys)
+        self.targets = targets_of(self.model, self.layout, head=True)  # every weight that can take a format
         self.prefix, self.layers = decoder_layers(self.model)
         self.budget = max_memory if max_memory is not None else available_memory(self.device)
         try:
@@ -106,7 +115,7 @@ class LayerStream:
         """Bytes of a skeleton module once materialized (floating tensors in `dtype`, default the compute dtype),
         from its shapes."""
         size = (dtype or self.dtype).itemsize
-        return sum(t.numel() * (size if t.is_floating_point() else t.elementsize_text())
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
                    for t in [*module.parameters(), *module.buffers()])
 
     def layer_bytes(self, index: int) -> int:
@@ -134,8 +143,8 @@ class LayerStream:
             largest = max(range(len(self.layers)), key=self.layer_bytes)
             raise PrismqError(f"decoder layer {largest} needs {size_text(self.layer_bytes(largest))} in "
                               f"{str(self.dtype).removeprefix('torch.')} beside {size_text(self.resident_bytes())} of "
-                              f"output head and norm, more than the {size_text(self.budget)} available on {self.device} "
-                              "(--max-memory)")
+                              f"output head and norm, more than the {size_text(self.budget)} available on "
+                              f"{self.device} (--max-memory)")
 
     # --- materialization -------------------------------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str) -> None:
@@ -158,7 +167,7 @@ class LayerStream:
                 for part in parts:  # the tensor itself, or an expert's slice (and half) of a fused parameter
                     view = tensor if part.index is None else tensor[part.index]
                     view = view if part.rows is None else view[part.rows[0]:part.rows[1]]
-                    if self.source.shape(part.key) != tuple(view.shape):
+                    if part.key in self.source.location and self.source.shape(part.key) != tuple(view.shape):
                         raise PrismqError(f"{self.model_dir}: tensor {part.key} has shape "
                                           f"{list(self.source.shape(part.key))}, the model's config expects "
                                           f"{list(view.shape)}")
@@ -167,6 +176,9 @@ class LayerStream:
     def _copy_stored(self, key: str, tensor: torch.Tensor) -> None:
         """Copy checkpoint tensor `key` into `tensor` (casting as it copies), a few rows at a time: a large tensor
         (the embeddings) never has a second full-size copy in memory beside its materialized one."""
+        if self._experts is not None and key in self._experts.compressed:
+            tensor.copy_(self._experts.decompressed(key))
+            return
         if tensor.ndim == 0 or self.source.nbytes(key) <= READ_CHUNK_BYTES:
             tensor.copy_(self.source.get(key))
             return
@@ -249,19 +261,26 @@ class LayerStream:
         if self.quantization is not None:
             from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
-            apply_quantization_config(self.model, QuantizationConfig.model_validate(self.quantization),
+            assert self._experts is not None
+            apply_quantization_config(self.model, QuantizationConfig.model_validate(self._experts.module_config()),
                                       run_compressed=False, show_progress=False,
                                       allowed_modules=list(skeleton.modules()))  # matched on the full names
         module = copy.deepcopy(skeleton)  # meta: free
+        handles = []
         try:
             if self.quantization is None:
                 self._load(module, f"{self.prefix}.{index}")
             else:
                 self._load_compressed(module, f"{self.prefix}.{index}")
+                assert self._experts is not None
+                handles = self._experts.quantize_inputs(self.layer_names(index, module), self.targets)
             yield module
         finally:
+            for handle in handles:
+                handle.remove()
             module.to("meta")
-            release_freed_memory()
+            if self.layer_bytes(index) >= TRIM_LAYER_BYTES:
+                release_freed_memory()
 
     def _load_compressed(self, module: nn.Module, prefix: str) -> None:
         """Materialize a layer of a compressed-tensors checkpoint with that library's own code, as transformers
@@ -319,9 +338,22 @@ class CastingHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight, bias = self.stored.weight, self.stored.bias
-        return torch.cat([nn.functional.linear(hidden, weight[start:start + self.rows].to(self.dtype),
-                                               None if bias is None else bias[start:start + self.rows].to(self.dtype))
-                          for start in range(0, weight.shape[0], self.rows)], dim=-1)
+        if hidden.requires_grad and torch.is_grad_enabled():  # the probe's loss gradient: slices joined by autograd
+            parts = [(weight[start:start + self.rows].to(self.dtype),
+                      None if bias is None else bias[start:start + self.rows].to(self.dtype))
+                     for start in range(0, weight.shape[0], self.rows)]
+            return torch.cat([nn.functional.linear(hidden, part, part_bias) for part, part_bias in parts], dim=-1)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # else written into one output: no second copy of the logits
+        logits = flat.new_empty(flat.shape[0], weight.shape[0])
+        with torch.no_grad():  # nothing asks for the head's own gradient
+            for start in range(0, weight.shape[0], self.rows):
+                part = weight[start:start + self.rows].to(self.dtype)
+                if bias is None:
+                    torch.mm(flat, part.T, out=logits[:, start:start + self.rows])
+                else:
+                    torch.addmm(bias[start:start + self.rows].to(self.dtype), flat, part.T,
+                                out=logits[:, start:start + self.rows])
+        return logits.reshape(*hidden.shape[:-1], weight.shape[0])
 
 
 def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> None:

@@ -3,9 +3,9 @@
 A walk (the probe's forward and reverse sweeps, the rounding lanes, a held-out forward) saves after each decoder
 layer what it needs to go on: hidden states, gradients, running sums, and the index of the next layer. The save is
 atomic (one safetensors file, the walk's fingerprint in its header, renamed into place), so a kill at any moment
-leaves either the previous state or the new one. A rerun with the same inputs (the `expect` fingerprint: model, text, settings) picks up there; a state
-saved for other inputs is discarded, never mixed in. The stage deletes the directory once its own artifact is
-written.
+leaves either the previous state or the new one. A rerun with the same inputs (the `expect` fingerprint: model,
+text, settings) picks up there; a state saved for other inputs is discarded, never mixed in. The stage deletes the
+directory once its own artifact is written.
 
 Saving also takes the states out of memory: a walk that keeps something per layer (the probe keeps every layer's
 input for its reverse sweep) keeps it here, on disk, not resident.

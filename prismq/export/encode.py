@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from prismq.formats import Tensors, get_format
 from prismq.formats.base import Rounding
 from prismq.model.siblings import sibling_groups
-from prismq.model.targets import targets_named
+from prismq.model.targets import Target, targets_named
 
 
 def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax: dict[str, torch.Tensor],
@@ -24,15 +26,17 @@ def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax:
 
 
 def encode_model(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor] | None = None,
-                 weight_dtype: torch.dtype | None = None) -> dict[str, Tensors]:
-    """The exact tensors the exporter would write for every assigned Linear of an in-memory model.
+                 weight_dtype: torch.dtype | None = None,
+                 known: Mapping[str, Target] | None = None) -> dict[str, Tensors]:
+    """The exact tensors the exporter would write for every assigned target of an in-memory model (`known`: the
+    model's targets, which routed experts need).
 
     weight_dtype: the checkpoint's dtype, which the codecs see whatever the model computes in (None: the model's own
     dtype); a model computing in float32 holds the checkpoint's bf16 values exactly, so the bytes are the same."""
     modules = dict(model.named_modules())
     encoded: dict[str, Tensors] = {}
     for group in sibling_groups(assignment):
-        targets = targets_named(group, modules)
+        targets = targets_named(group, modules, known)
         weights = {name: target.weight(modules, weight_dtype) for name, target in targets.items()}
         encoded.update(encode_group(assignment[group[0]], weights, input_amax or {}))
     return encoded

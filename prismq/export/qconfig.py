@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prismq.formats import get_format
 from prismq.model.linears import LM_HEAD
+from prismq.model.siblings import EXPERT
 
 
 def _ct_version() -> str:
@@ -17,16 +19,28 @@ def _ct_version() -> str:
         return "0.20.0"
 
 
+def _config_target(name: str) -> str:
+    """How the config names a target: itself, or for a routed expert one regex over every expert of its layer and
+    projection (they share one scheme: vLLM's FusedMoE reads expert 0's and applies it to all)."""
+    expert = EXPERT.match(name)
+    if expert is None:
+        return name
+    leaf = name[expert.end():]
+    return f"re:^{re.escape(expert['block'])}\\.\\d+\\.{re.escape(leaf)}$"
+
+
 def quantization_config(assignment: dict[str, str]) -> dict[str, Any]:
-    """One config group per quantized format with explicit module-name targets and its own `format`;
-    lm_head and every BF16 Linear in `ignore`; status `compressed` (what transformers and vLLM require)."""
+    """One config group per quantized format with explicit module-name targets (a layer's routed experts: one
+    regex per projection) and its own `format`; lm_head and every BF16 target in `ignore`; status `compressed`
+    (what transformers and vLLM require)."""
     by_format: dict[str, list[str]] = {}
     ignore = [LM_HEAD]
     for name, format_name in assignment.items():
-        if get_format(format_name).scheme() is None:
-            ignore.append(name)
-        else:
-            by_format.setdefault(get_format(format_name).name, []).append(name)
+        target = _config_target(name)
+        listed = ignore if get_format(format_name).scheme() is None else \
+            by_format.setdefault(get_format(format_name).name, [])
+        if target not in listed:
+            listed.append(target)
     groups: dict[str, Any] = {}
     for index, (format_name, targets) in enumerate(by_format.items()):
         groups[f"group_{index}"] = {"targets": targets, **get_format(format_name).scheme(),

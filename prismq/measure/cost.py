@@ -32,7 +32,7 @@ from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_j
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.siblings import sibling_groups
+from prismq.model.siblings import input_groups, sibling_groups
 from prismq.model.targets import Target
 from prismq.model.units import formats_legal_for
 
@@ -117,10 +117,13 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     legal_for_group: dict[str, list[str]] = {}
     for group in sibling_groups(linears):
         weight_amax = torch.stack([targets[n].read(source).abs().amax() for n in group]).amax()
-        input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
         joint_amax.update(dict.fromkeys(group, weight_amax))
+        experts = targets[group[0]].expert is not None
+        legal_for_group.update(dict.fromkeys(group, formats_legal_for([targets[n].shape for n in group], formats,
+                                                                      experts)))
+    for group in input_groups(linears):
+        input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
         joint_input.update(dict.fromkeys(group, input_amax))
-        legal_for_group.update(dict.fromkeys(group, formats_legal_for([targets[n].shape for n in group], formats)))
     buckets: dict[tuple[int, ...], list[str]] = {}
     for name in linears:
         buckets.setdefault(targets[name].shape, []).append(name)

@@ -17,13 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.measure.fisher import Recorder, check_blocks, linear_results, nll_sum, sample_positions
+from prismq.measure.fisher_experts import ExpertRecorder
+from prismq.model.experts import ExpertCalls
 
 GRAD = "grad"  # the gradient at the input of the lowest layer done so far (meta: that layer, the summed loss)
 
@@ -33,10 +34,9 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
     """`probe` on a streamed model, with the same results (see the module docstring). `state`: where the walk
     keeps its per-layer inputs and progress (a rerun with the same state resumes); None: a temporary directory."""
     check_blocks(blocks, sample_rows)
-    skeleton = dict(stream.model.named_modules())
-    missing = [n for n in names if not isinstance(skeleton.get(n), nn.Linear)]
+    missing = [n for n in names if n not in stream.targets]
     if missing:
-        raise PrismqError(f"not Linear modules of this model: {', '.join(missing[:3])}")
+        raise PrismqError(f"not quantization targets of this model: {', '.join(missing[:3])}")
     if state is None:
         with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
             return dict(probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress,
@@ -66,6 +66,7 @@ class _ProbeWalk:
     def __init__(self, stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int,
                  state: WalkState, progress: bool) -> None:
         self.stream, self.blocks, self.names, self.state, self.progress = stream, blocks, names, state, progress
+        self.seed = seed
         self.total = blocks.numel()
         self.rows = min(sample_rows, self.total)
         self.positions = sample_positions(self.total, sample_rows, seed)
@@ -115,12 +116,19 @@ class _ProbeWalk:
             with stream.layer(index) as layer:
                 layer.requires_grad_(False)
                 modules = stream.layer_names(index, layer)
-                own = {n: modules[n] for n in self.names if n in modules}
-                recorder = Recorder(own, self.blocks.shape[1], self.rows, self.total, stream.device)
-                handles = [module.register_forward_hook(recorder.forward_hook(n)) for n, module in own.items()]
+                own = {n: stream.targets[n] for n in self.names if stream.targets[n].module in modules}
+                linears = {n: modules[t.module] for n, t in own.items() if t.expert is None}
+                recorder = Recorder(linears, self.blocks.shape[1], self.rows, self.total, stream.device)
+                experts = ExpertRecorder({n: t for n, t in own.items() if t.expert is not None},
+                                         self.blocks.shape[1], self.rows, self.total, self.seed, stream.device,
+                                         stream.dtype)
+                handles = [module.register_forward_hook(recorder.forward_hook(n)) for n, module in linears.items()]
+                if experts.targets:
+                    handles += ExpertCalls(modules, experts.parameters, after=experts).attach()
                 try:
                     for block_index, (x, kwargs) in enumerate(zip(inputs, self.kwargs)):
                         recorder.start(self.positions, block_index, stream.device)
+                        experts.start(block_index)
                         with torch.enable_grad():
                             x = x.detach().requires_grad_(True)
                             out = layer(x, **kwargs)
@@ -130,6 +138,7 @@ class _ProbeWalk:
                     for handle in handles:
                         handle.remove()
                     recorder.forget()
-            self.state.save(f"stats-{index}", linear_results(recorder, self.blocks.shape[0], self.total))
+            stats = {**linear_results(recorder, self.blocks.shape[0], self.total), **experts.results()}
+            self.state.save(f"stats-{index}", stats)
             self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
             self.state.remove(f"input-{index}")

@@ -3,9 +3,9 @@
 Built from the config and the safetensors headers alone (the architecture on the meta device, no weight read):
 every parameter of the model is found among the checkpoint's tensors (directly, renamed, or as per-expert slices of
 a fused expert parameter, `prismq.model.layout`); every quantization target lies in exactly one decision unit; each
-unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts held as
-3-D parameters); and checkpoint tensors the model does not load (MTP heads, vision towers of a text-only class),
-which the exporter passes through byte for byte.
+unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts a
+checkpoint stores fused); and checkpoint tensors the model does not load (MTP heads, vision towers of a text-only
+class), which the exporter passes through byte for byte.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
                 report.problems.append(f"the checkpoint has no tensor for parameter {name}")
             continue
         used.update(part.key for part in parts)
-        if tensor.ndim == 3:
-            report.kept["routed experts (3-D parameters; expert quantization is not built yet)"] += tensor.numel()
+        if tensor.ndim == 3 and parts[0].index is None:
+            report.kept["routed experts stored fused (one 3-D tensor; not quantized yet)"] += tensor.numel()
     report.passthrough = sorted(keys - used)
+    if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
+        return report
     targets = model_targets(model_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notices become report lines here

@@ -12,7 +12,8 @@ from torch.utils.hooks import RemovableHandle
 
 from prismq.formats import Format, Tensors, get_format
 from prismq.model.siblings import sibling_groups
-from prismq.model.targets import targets_named
+from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.targets import Target, targets_named
 
 
 class _SharedInput:
@@ -39,20 +40,23 @@ class _SharedInput:
 
 
 def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dict[str, str],
-                     encoded: Mapping[str, Tensors],
-                     weight_dtype: torch.dtype | None = None) -> list[RemovableHandle]:
-    """Replace each assigned Linear's weight by decode(encoded[name]) and hook its input quantization, in place;
-    `model` is a model or its modules by name (a streamed layer's).
+                     encoded: Mapping[str, Tensors], weight_dtype: torch.dtype | None = None,
+                     targets: Mapping[str, Target] | None = None) -> list[RemovableHandle]:
+    """Replace each assigned target's weight by decode(encoded[name]) and quantize its input as the runtime does,
+    in place; `model` is a model or its modules by name (a streamed layer's), `targets` the model's targets (routed
+    experts need them; Linears are found by name without).
 
     `encoded` holds the exact tensors the exporter writes (input_global_scale included for NVFP4 W4A4), so the
     model's forward equals the exported checkpoint's. Weights are decoded in `weight_dtype` (the checkpoint's dtype,
     as a loader decodes them; None: the model's own dtype) and then cast to the model's compute dtype. Returns the
-    hook handles (remove them to stop quantizing activations; the weights stay replaced)."""
+    hook handles (remove them to stop quantizing activations; the weights stay replaced). Call it once per layer:
+    each call adds its own hooks."""
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else model
     handles = []
+    experts: dict[tuple[str, str, int], tuple[Format, torch.Tensor | None]] = {}  # expert slice -> its input's
     for group in sibling_groups(assignment):
-        hooks: dict[str, tuple[Format, torch.Tensor | None, tuple[str, bytes]]] = {}
-        for name, target in targets_named(group, modules).items():
+        hooks: dict[str, tuple[nn.Module, Format, torch.Tensor | None, tuple[str, bytes]]] = {}
+        for name, target in targets_named(group, modules, targets).items():
             fmt = get_format(assignment[name])
             if fmt.scheme() is None:
                 continue
@@ -60,12 +64,27 @@ def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dic
             parameter = target.parameter(modules)
             with torch.no_grad():
                 fmt.decode_into(tensors, parameter, weight_dtype or parameter.dtype)
-            if fmt.quantizes_activations:
-                igs = tensors.get("input_global_scale")
-                hooks[name] = (fmt, igs, (fmt.name, b"" if igs is None else igs.detach().cpu().numpy().tobytes()))
+            if not fmt.quantizes_activations:
+                continue
+            igs = tensors.get("input_global_scale")
+            if target.expert is not None:
+                experts[(target.module, target.parameter_name, target.expert)] = (fmt, igs)
+            else:
+                key = (fmt.name, b"" if igs is None else igs.detach().cpu().numpy().tobytes())
+                hooks[name] = (modules[target.module], fmt, igs, key)
         shared: dict[tuple[str, bytes], _SharedInput] = {}  # siblings with one format and input scale share
-        for name, (fmt, igs, key) in hooks.items():
+        for name, (module, fmt, igs, key) in hooks.items():
             if key not in shared:
                 shared[key] = _SharedInput(fmt, igs, readers=sum(1 for *_, k in hooks.values() if k == key))
-            handles.append(modules[name].register_forward_pre_hook(shared[key]))
+            handles.append(module.register_forward_pre_hook(shared[key]))
+    if experts:
+        wanted: dict[str, set[str]] = {}
+        for module_name, parameter_name, _ in experts:
+            wanted.setdefault(module_name, set()).add(parameter_name)
+
+        def quantize_input(call: ExpertCall, x: torch.Tensor) -> torch.Tensor:
+            found = experts.get((call.module, call.parameter_name, call.expert))
+            return x if found is None else found[0].qdq_activation(x, found[1])
+
+        handles += ExpertCalls(modules, wanted, before=quantize_input).attach()
     return handles

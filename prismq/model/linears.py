@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prismq.errors import PrismqError
+from prismq.model.experts import EXPERTS_IMPLEMENTATION
 
 LM_HEAD = "lm_head"
 
@@ -21,7 +22,7 @@ def meta_model(model_dir: Path) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, experts_implementation=EXPERTS_IMPLEMENTATION)
     except (ValueError, KeyError, OSError) as exc:
         raise PrismqError(f"cannot build the architecture of {model_dir}: {str(exc).splitlines()[0]}") from None
 

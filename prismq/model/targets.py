@@ -1,16 +1,19 @@
 """Quantization targets: the weight matrices prismq gives formats to, and what every stage needs to know about one.
 
-A target is one [out, in] matrix with a format of its own. Today every target is an nn.Linear's weight; routed
-experts held as fused 3-D parameters (transformers 5 MoE) will be targets too, each expert's slice of the parameter,
-stored on disk under its own per-expert name. So no stage builds a checkpoint key or reaches into a module by itself:
-it asks the target where its weight lies on disk (`key`, `read`), where it lives in a materialized model (`module`,
-`weight`) and how to put a fake-quantized weight there (`install`); its fused vLLM layer (`fused`) decides which
-targets share one format and one global scale (`prismq.model.siblings`).
+A target is one [out, in] matrix with a format of its own: an nn.Linear's weight, or one routed expert's projection
+inside a fused 3-D expert parameter (transformers 5 MoE: `experts.gate_up_proj` [E, 2I, H] holds every expert's
+gate and up, `experts.down_proj` [E, H, I] every expert's down). A target is named as its checkpoint stores it
+(`...mlp.experts.3.gate_proj`, Mixtral's `...block_sparse_moe.experts.3.w1`), which is also the name the export
+writes and vLLM reads. So no stage builds a checkpoint key or reaches into a module by itself: it asks the target
+where its weight lies on disk (`key`, `read`), where it lives in a materialized model (`module`, `parameter_name`,
+`expert`, `rows`: `weight`, `parameter`) and how to put a fake-quantized weight there (`install`); its fused vLLM
+layer (`fused`) decides which targets share one format (`prismq.model.siblings`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +21,25 @@ import torch
 from torch import nn
 
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.linears import linear_shapes, quantizable
+from prismq.model.layout import CheckpointLayout
+from prismq.model.linears import LM_HEAD, meta_model
 from prismq.model.siblings import fused_name
 
 
 @dataclass(frozen=True)
 class Target:
     """One quantized weight matrix: `name` (how assignments, cost rows and exported tensors call it), its [out, in]
-    `shape`, the checkpoint tensor `key` holding it, and the `module` computing with it (its `weight`)."""
+    `shape`, the checkpoint tensor `key` holding it, and where it lives in the model: parameter `parameter_name` of
+    module `module`, for a routed expert its slice `expert` (and rows `rows` of that expert's matrix, when the
+    parameter concatenates gate and up)."""
 
     name: str
     shape: tuple[int, int]
     key: str
     module: str
+    parameter_name: str = "weight"
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
 
     @classmethod
     def linear(cls, name: str, shape: tuple[int, int]) -> Target:
@@ -39,7 +48,8 @@ class Target:
 
     @property
     def fused(self) -> str:
-        """The vLLM layer it is loaded into (q/k/v -> qkv_proj, ...): targets of one take one format together."""
+        """The vLLM layer it is loaded into (q/k/v -> qkv_proj, a layer's routed experts -> experts, ...): targets
+        of one take one format together."""
         return fused_name(self.name)
 
     @property
@@ -51,15 +61,21 @@ class Target:
         """The weight as the checkpoint stores it."""
         return source.get(self.key)
 
-    def weight(self, modules: Mapping[str, nn.Module], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in a materialized model (`modules`: its modules by name), detached, in `dtype` (the
-        checkpoint's, in which the codecs see weights; None: as the model holds it)."""
-        weight = modules[self.module].weight.detach()
-        return weight if dtype is None else weight.to(dtype)
+    def _slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This target's [out, in] view of its module's parameter."""
+        view = tensor if self.expert is None else tensor[self.expert]
+        return view if self.rows is None else view[self.rows[0]:self.rows[1]]
 
     def parameter(self, modules: Mapping[str, nn.Module]) -> torch.Tensor:
-        """The live weight in a materialized model, to write decoded shipped values into (under no_grad)."""
-        return modules[self.module].weight
+        """The live weight in a materialized model (`modules`: its modules by name; a view of the fused parameter
+        for an expert), to write decoded shipped values into (under no_grad)."""
+        return self._slice(getattr(modules[self.module], self.parameter_name))
+
+    def weight(self, modules: Mapping[str, nn.Module], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in a materialized model, detached, in `dtype` (the checkpoint's, in which the codecs see
+        weights; None: as the model holds it)."""
+        weight = self.parameter(modules).detach()
+        return weight if dtype is None else weight.to(dtype)
 
     def install(self, modules: Mapping[str, nn.Module], value: torch.Tensor) -> None:
         """Replace the weight in a materialized model by `value` (decoded shipped values), cast to the model's dtype."""
@@ -67,14 +83,47 @@ class Target:
             self.parameter(modules).copy_(value)
 
 
+def targets_of(model: nn.Module, layout: CheckpointLayout, head: bool = False) -> dict[str, Target]:
+    """Every quantization target of `model` (meta or materialized) whose checkpoint tensors `layout` describes, by
+    name, in model order: each nn.Linear (lm_head only with `head`: it is policy, kept BF16, DESIGN.md §5), and each
+    routed expert's projections where the checkpoint stores them per expert. Expert parameters the checkpoint stores
+    fused (one 3-D tensor) are not targets: they stay in the model dtype."""
+    targets: dict[str, Target] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if module_name == LM_HEAD and not head:
+                continue
+            parts = layout.parts(f"{module_name}.weight", (module.out_features, module.in_features))
+            key = parts[0].key if parts and len(parts) == 1 and parts[0].index is None else f"{module_name}.weight"
+            name = key.removesuffix(".weight")
+            targets[name] = Target(name, (module.out_features, module.in_features), key, module_name)
+            continue
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            parts = layout.parts(f"{module_name}.{parameter_name}", tuple(parameter.shape)) \
+                if parameter.ndim == 3 else None
+            if not parts or parts[0].index is None or not parts[0].key.endswith(".weight"):
+                continue
+            for part in parts:
+                rows = part.rows or (0, parameter.shape[1])
+                name = part.key.removesuffix(".weight")
+                targets[name] = Target(name, (rows[1] - rows[0], int(parameter.shape[2])), part.key, module_name,
+                                       parameter_name, part.index, part.rows)
+    return targets
+
+
 def model_targets(model_dir: Path, head: bool = False) -> dict[str, Target]:
-    """Every quantization target of the checkpoint in `model_dir`, by name, in model order; lm_head only with `head`
-    (it is policy, not a decision: kept BF16, DESIGN.md §5). The architecture is built on the meta device: no
-    weights are read."""
-    shapes = linear_shapes(Path(model_dir))
-    return {name: Target.linear(name, shape) for name, shape in (shapes if head else quantizable(shapes)).items()}
+    """Every quantization target of the checkpoint in `model_dir` (see `targets_of`). The architecture is built on
+    the meta device and only the safetensors headers are read: no weights."""
+    model = meta_model(Path(model_dir))
+    with ExitStack() as stack:
+        layout = CheckpointLayout(model, SourceTensors(Path(model_dir), stack).location)
+    return targets_of(model, layout, head)
 
 
-def targets_named(names: list[str], modules: Mapping[str, nn.Module]) -> dict[str, Target]:
-    """Targets for the named Linears of a materialized model or layer (`modules`: its modules by name)."""
-    return {name: Target.linear(name, tuple(modules[name].weight.shape)) for name in names}  # type: ignore[arg-type]
+def targets_named(names: list[str], modules: Mapping[str, nn.Module],
+                  known: Mapping[str, Target] | None = None) -> dict[str, Target]:
+    """Targets for `names` in a materialized model or layer (`modules`: its modules by name): from `known` (the
+    model's targets, which routed experts need) where it has them, else the named nn.Linear's weight."""
+    known = known or {}
+    return {name: known[name] if name in known else Target.linear(name, tuple(modules[name].weight.shape))
+            for name in names}  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from pathlib import Path
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.linears import quantizable
-from prismq.model.siblings import EXPERT, fused_name, sibling_groups
+from prismq.model.siblings import EXPERT, fused_name, unit_groups
 from prismq.model.targets import model_targets
 
 # model_type values whose fusion the rule above was checked against (vLLM model files, packed_modules_mapping).
@@ -39,6 +39,12 @@ MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 # Leaf names of Linears vLLM builds without a quantization method: MoE routers and the shared-expert gate.
 UNQUANTIZED_LEAVES = frozenset({"gate", "router", "shared_expert_gate"})
 RUNTIME_FORMAT = "BF16"
+
+# Formats vLLM's compressed-tensors MoE path (CompressedTensorsMoEMethod.get_moe_method) runs as prismq measures
+# them. Left out: MXFP4A16 and MXFP8A16, whose activations that path quantizes anyway (MXFP4 W4A4 on GPUs with
+# CUTLASS MXFP4 kernels, MXFP8 always), and the research formats. On Hopper, NVFP4 and MXFP4 experts run on Marlin
+# with bf16 activations: better than measured, never worse.
+MOE_FORMATS = frozenset({"NVFP4", "NVFP4A16", "MXFP4", "MXFP8", "FP8", "INT4_W4A16", "INT8_W8A16", "BF16"})
 
 
 @dataclass(frozen=True)
@@ -69,29 +75,33 @@ def decision_units(shapes: dict[str, tuple[int, int]], model_type: str | None = 
     if model_type is not None:
         _notice(model_type, shapes)
     units = []
-    for group in sibling_groups(shapes):
+    for group in unit_groups(shapes):
         pinned = RUNTIME_FORMAT if any(name.rpartition(".")[2] in UNQUANTIZED_LEAVES for name in group) else None
         units.append(Unit(fused_name(group[0]), tuple(group), tuple(tuple(shapes[n]) for n in group), pinned))
     return units
 
 
 def legal_formats(unit: Unit, formats: list[str]) -> list[str]:
-    """The formats of `formats` (canonical names, first-seen order) legal for every member's shape.
+    """The formats of `formats` (canonical names, first-seen order) legal for every member's shape (and, for routed
+    experts, served by vLLM's MoE path: `MOE_FORMATS`).
 
     A pinned unit offers its pinned format alone, whatever `formats` says: the runtime accepts nothing else, and
     keeping the model dtype is always possible."""
     if unit.pinned is not None:
         return [get_format(unit.pinned).name]
-    return formats_legal_for(unit.shapes, formats)
+    return formats_legal_for(unit.shapes, formats, experts=bool(EXPERT.match(unit.members[0])))
 
 
-def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str]) -> list[str]:
+def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str], experts: bool = False) -> list[str]:
     """The formats (canonical names, first-seen order) every one of `shapes` can take: fused siblings take one
-    format, so one member's shape that a format cannot take rules it out for all."""
+    format, so one member's shape that a format cannot take rules it out for all. `experts`: the shapes are routed
+    experts', which take only `MOE_FORMATS`."""
     shapes = list(shapes)
     offered: list[str] = []
     for name in formats:
         fmt = get_format(name)
+        if experts and fmt.name not in MOE_FORMATS:
+            continue
         if fmt.name not in offered and all(fmt.legal(shape) for shape in shapes):
             offered.append(fmt.name)
     return offered

@@ -60,7 +60,8 @@ def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list
     """The assignment's sibling groups per decoder layer; only BF16 may lie outside the layers (lm_head)."""
     by_layer: dict[int, list[list[str]]] = {}
     for group in sibling_groups(assignment):
-        head, _, rest = group[0].partition(f"{stream.prefix}.")
+        target = stream.targets.get(group[0])
+        head, _, rest = (group[0] if target is None else target.module).partition(f"{stream.prefix}.")
         index = rest.split(".", 1)[0]
         if head or not index.isdigit():
             if get_format(assignment[group[0]]).scheme() is not None:
@@ -181,7 +182,7 @@ def _advance(stream: LayerStream, index: int, layer: torch.nn.Module, lane: Lane
     """Round the lane's copy of layer `index` and move the lane's hidden states through it."""
     if groups:
         round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method, lane.calibration,
-                    input_amax, settings, stream.weight_dtype, lane.rounded)
+                    input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets)
     if lane.method != "rtn":  # round-to-nearest never looks at its inputs
         lane.calibration = run_layer(layer, lane.calibration)
     lane.heldout = run_layer(layer, lane.heldout)

@@ -16,6 +16,7 @@ lm_head is kept BF16) are rounded to nearest, with a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,12 +31,14 @@ from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
-from prismq.model.targets import targets_named
+from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.targets import Target, targets_named
 from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
 from prismq.rounding.store import EncodedStore
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
+EXPERT_HESSIAN_BYTES = 1 << 30  # routed experts' Hessians held at once while a layer is rounded
 
 
 class _Stop(Exception):
@@ -43,7 +46,8 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear], inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
+def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear],
+                   inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
     """H = sum_t x_t x_t^T (fp32) of each named Linear's input over every calibration token.
 
     Only the Linears' inputs are needed, so once the first batch shows each of them runs once per forward, later
@@ -112,23 +116,87 @@ class RoundedModel:
 
 
 @torch.no_grad()
+def expert_hessians(layer: nn.Module, modules: Mapping[str, nn.Module], targets: Mapping[str, Target],
+                    inputs: list[LayerInput]) -> dict[str, torch.Tensor]:
+    """H = sum_t x_t x_t^T (fp32) over the tokens routed to each named expert target's expert (gate and up share
+    theirs: one product); zero for an expert no token reached."""
+    slots = {(t.module, t.parameter_name, t.expert): name for name, t in targets.items()}
+    hessians = {name: torch.zeros(t.shape[1], t.shape[1], dtype=torch.float32, device=inputs[0][0].device)
+                for name, t in targets.items()}
+
+    def accumulate(call: ExpertCall, x: torch.Tensor, _out: torch.Tensor) -> None:
+        name = slots.get((call.module, call.parameter_name, call.expert))
+        if name is not None:
+            rows = x.detach().float()
+            hessians[name].addmm_(rows.T, rows)
+
+    wanted: dict[str, set[str]] = {}
+    for target in targets.values():
+        wanted.setdefault(target.module, set()).add(target.parameter_name)
+    handles = ExpertCalls(modules, wanted, after=accumulate).attach()
+    device = next((p.device for p in layer.parameters()), None)
+    try:
+        for hidden, kwargs in inputs:
+            layer(hidden if device is None else hidden.to(device), **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def _expert_chunks(groups: list[list[str]], known: Mapping[str, Target], budget: int) -> list[list[list[str]]]:
+    """Expert groups in chunks whose Hessians fit in `budget` bytes together (at least one group per chunk)."""
+    chunks: list[list[list[str]]] = [[]]
+    used = 0
+    for group in groups:
+        size = 4 * known[group[0]].shape[1] ** 2
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += size
+    return [chunk for chunk in chunks if chunk]
+
+
+@torch.no_grad()
 def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]], assignment: dict[str, str],
                 method: Method, inputs: list[LayerInput], input_amax: dict[str, torch.Tensor],
-                settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel) -> None:
+                settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel,
+                targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES) -> None:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
-    `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes."""
+    `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
+
+    `targets`: the model's targets (routed experts need them). Every Hessian is taken on the layer as read (the
+    layer is fake-quantized once all its groups are encoded); routed experts' Hessians, one per expert over its
+    routed tokens, are taken a chunk of experts at a time, at most `hessian_bytes` of them at once."""
     settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
+    known = targets_named([name for group in groups for name in group], modules, targets)
     to_gptq = [g for g in groups if method != "rtn" and get_format(assignment[g[0]]).scheme() is not None]
-    hessians = input_hessians(layer, {g[0]: modules[g[0]] for g in to_gptq}, inputs) if to_gptq else {}
-    for group in groups:
+    dense = [g for g in to_gptq if known[g[0]].expert is None]
+    routed = [g for g in to_gptq if known[g[0]].expert is not None]
+    hessians = input_hessians(layer, {g[0]: modules[known[g[0]].module] for g in dense}, inputs) if dense else {}
+    layer_assignment: dict[str, str] = {}
+    layer_encoded: dict[str, Tensors] = {}
+
+    def encode(group: list[str], hessian: torch.Tensor | None) -> None:
         format_name = assignment[group[0]]
-        weights = {n: target.weight(modules, weight_dtype) for n, target in targets_named(group, modules).items()}
-        rounding = _SiblingGPTQ(weights, hessians.pop(group[0]), settings) if group[0] in hessians else None
+        weights = {name: known[name].weight(modules, weight_dtype) for name in group}
+        rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
         tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
         if rounding is not None:
             result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
-        apply_fake_quant(modules, {n: format_name for n in group}, tensors, weight_dtype)
-        result.encoded.update(tensors)
+        layer_assignment.update(dict.fromkeys(group, format_name))
+        layer_encoded.update(tensors)
+
+    for group in groups:
+        if group not in routed:
+            encode(group, hessians.pop(group[0], None))
+    for chunk in _expert_chunks(routed, known, hessian_bytes):
+        chunk_hessians = expert_hessians(layer, modules, {g[0]: known[g[0]] for g in chunk}, inputs)
+        for group in chunk:
+            encode(group, chunk_hessians.pop(group[0]))
+    apply_fake_quant(modules, layer_assignment, layer_encoded, weight_dtype, targets)
+    result.encoded.update(layer_encoded)
 
 
 @torch.no_grad()

@@ -27,9 +27,11 @@ from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current
 from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
+from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.fisher import X_TOKEN_MAX
 from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+from prismq.model.siblings import input_groups
 from prismq.model.source import resolve_device
 from prismq.rounding.clip import streamed_input_amax
 from prismq.rounding.gptq import GPTQSettings
@@ -161,9 +163,19 @@ def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: l
     started from the per-token input maxima the probe recorded on the same blocks (when it did, in the same
     arithmetic)."""
     needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
+    routed = {n: f for n, f in needing.items() if n in stream.targets and stream.targets[n].expert is not None}
+    linears = {n: f for n, f in needing.items() if n not in routed}
     probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
     token_max = None
     same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
     if probed is not None and same_arithmetic and all(f"{n}.{X_TOKEN_MAX}" in probed[0] for n in needing):
         token_max = {n: probed[0][f"{n}.{X_TOKEN_MAX}"][:calibration.numel()] for n in needing}
-    return streamed_input_amax(stream, calibration, needing, token_max=token_max, state=state)
+    ranges = streamed_input_amax(stream, calibration, linears, token_max=token_max, state=state) if linears else {}
+    if routed:  # not clipped: the largest routed input of the layer's experts (-1 marks tokens not routed)
+        if token_max is None:
+            raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima; rerun the "
+                              "probe (`prismq probe`) in this compute dtype")
+        for group in input_groups(routed):
+            largest = torch.stack([token_max[n].amax() for n in group]).amax().float()
+            ranges.update({n: largest.clamp(min=torch.finfo(torch.float32).tiny).clone() for n in group})
+    return ranges

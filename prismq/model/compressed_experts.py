@@ -1,0 +1,117 @@
+"""Reading back the routed experts of a compressed-tensors export, which neither transformers nor compressed-tensors
+loads into a fused 3-D expert parameter.
+
+An export stores each expert matrix under its per-expert name in its format's tensors (`...experts.3.gate_proj.
+weight_packed`, `weight_scale`, ...). `CompressedExperts` decompresses each one with compressed-tensors' own
+compressor for the scheme its config group gives it (the library's code, not prismq's codec: the read-back stays an
+independent check of the bytes), for the streaming engine to copy into the expert's slice of the fused parameter;
+`quantize_inputs` then quantizes each expert's input as the runtime does, with the input scale the export stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from prismq.errors import PrismqError
+from prismq.formats import FORMATS, Format
+from prismq.model.checkpoint import SourceTensors
+from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.siblings import EXPERT
+from prismq.model.targets import Target
+
+WEIGHT = ".weight"
+
+
+class CompressedExperts:
+    """The quantized matrices of an export (`source`, its `quantization` config as a dict) that no module loads."""
+
+    def __init__(self, source: SourceTensors, quantization: Mapping[str, Any]) -> None:
+        from compressed_tensors.quantization import QuantizationConfig
+
+        self.source = source
+        self.config = QuantizationConfig.model_validate(dict(quantization))
+        keys = set(source.location)
+        stems = {key.rpartition(".")[0] for key in keys if key.endswith((".weight_packed", ".weight_scale"))}
+        self.compressed = {stem + WEIGHT for stem in stems if stem + WEIGHT not in keys and EXPERT.match(stem)}
+
+    def module_config(self) -> dict[str, Any]:
+        """The quantization config without the targets only these experts match (for compressed-tensors to apply to
+        the modules it can load, without warning about targets that match no module)."""
+        from compressed_tensors.utils.match import match_name
+
+        stems = [key.removesuffix(WEIGHT) for key in self.compressed]
+        config = self.config.model_dump()
+        for name, group in list(config["config_groups"].items()):
+            group["targets"] = [t for t in group["targets"] if not any(match_name(stem, t) for stem in stems)]
+            if not group["targets"]:
+                del config["config_groups"][name]
+        config["ignore"] = [t for t in config.get("ignore") or [] if not any(match_name(s, t) for s in stems)]
+        return config
+
+    def keys(self, stored: Collection[str]) -> set[str]:
+        """The checkpoint's tensor names plus the `.weight` names of the matrices stored compressed."""
+        return set(stored) | self.compressed
+
+    def _group(self, stem: str) -> tuple[str, Any]:
+        """(config group name, scheme) of the matrix stored under `stem`."""
+        from compressed_tensors.utils.match import match_name
+
+        for name, scheme in self.config.config_groups.items():
+            if any(match_name(stem, target) for target in scheme.targets):
+                return name, scheme
+        raise PrismqError(f"{stem} is stored compressed but no quantization_config group targets it")
+
+    def decompressed(self, key: str) -> torch.Tensor:
+        """The matrix `key` (a `.weight` name among `compressed`) as compressed-tensors decompresses it."""
+        from compressed_tensors.compressors.base import BaseCompressor
+
+        stem = key.removesuffix(WEIGHT)
+        _, scheme = self._group(stem)
+        local = {name.removeprefix(stem + "."): self.source.get(name) for name in self.source.location
+                 if name.startswith(stem + ".") and "." not in name.removeprefix(stem + ".")}
+        compressor = BaseCompressor.get_value_from_registry(str(scheme.format or self.config.format))
+        return compressor.decompress(local, scheme)["weight"]
+
+    def format_of(self, stem: str) -> Format:
+        """The prismq format whose compressed-tensors scheme is `stem`'s config group (both validated by the
+        library, compared without their targets)."""
+        from compressed_tensors.quantization import QuantizationScheme
+
+        _, scheme = self._group(stem)
+        stored = scheme.model_copy(update={"targets": []})
+        for fmt in FORMATS.values():
+            own = fmt.scheme()
+            if own is not None and QuantizationScheme.model_validate({**own, "targets": []}) == stored:
+                return fmt
+        raise PrismqError(f"{stem}: its quantization scheme is none of prismq's formats")
+
+    def quantize_inputs(self, modules: Mapping[str, nn.Module], targets: Mapping[str, Target]) -> list[RemovableHandle]:
+        """Hooks quantizing each stored expert's input as the runtime does (formats with quantized activations,
+        under the input scale stored beside the weight)."""
+        inputs: dict[tuple[str, str, int], tuple[Format, torch.Tensor | None]] = {}
+        for target in targets.values():
+            if target.expert is None or target.module not in modules or target.key not in self.compressed:
+                continue
+            fmt = self.format_of(target.name)
+            if fmt.quantizes_activations:
+                scale = f"{target.name}.input_global_scale"
+                inputs[(target.module, target.parameter_name, target.expert)] = (
+                    fmt, self.source.get(scale) if scale in self.source.location else None)
+        if not inputs:
+            return []
+        wanted: dict[str, set[str]] = {}
+        for module_name, parameter_name, _ in inputs:
+            wanted.setdefault(module_name, set()).add(parameter_name)
+
+        def quantize(call: ExpertCall, x: torch.Tensor) -> torch.Tensor:
+            found = inputs.get((call.module, call.parameter_name, call.expert))
+            return x if found is None else found[0].qdq_activation(x, found[1].to(x.device) if found[1] is not None
+                                                                    else None)
+
+        return ExpertCalls(modules, wanted, before=quantize).attach()
+

@@ -1,0 +1,106 @@
+"""Routed experts are quantization targets: each expert's gate, up and down inside transformers 5's fused 3-D
+parameters, named as the checkpoint stores them, probed with a per-token Fisher over the tokens routed to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from prismq.engine.stream import LayerStream
+from prismq.measure.fisher_streamed import probe_streamed
+from prismq.model.source import load_model
+from prismq.model.targets import model_targets
+from prismq.model.units import model_units
+from test_layout import tiny_moe
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_moe("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe") / "model")
+
+
+def test_each_expert_projection_is_a_target_named_as_stored(qwen3_moe_dir: Path) -> None:
+    from safetensors import safe_open
+
+    targets = model_targets(qwen3_moe_dir)
+    experts = {name: t for name, t in targets.items() if t.expert is not None}
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    gate, up = targets["model.layers.1.mlp.experts.2.gate_proj"], targets["model.layers.1.mlp.experts.2.up_proj"]
+    assert (gate.module, gate.parameter_name, gate.expert, gate.rows) == ("model.layers.1.mlp.experts", "gate_up_proj",
+                                                                          2, (0, 32))
+    assert up.rows == (32, 64) and gate.shape == up.shape == (32, 64)
+    assert targets["model.layers.1.mlp.experts.2.down_proj"].shape == (64, 32)
+    model = load_model(qwen3_moe_dir, torch.float32)
+    modules = dict(model.named_modules())
+    with safe_open(str(qwen3_moe_dir / "model.safetensors"), framework="pt") as handle:
+        for target in experts.values():
+            assert torch.equal(target.weight(modules, torch.bfloat16), handle.get_tensor(target.key))
+    units = {unit.name: unit for unit in model_units(qwen3_moe_dir)}
+    assert len(units["model.layers.0.mlp.experts"].members) == 12  # every expert of the layer: one format
+    assert not any(".mlp.gate" in name for name in targets)  # the router (a weight, no Linear) stays as it is
+
+
+def _dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):  # noqa: ANN001
+    """An independent MoE experts forward: every expert on every token, weighted by its routing weight (zero where
+    the token was not routed); each expert's outputs keep their gradients for the reference Fisher."""
+    weights = torch.zeros(hidden_states.shape[0], self.num_experts, dtype=hidden_states.dtype)
+    weights.scatter_(1, top_k_index, top_k_weights.to(hidden_states.dtype))
+    out = torch.zeros_like(hidden_states)
+    for expert in range(self.num_experts):
+        gate_up = F.linear(hidden_states, self.gate_up_proj[expert])
+        gate_up.retain_grad()
+        gate, up = gate_up.chunk(2, dim=-1)
+        inner = self.act_fn(gate) * up
+        down = F.linear(inner, self.down_proj[expert])
+        down.retain_grad()
+        self.seen.append((expert, hidden_states, gate_up, inner, down, weights[:, expert] != 0))
+        out = out + down * weights[:, expert, None]
+    return out
+
+
+def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir: Path, monkeypatch) -> None:
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3_moe
+
+    blocks = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
+    with LayerStream(qwen3_moe_dir, torch.float64) as stream:
+        names = [n for n, t in stream.targets.items() if n != "lm_head"]
+        probed = dict(probe_streamed(stream, blocks, names, sample_rows=8, progress=False))
+    # the reference: the whole model in float64, each expert run densely on every token (zero weight where not
+    # routed), Fisher and input statistics summed over routed tokens from the retained per-expert output gradients
+    model = load_model(qwen3_moe_dir, torch.float64)
+    monkeypatch.setattr(qwen3_moe.Qwen3MoeExperts, "forward", _dense_experts_forward)
+    total = blocks.numel()
+    expected: dict[str, torch.Tensor] = {}
+    for layer in model.model.layers:
+        layer.mlp.experts.seen = []
+    for block in blocks:
+        logits = model(block[None], use_cache=False).logits
+        F.cross_entropy(logits[0, :-1], block[1:], reduction="sum").backward()
+        for index, layer in enumerate(model.model.layers):
+            for expert, x, gate_up, inner, down, routed in layer.mlp.experts.seen:
+                base = f"model.layers.{index}.mlp.experts.{expert}"
+                gate_up_fisher = (x.detach().square().sum(1)[routed] @ gate_up.grad[routed].square())
+                down_fisher = (inner.detach().square().sum(1)[routed] @ down.grad[routed].square())
+                for name, value in ((f"{base}.gate_proj.fisher_out", gate_up_fisher[:32]),
+                                    (f"{base}.up_proj.fisher_out", gate_up_fisher[32:]),
+                                    (f"{base}.down_proj.fisher_out", down_fisher),
+                                    (f"{base}.gate_proj.x_sq", x.detach()[routed].square().sum(0)),
+                                    (f"{base}.down_proj.x_sq", inner.detach()[routed].square().sum(0)),
+                                    (f"{base}.gate_proj.routed_tokens", routed.sum().double())):
+                    expected[name] = expected.get(name, 0) + value
+            layer.mlp.experts.seen = []
+    model.zero_grad()
+    routed_somewhere = 0
+    for name, value in expected.items():
+        got = probed[name].double()
+        want = value if name.endswith("routed_tokens") else value / total
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-12), name
+        routed_somewhere += name.endswith("routed_tokens") and float(value) > 0
+    assert routed_somewhere > 0
+    sample = probed["model.layers.0.mlp.experts.1.gate_proj.x_sample"]
+    assert sample.shape == (8, 64) and sample.abs().sum() > 0
+    token_max = probed["model.layers.0.mlp.experts.1.gate_proj.x_token_max"]
+    assert int((token_max >= 0).sum()) == int(probed["model.layers.0.mlp.experts.1.gate_proj.routed_tokens"])
