@@ -27,7 +27,7 @@ from prismq.engine.memory import available_memory, release_freed_memory, size_te
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.compressed_experts import CompressedExperts
+from prismq.model.readback import CompressedExperts, tokens_as_sequence
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import model_dtype
@@ -260,6 +260,7 @@ class LayerStream:
         skeleton = self.layers[index]
         if self.quantization is not None:
             from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+            from compressed_tensors.quantization.utils import is_module_quantized
 
             assert self._experts is not None
             apply_quantization_config(self.model, QuantizationConfig.model_validate(self._experts.module_config()),
@@ -274,6 +275,7 @@ class LayerStream:
                 self._load_compressed(module, f"{self.prefix}.{index}")
                 assert self._experts is not None
                 handles = self._experts.quantize_inputs(self.layer_names(index, module), self.targets)
+                handles += tokens_as_sequence([m for m in module.modules() if is_module_quantized(m)])
             yield module
         finally:
             for handle in handles:

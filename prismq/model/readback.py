@@ -1,11 +1,17 @@
-"""Reading back the routed experts of a compressed-tensors export, which neither transformers nor compressed-tensors
-loads into a fused 3-D expert parameter.
+"""Reading back a compressed-tensors export the way vLLM runs it, where transformers and compressed-tensors alone
+do not.
 
-An export stores each expert matrix under its per-expert name in its format's tensors (`...experts.3.gate_proj.
-weight_packed`, `weight_scale`, ...). `CompressedExperts` decompresses each one with compressed-tensors' own
-compressor for the scheme its config group gives it (the library's code, not prismq's codec: the read-back stays an
-independent check of the bytes), for the streaming engine to copy into the expert's slice of the fused parameter;
-`quantize_inputs` then quantizes each expert's input as the runtime does, with the input scale the export stores.
+Routed experts: an export stores each expert matrix under its per-expert name in its format's tensors
+(`...experts.3.gate_proj.weight_packed`, `weight_scale`, ...), which no module loads into a fused 3-D expert
+parameter. `CompressedExperts` decompresses each one with compressed-tensors' own compressor for the scheme its
+config group gives it (the library's code, not prismq's codec: the read-back stays an independent check of the
+bytes), for the streaming engine to copy into the expert's slice of the fused parameter; `quantize_inputs` then
+quantizes each expert's input as the runtime does, with the input scale the export stores.
+
+Per-token activation scales: compressed-tensors' fake quantization takes dimensions 0 and 1 of a Linear's input as
+batch and sequence, so a Linear called on [tokens, hidden] rows (a MoE block's shared expert) would get one FP8
+scale per element; vLLM computes one per token row. `tokens_as_sequence` presents such inputs as [1, tokens,
+hidden].
 """
 
 from __future__ import annotations
@@ -35,9 +41,9 @@ class CompressedExperts:
 
         self.source = source
         self.config = QuantizationConfig.model_validate(dict(quantization))
-        keys = set(source.location)
-        stems = {key.rpartition(".")[0] for key in keys if key.endswith((".weight_packed", ".weight_scale"))}
-        self.compressed = {stem + WEIGHT for stem in stems if stem + WEIGHT not in keys and EXPERT.match(stem)}
+        stems = {key.rpartition(".")[0] for key in source.location if key.endswith((".weight_packed", ".weight_scale"))}
+        # FP8 and MXFP8 keep the name `weight` for their codes: stored beside a scale, it is compressed all the same
+        self.compressed = {stem + WEIGHT for stem in stems if EXPERT.match(stem)}
 
     def module_config(self) -> dict[str, Any]:
         """The quantization config without the targets only these experts match (for compressed-tensors to apply to
@@ -115,3 +121,32 @@ class CompressedExperts:
 
         return ExpertCalls(modules, wanted, before=quantize).attach()
 
+
+
+
+class _TokensAsSequence:
+    """The two hooks of one module: widen a 2-D input before its forward, narrow the output after it."""
+
+    def __init__(self) -> None:
+        self.widened = False
+
+    def before(self, _module: nn.Module, args: tuple) -> tuple | None:
+        self.widened = bool(args) and args[0].ndim == 2
+        return (args[0].unsqueeze(0), *args[1:]) if self.widened else None
+
+    def after(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.widened:
+            return None
+        self.widened = False
+        return output.squeeze(0)
+
+
+def tokens_as_sequence(modules: list[nn.Module]) -> list[RemovableHandle]:
+    """Hooks presenting a 2-D [tokens, features] input of each module as [1, tokens, features] (and its output back
+    as 2-D), so compressed-tensors' per-token activation scales are per token row, as vLLM's are."""
+    handles = []
+    for module in modules:
+        hooks = _TokensAsSequence()
+        handles.append(module.register_forward_pre_hook(hooks.before))
+        handles.append(module.register_forward_hook(hooks.after))
+    return handles
