@@ -43,14 +43,16 @@ After = Callable[[ExpertCall, torch.Tensor, torch.Tensor], None]  # sees (input,
 
 
 def expert_parameters(modules: Mapping[str, nn.Module], wanted: Mapping[str, set[str]]) -> dict[int, tuple[str, str]]:
-    """id(parameter) -> (module name, parameter name) for the 3-D parameters named in `wanted` {module: {names}}."""
+    """id(parameter) -> (module name, parameter name) for every 3-D parameter of the experts modules in `wanted`
+    {module: {names}} (all of them: a product on any one tells which tokens its expert received), checking that
+    the wanted ones are 3-D."""
     found = {}
     for module_name, names in wanted.items():
+        module = modules[module_name]
         for name in names:
-            parameter = getattr(modules[module_name], name)
-            if parameter.ndim != 3:
+            if getattr(module, name).ndim != 3:
                 raise PrismqError(f"{module_name}.{name} is not a 3-D expert parameter")
-            found[id(parameter)] = (module_name, name)
+        found.update({id(p): (module_name, name) for name, p in module.named_parameters(recurse=False) if p.ndim == 3})
     return found
 
 
@@ -64,6 +66,7 @@ class ExpertCalls(TorchFunctionMode):
                  before: Before | None = None, after: After | None = None) -> None:
         super().__init__()
         self.parameters = expert_parameters(modules, wanted)
+        self.wanted = {(module, name) for module, names in wanted.items() for name in names}
         self.before, self.after = before, after
         self._modules = {name: modules[name] for name in wanted}
         self._input: dict[str, torch.Tensor] = {}  # experts module running -> the hidden states it runs on
@@ -121,6 +124,8 @@ class ExpertCalls(TorchFunctionMode):
             raise PrismqError(f"{module}: cannot tell which tokens expert {expert} received (its input rows are "
                               "not an indexing of the experts' input); this experts implementation is not supported")
         self._last[(module, expert)] = positions
+        if (module, parameter_name) not in self.wanted:
+            return func(*args, **kwargs)
         call = ExpertCall(module, parameter_name, expert, positions)
         if self.before is not None:
             x = self.before(call, x)
