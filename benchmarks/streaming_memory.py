@@ -10,7 +10,7 @@ measured here.
 
 Run from the repo root:
     python benchmarks/streaming_memory.py [--layers 8,16,32] [--hidden 2048] [--intermediate 8192]
-        [--rounding gptq+sweep] [--rounding-largest rtn] [--device cpu] [--scratch /tmp/prismq-streaming]
+        [--experts 0] [--rounding gptq+sweep] [--rounding-largest rtn] [--device cpu] [--scratch /tmp/prismq-streaming]
 Writes benchmarks/results/streaming_memory.json and prints a markdown table.
 """
 
@@ -46,17 +46,21 @@ sys.exit(code)
 
 
 def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, tokenizer: Path | None,
-                    seed: int = 0) -> int:
+                    seed: int = 0, experts: int = 0) -> int:
     """A Llama-shaped checkpoint of random bf16 weights written tensor by tensor (never whole in memory), with
-    the tokenizer of `tokenizer` (a directory; None: the embedded model's); returns its bytes of tensor data."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    the tokenizer of `tokenizer` (a directory; None: the embedded model's); returns its bytes of tensor data.
+    `experts` > 0: Qwen3-MoE-shaped instead, `experts` routed experts of `intermediate` per layer (8 per token),
+    stored per expert as released MoE checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
     source = tokenizer or resolve_model(None)
     vocab = len(AutoTokenizer.from_pretrained(source))
     heads = hidden // 128
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=max(1, heads // 4), vocab_size=vocab, max_position_embeddings=4096,
+                 tie_word_embeddings=False, dtype="bfloat16")
+    config = Qwen3MoeConfig(moe_intermediate_size=intermediate, num_experts=experts, num_experts_per_tok=8,
+                            head_dim=128, **shape) if experts else LlamaConfig(intermediate_size=intermediate, **shape)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     config.save_pretrained(path)
@@ -64,16 +68,28 @@ def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, tok
         if (source / name).exists():
             shutil.copy2(source / name, path / name)
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     writer = ShardWriter(path, 2 * 10**9)
     for name, tensor in skeleton.state_dict().items():
-        if name.endswith("norm.weight"):
-            value = torch.ones(tensor.shape, dtype=torch.bfloat16)
-        else:
-            value = (torch.randn(tensor.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        writer.add(name, value)
+        for stored, shape in _stored_parts(name, tuple(tensor.shape)):
+            if stored.endswith("norm.weight"):
+                value = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                value = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            writer.add(stored, value)
     return writer.close()
+
+
+def _stored_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """How a Qwen3-MoE checkpoint stores parameter `name`: fused expert parameters as per-expert matrices."""
+    block, _, leaf = name.rpartition(".experts.")
+    if leaf == "gate_up_proj":
+        return [(f"{block}.experts.{e}.{p}.weight", (shape[1] // 2, shape[2])) for e in range(shape[0])
+                for p in ("gate_proj", "up_proj")]
+    if leaf == "down_proj":
+        return [(f"{block}.experts.{e}.down_proj.weight", shape[1:]) for e in range(shape[0])]
+    return [(name, shape)]
 
 
 def measure(model: Path, out: Path, rounding: str, args: argparse.Namespace) -> dict:
@@ -104,6 +120,8 @@ def main() -> None:
     parser.add_argument("--calib-blocks", type=int, default=4)
     parser.add_argument("--calib-seqlen", type=int, default=256)
     parser.add_argument("--heldout-blocks", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=0, help="routed experts per layer (Qwen3-MoE-shaped, "
+                        "--intermediate per expert); 0: a dense Llama")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/prismq-streaming"))
     parser.add_argument("--tokenizer", type=Path, help="directory with the tokenizer files (default: the embedded "
@@ -113,18 +131,18 @@ def main() -> None:
     depths = [int(v) for v in args.layers.split(",")]
     rows = []
     for layers in depths:
-        model = args.scratch / f"llama-{args.hidden}-{layers}L"
-        size = write_synthetic(model, layers, args.hidden, args.intermediate, args.tokenizer)
+        model = args.scratch / f"{'moe' if args.experts else 'llama'}-{args.hidden}-{layers}L"
+        size = write_synthetic(model, layers, args.hidden, args.intermediate, args.tokenizer, experts=args.experts)
         rounding = args.rounding_largest if layers == max(depths) and len(depths) > 1 else args.rounding
         result = measure(model, args.scratch / f"out-{layers}L", rounding, args)
         rows.append({"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate,
-                     "checkpoint_bytes": size, "rounding": rounding, **result})
+                     "experts": args.experts, "checkpoint_bytes": size, "rounding": rounding, **result})
         shutil.rmtree(model, ignore_errors=True)
         print(f"{layers} layers: {result}", flush=True)
-    print("| layers | checkpoint GB | rounding | peak RSS GB | RSS / checkpoint | peak GPU GB | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layers | experts | checkpoint GB | rounding | peak RSS GB | RSS / checkpoint | peak GPU GB | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['layers']} | {row['checkpoint_bytes'] / 1e9:.2f} | {row['rounding']} | "
+        print(f"| {row['layers']} | {row['experts']} | {row['checkpoint_bytes'] / 1e9:.2f} | {row['rounding']} | "
               f"{row['peak_rss_bytes'] / 1e9:.2f} | {row['peak_rss_bytes'] / row['checkpoint_bytes']:.2f} | "
               f"{row['peak_gpu_bytes'] / 1e9:.2f} | {row['seconds']} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
