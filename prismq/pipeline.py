@@ -124,7 +124,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
                         "seconds": {k: round(v, 1) for k, v in timings.items()},
                         "all_weights_params": result.linear_params + experts,
-                        "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1)})
+                        "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1),
+                        "routed_experts": _routed_experts(work)})
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)
     per_format = summary["per_format"]
@@ -138,6 +139,21 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                 100 * evaluation["same_top1"], evaluation["ppl_ratio"], report)
     logger.info("serve it with: vllm serve %s --quantization compressed-tensors", result.path)
     return QuantizeResult(allocation, result, evaluation, report)
+
+
+def _routed_experts(work: Path) -> dict[str, Any]:
+    """How many routed expert matrices the probe measured, and the experts no calibration token reached (their
+    Fisher is zero; they take their layer's format and GPTQ rounds them on an identity Hessian, i.e. to the least
+    weight error)."""
+    from prismq.artifacts import read_tensors
+    from prismq.measure.fisher_experts import ROUTED_TOKENS
+    from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+
+    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
+    counts = {} if probed is None else {key.removesuffix(f".{ROUTED_TOKENS}"): int(probed[0][key])
+                                        for key in probed[0] if key.endswith(f".{ROUTED_TOKENS}")}
+    idle = sorted({name.rpartition(".")[0] for name, count in counts.items() if count == 0})
+    return {"matrices": len(counts), "without_tokens": idle}
 
 
 def _summary(config: QuantizeConfig, allocation: Allocation, rounding: Any, result: ExportResult,

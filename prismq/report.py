@@ -32,6 +32,19 @@ def layer_table(assignment: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _routed_expert_lines(experts: dict[str, Any]) -> list[str]:
+    """The report's lines on routed experts: how many matrices, and the experts no calibration token reached."""
+    if not experts.get("matrices"):
+        return []
+    idle = experts.get("without_tokens") or []
+    line = f"- routed experts: {experts['matrices']:,} expert matrices quantized, each on the tokens routed to it"
+    if idle:
+        line += (f"; **{len(idle)} experts received no calibration token** (zero Fisher: they take their layer's "
+                 f"format, rounded to the least weight error): {', '.join(idle[:8])}" + (" ..." if len(idle) > 8
+                                                                                         else ""))
+    return [line]
+
+
 def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, str],
                  plot: Path | None) -> Path:
     """Write WORK/summary.json (machine-readable) and WORK/report.md (for people); return the report's path."""
@@ -53,6 +66,7 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         *([f"- every quantizable weight, routed experts kept in the model dtype included: "
            f"{s['all_weights_bits_per_param']:.4f} bits/param over {s['all_weights_params']:,} weights"]
           if s.get("all_weights_params", s["linear_params"]) != s["linear_params"] else []),
+        *_routed_expert_lines(s.get("routed_experts") or {}),
         f"- budget: {s['budget']}",
         f"- kept unquantized by policy: {', '.join(s['kept'])}",
         f"- computed in {s['compute_dtype']} on {s['device']} (forwards, backwards, KL; the shipped bytes do not "

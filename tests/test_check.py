@@ -55,6 +55,8 @@ def test_a_moe_run_quantizes_and_counts_every_expert(default_model_dir: Path, tm
     attention = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64
     experts = 4 * 64 * 64 + 4 * 64 * 32  # 4 experts' gate_up [64, 64] and down [64, 32]
     assert summary["linear_params"] == summary["all_weights_params"] == 2 * (attention + experts)
+    assert summary["routed_experts"]["matrices"] == 2 * 4 * 3
+    assert "routed experts: 24 expert matrices quantized" in (tmp_path / "out.work" / "report.md").read_text()
     assignment = json.loads((tmp_path / "out.work" / "rounding.json").read_text())["rounding"]["assignment"]
     for layer in range(2):
         formats = {assignment[f"model.layers.{layer}.mlp.experts.{e}.{p}"] for e in range(4)

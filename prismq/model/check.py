@@ -89,6 +89,12 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notices become report lines here
         units = decision_units({name: target.shape for name, target in targets.items()}, model_type)
+    covered = {f"{t.module}.{t.parameter_name}" for t in model_targets(model_dir, head=True).values()}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for name, parameter in model.named_parameters():
+        if parameter.ndim == 2 and name not in covered and id(parameter) not in embeddings:
+            report.kept[f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (MoE "
+                        "routers and the like)"] += parameter.numel()
     members = Counter(member for unit in units for member in unit.members)
     report.problems += [f"{name} is in {count} decision units" for name, count in members.items() if count != 1]
     report.problems += [f"{name} is in no decision unit" for name in targets if name not in members]
