@@ -29,16 +29,37 @@ FAMILIES = {
 }
 
 
+LINEAR_ATTENTION = dict(linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=16,
+                        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"])
+HYBRID = {  # layers that receive different arguments: sliding / full / linear attention, per-layer inputs, MLA
+    "gemma3_text": ("Gemma3TextConfig", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+    "gemma4_text": ("Gemma4TextConfig", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                                             hidden_size_per_layer_input=16)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"])),
+    "qwen3_next": ("Qwen3NextConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                           shared_expert_intermediate_size=64, **LINEAR_ATTENTION)),
+    "qwen3_5_text": ("Qwen3_5TextConfig", LINEAR_ATTENTION),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                                      shared_expert_intermediate_size=64, **LINEAR_ATTENTION)),
+    "deepseek_v3": ("DeepseekV3Config", dict(head_dim=16, num_key_value_heads=2, moe_intermediate_size=32,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                             first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32,
+                                             kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+                                             v_head_dim=16)),
+}
+
+
 def tiny_moe(family: str, path: Path) -> Path:
     """A tiny random model of `family` saved by save_pretrained (the per-expert layout released checkpoints use)."""
-    config_class, extra = FAMILIES[family]
+    config_class, extra = {**FAMILIES, **HYBRID}[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval().save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *HYBRID])
 def test_a_moe_model_streams_like_transformers_loads_it(family: str, tmp_path: Path) -> None:
     model_dir = tiny_moe(family, tmp_path / family)
     blocks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))

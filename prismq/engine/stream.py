@@ -18,11 +18,11 @@ import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from prismq.engine.layer_inputs import LayerInput, first_layer_inputs, per_layer_arguments
 from prismq.engine.memory import available_memory, release_freed_memory, size_text
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
@@ -34,7 +34,6 @@ from prismq.model.linears import model_dtype
 from prismq.model.source import resolve_device
 from prismq.model.targets import targets_of
 
-LayerInput = tuple[torch.Tensor, dict[str, Any]]
 FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
 READ_CHUNK_BYTES = 32 << 20  # a large checkpoint tensor is read this many bytes at a time
 TRIM_LAYER_BYTES = 64 << 20  # after a layer this large, freed memory goes back to the system (smaller: kept for reuse)
@@ -267,14 +266,14 @@ class LayerStream:
                                       run_compressed=False, show_progress=False,
                                       allowed_modules=list(skeleton.modules()))  # matched on the full names
         module = copy.deepcopy(skeleton)  # meta: free
-        handles = []
+        handles = [per_layer_arguments(module, index)]
         try:
             if self.quantization is None:
                 self._load(module, f"{self.prefix}.{index}")
             else:
                 self._load_compressed(module, f"{self.prefix}.{index}")
                 assert self._experts is not None
-                handles = self._experts.quantize_inputs(self.layer_names(index, module), self.targets)
+                handles += self._experts.quantize_inputs(self.layer_names(index, module), self.targets)
                 handles += tokens_as_sequence([m for m in module.modules() if is_module_quantized(m)])
             yield module
         finally:
@@ -394,31 +393,6 @@ def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: boo
         if state is not None:
             state.save(FORWARD, pack("hidden", [h for h, _ in inputs]), layer=index + 1)
     return [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
-
-
-@torch.no_grad()
-def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, blocks: torch.Tensor,
-                       batch_size: int) -> list[LayerInput]:
-    """(hidden states, keyword arguments) the first decoder layer of `layers` receives for each batch of `blocks`,
-    from the model's own forward stopped there (the layers themselves may be on the meta device)."""
-    device = next(p for p in model.parameters() if p.device.type != "meta").device
-    captured: list[LayerInput] = []
-
-    def capture(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, dict(kwargs)))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for batch in blocks.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
 
 
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:

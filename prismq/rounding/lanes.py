@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prismq.engine.stream import LayerInput, LayerStream, run_layer, spill
+from prismq.engine.layer_inputs import LayerInput
+from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prismq.engine.stream import LayerInput, decoder_layers, first_layer_inputs, run_layer
+from prismq.engine.layer_inputs import LayerInput, first_layer_inputs, per_layer_arguments
+from prismq.engine.stream import decoder_layers, run_layer
 from prismq.errors import PrismqError
 from prismq.export.encode import encode_group, encode_model
 from prismq.formats import Tensors, get_format
@@ -231,11 +232,16 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
         warnings.warn(f"{len(outside)} Linear(s) outside the decoder layers (e.g. {next(iter(outside))}) are rounded "
                       "to nearest, not by GPTQ", stacklevel=2)
     inputs = first_layer_inputs(model, layers, calibration, batch_size)
-    for index, layer in enumerate(tqdm(layers, desc=f"round ({method})", unit="layer", disable=not progress)):
-        if by_layer.get(index):
-            round_layer(layer, modules, by_layer[index], assignment, method, inputs, input_amax, settings,
-                        weight_dtype, result)
-        inputs = run_layer(layer, inputs)
+    hooks = [per_layer_arguments(layer, index) for index, layer in enumerate(layers)]
+    try:
+        for index, layer in enumerate(tqdm(layers, desc=f"round ({method})", unit="layer", disable=not progress)):
+            if by_layer.get(index):
+                round_layer(layer, modules, by_layer[index], assignment, method, inputs, input_amax, settings,
+                            weight_dtype, result)
+            inputs = run_layer(layer, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     if outside:
         rest = encode_model(model, outside, input_amax, weight_dtype)
         apply_fake_quant(model, outside, rest, weight_dtype)
