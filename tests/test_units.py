@@ -239,3 +239,16 @@ def test_exporter_sibling_check_agrees_with_expert_units() -> None:
     shapes = quantizable(per_expert_shapes(layers=1))
     units = [u for u in decision_units(shapes, "mixtral") if u.pinned is None]  # the router stays out of the test
     assert_check_agrees(units, shapes)
+
+
+def test_linear_attention_and_mla_projections_vllm_fuses_are_one_unit(tmp_path: Path) -> None:
+    from test_layout import tiny_moe
+
+    qwen = {u.name: u.members for u in model_units(tiny_moe("qwen3_5_text", tmp_path / "qwen3_5"))}
+    attn = "model.layers.0.linear_attn"
+    assert qwen[f"{attn}.in_proj_qkvz"] == (f"{attn}.in_proj_qkv", f"{attn}.in_proj_z")
+    assert qwen[f"{attn}.in_proj_ba"] == (f"{attn}.in_proj_b", f"{attn}.in_proj_a")
+    deepseek = {u.name: u.members for u in model_units(tiny_moe("deepseek_v3", tmp_path / "deepseek"))}
+    mla = "model.layers.1.self_attn"
+    assert deepseek[f"{mla}.fused_qkv_a_proj"] == (f"{mla}.q_a_proj", f"{mla}.kv_a_proj_with_mqa")
+    assert "model.layers.1.mlp.experts" in deepseek and "model.layers.1.mlp.shared_experts.gate_up_proj" in deepseek

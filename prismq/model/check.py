@@ -80,8 +80,10 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
                 report.problems.append(f"the checkpoint has no tensor for parameter {name}")
             continue
         used.update(part.key for part in parts)
-        if tensor.ndim == 3 and parts[0].index is None:
-            report.kept["routed experts stored fused (one 3-D tensor; not quantized yet)"] += tensor.numel()
+        if tensor.ndim == 3 and parts[0].index is None and isinstance(tensor, torch.nn.Parameter):
+            what = "routed experts stored fused (one 3-D tensor; not quantized yet)" if ".experts." in name \
+                else f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (convolutions)"
+            report.kept[what] += tensor.numel()
     report.passthrough = sorted(keys - used)
     if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
         return report
@@ -93,8 +95,9 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for name, parameter in model.named_parameters():
         if parameter.ndim == 2 and name not in covered and id(parameter) not in embeddings:
-            report.kept[f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (MoE "
-                        "routers and the like)"] += parameter.numel()
+            owner, leaf = name.rpartition(".")[0].rpartition(".")[2], name.rpartition(".")[2]
+            what = "biases" if "bias" in leaf else "weights that are not Linear layers (MoE routers and the like)"
+            report.kept[f"{owner} {what}"] += parameter.numel()
     members = Counter(member for unit in units for member in unit.members)
     report.problems += [f"{name} is in {count} decision units" for name, count in members.items() if count != 1]
     report.problems += [f"{name} is in no decision unit" for name in targets if name not in members]

@@ -7,6 +7,8 @@ The grouping rules live here, by name alone, so the exporter, the cost stage, ro
 - q_proj, k_proj, v_proj of one parent -> `qkv_proj` (vLLM's QKVParallelLinear);
 - gate_proj, up_proj of one parent -> `gate_up_proj` (MergedColumnParallelLinear), also inside a shared expert;
 - w1, w3 of one parent -> `w13` (Mixtral's per-expert naming in vLLM's FusedMoE);
+- in_proj_qkv, in_proj_z -> `in_proj_qkvz` and in_proj_b, in_proj_a -> `in_proj_ba` (Qwen3.5's linear attention);
+- q_a_proj, kv_a_proj_with_mqa -> `fused_qkv_a_proj` (DeepSeek V2/V3 multi-head latent attention);
 - every expert Linear `<block>.experts.<i>.<leaf>` of one MoE block -> `<block>.experts`: vLLM builds one FusedMoE
   layer from all experts' gate/up/down and picks a single scheme for it (compressed-tensors' `get_moe_method` raises
   "All MoE projections need to have same quantization scheme" when gate, up and down differ).
@@ -26,6 +28,9 @@ FUSED_LEAVES: dict[str, frozenset[str]] = {
     "qkv_proj": frozenset({"q_proj", "k_proj", "v_proj"}),
     "gate_up_proj": frozenset({"gate_proj", "up_proj"}),
     "w13": frozenset({"w1", "w3"}),
+    "in_proj_qkvz": frozenset({"in_proj_qkv", "in_proj_z"}),  # Qwen3.5 linear attention (Gated DeltaNet)
+    "in_proj_ba": frozenset({"in_proj_b", "in_proj_a"}),
+    "fused_qkv_a_proj": frozenset({"q_a_proj", "kv_a_proj_with_mqa"}),  # DeepSeek V2/V3 MLA, Kimi
 }
 
 # A per-expert Linear: `<block>.experts.<index>.<anything>` (transformers 4 style MoE, remote-code models).

@@ -6,6 +6,8 @@ The allocator chooses one format per unit, never per Linear. A unit is the vLLM 
 - Llama, Mistral, Qwen2, Qwen3, Gemma: q/k/v -> `self_attn.qkv_proj`, gate/up -> `mlp.gate_up_proj`; o_proj and
   down_proj alone (vLLM's `packed_modules_mapping` for these model classes).
 - Phi-3: qkv_proj and gate_up_proj are single Linears in the checkpoint already: every Linear is its own unit.
+- Qwen3.5: linear attention's in_proj_qkv/in_proj_z -> `in_proj_qkvz`, in_proj_b/in_proj_a -> `in_proj_ba`
+  (Qwen3-Next stores both fused already). DeepSeek V2/V3: q_a_proj/kv_a_proj_with_mqa -> `fused_qkv_a_proj`.
 - MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): vLLM serves all routed experts of a layer as one FusedMoE layer with one
   scheme for gate, up and down, so expert Linears `<block>.experts.<i>.*` form one unit per layer. In transformers
   5 these models hold their experts as fused 3-D parameters, not Linears: they never reach the units, stay in the
@@ -33,7 +35,8 @@ from prismq.model.targets import model_targets
 
 # model_type values whose fusion the rule above was checked against (vLLM model files, packed_modules_mapping).
 VERIFIED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3",
-                                  "mixtral", "qwen2_moe", "qwen3_moe"})
+                                  "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_text",
+                                  "qwen3_5_moe", "qwen3_5_moe_text", "deepseek_v2", "deepseek_v3"})
 MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 
 # Leaf names of Linears vLLM builds without a quantization method: MoE routers and the shared-expert gate.
