@@ -30,7 +30,7 @@ from prismq.model.checkpoint import SourceTensors
 from prismq.model.readback import CompressedExperts, tokens_as_sequence
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.layout import CheckpointLayout
-from prismq.model.linears import model_dtype
+from prismq.model.linears import decoder_layers, model_dtype
 from prismq.model.source import resolve_device
 from prismq.model.targets import targets_of
 
@@ -41,19 +41,6 @@ TRIM_LAYER_BYTES = 64 << 20  # after a layer this large, freed memory goes back 
 
 class _Stop(Exception):
     """Raised by the first layer's pre-hook: the model's forward has produced the layer inputs we wanted."""
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers: the ModuleList holding the most Linear layers, with its name."""
-    best: tuple[str, nn.ModuleList, int] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            count = sum(isinstance(m, nn.Linear) for m in module.modules())
-            if count and (best is None or count > best[2]):
-                best = (name, module, count)
-    if best is None:
-        raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
-    return best[0], best[1]
 
 
 class LayerStream:

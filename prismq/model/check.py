@@ -97,6 +97,8 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
         if parameter.ndim == 2 and name not in covered and id(parameter) not in embeddings:
             owner, leaf = name.rpartition(".")[0].rpartition(".")[2], name.rpartition(".")[2]
             what = "biases" if "bias" in leaf else "weights that are not Linear layers (MoE routers and the like)"
+            if isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Linear):
+                what = "Linear outside the decoder layers"
             report.kept[f"{owner} {what}"] += parameter.numel()
     members = Counter(member for unit in units for member in unit.members)
     report.problems += [f"{name} is in {count} decision units" for name, count in members.items() if count != 1]

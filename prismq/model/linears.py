@@ -51,3 +51,16 @@ def model_dtype(model_dir: Path) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise PrismqError(f"{model_dir}: config.json names an unknown weight dtype {name!r}")
     return dtype
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder layers: the ModuleList holding the most Linear layers, with its name."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            count = sum(isinstance(m, nn.Linear) for m in module.modules())
+            if count and (best is None or count > best[2]):
+                best = (name, module, count)
+    if best is None:
+        raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
+    return best[0], best[1]

@@ -22,7 +22,7 @@ from torch import nn
 
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
-from prismq.model.linears import LM_HEAD, meta_model
+from prismq.model.linears import LM_HEAD, decoder_layers, meta_model
 from prismq.model.siblings import fused_name
 
 
@@ -87,11 +87,13 @@ def targets_of(model: nn.Module, layout: CheckpointLayout, head: bool = False) -
     """Every quantization target of `model` (meta or materialized) whose checkpoint tensors `layout` describes, by
     name, in model order: each nn.Linear (lm_head only with `head`: it is policy, kept BF16, DESIGN.md §5), and each
     routed expert's projections where the checkpoint stores them per expert. Expert parameters the checkpoint stores
-    fused (one 3-D tensor) are not targets: they stay in the model dtype."""
+    fused (one 3-D tensor) are not targets: they stay in the model dtype, as do Linears outside the decoder layers
+    other than lm_head (Gemma 4's per-layer input projection: it runs once per token, before the layers)."""
+    prefix = decoder_layers(model)[0] + "."
     targets: dict[str, Target] = {}
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            if module_name == LM_HEAD and not head:
+            if module_name == LM_HEAD and not head or module_name != LM_HEAD and not module_name.startswith(prefix):
                 continue
             parts = layout.parts(f"{module_name}.weight", (module.out_features, module.in_features))
             key = parts[0].key if parts and len(parts) == 1 and parts[0].index is None else f"{module_name}.weight"

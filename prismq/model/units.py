@@ -79,9 +79,16 @@ def decision_units(shapes: dict[str, tuple[int, int]], model_type: str | None = 
         _notice(model_type, shapes)
     units = []
     for group in unit_groups(shapes):
-        pinned = RUNTIME_FORMAT if any(name.rpartition(".")[2] in UNQUANTIZED_LEAVES for name in group) else None
+        pinned = RUNTIME_FORMAT if any(_unquantized(name) for name in group) else None
         units.append(Unit(fused_name(group[0]), tuple(group), tuple(tuple(shapes[n]) for n in group), pinned))
     return units
+
+
+def _unquantized(name: str) -> bool:
+    """Whether vLLM builds Linear `name` without quantization: a router or gate (`mlp.gate`, Gemma 4's
+    `router.proj`, Qwen2-MoE's `shared_expert_gate`)."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf in UNQUANTIZED_LEAVES or parent.rpartition(".")[2] == "router"
 
 
 def legal_formats(unit: Unit, formats: list[str]) -> list[str]:
