@@ -111,7 +111,8 @@ def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir:
 MOE_MIX = ["NVFP4", "FP8", "INT4_W4A16", "MXFP8", "NVFP4A16", "MXFP4", "BF16", "INT8_W8A16"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2", "glm4_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2", "glm4_moe", "deepseek_v3",
+                                    "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe"])
 def test_a_moe_export_decompresses_to_our_decode_and_computes_the_fake_quantized_model(family: str,
                                                                                         tmp_path: Path) -> None:
     """Every unit in a different format (routed experts included): each expert matrix decompressed by
@@ -148,6 +149,10 @@ def test_a_moe_export_decompresses_to_our_decode_and_computes_the_fake_quantized
 
     with ExitStack() as stack:
         written = SourceTensors(result.path, stack)
+        stored = SourceTensors(source, stack)
+        unloaded = [k for k in stored.location if k.startswith("mtp.") or ".visual." in k]  # MTP head, vision
+        assert all(torch.equal(written.get(k), stored.get(k)) for k in unloaded)  # passed through byte for byte
+        assert bool(unloaded) == (family == "qwen3_5_moe")
         experts = CompressedExperts(written, qconfig)
         checked = 0
         for name, target in targets.items():

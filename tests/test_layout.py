@@ -53,8 +53,29 @@ HYBRID = {  # layers that receive different arguments: sliding / full / linear a
 }
 
 
+def tiny_qwen3_5_moe(path: Path) -> Path:
+    """Qwen3.5-MoE as released: the multimodal class (language model under `model.language_model.`, a vision tower)
+    and an MTP head that transformers does not load."""
+    from safetensors.torch import load_file, save_file
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeVisionConfig
+
+    text = transformers.Qwen3_5MoeTextConfig(**COMMON, **HYBRID["qwen3_5_moe_text"][1])
+    vision = Qwen3_5MoeVisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                    num_position_embeddings=16)
+    torch.manual_seed(0)
+    config = transformers.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
+    transformers.Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.randn(64, 128).to(torch.bfloat16)
+    tensors["mtp.layers.0.mlp.experts.0.gate_proj.weight"] = torch.randn(32, 64).to(torch.bfloat16)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def tiny_moe(family: str, path: Path) -> Path:
     """A tiny random model of `family` saved by save_pretrained (the per-expert layout released checkpoints use)."""
+    if family == "qwen3_5_moe":
+        return tiny_qwen3_5_moe(path)
     config_class, extra = {**FAMILIES, **HYBRID}[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **extra})
@@ -62,7 +83,7 @@ def tiny_moe(family: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *HYBRID])
+@pytest.mark.parametrize("family", [*FAMILIES, *HYBRID, "qwen3_5_moe"])
 def test_a_moe_model_streams_like_transformers_loads_it(family: str, tmp_path: Path) -> None:
     model_dir = tiny_moe(family, tmp_path / family)
     blocks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))

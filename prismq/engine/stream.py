@@ -249,7 +249,8 @@ class LayerStream:
             from compressed_tensors.quantization.utils import is_module_quantized
 
             assert self._experts is not None
-            apply_quantization_config(self.model, QuantizationConfig.model_validate(self._experts.module_config()),
+            config = QuantizationConfig.model_validate(self._experts.module_config(self.layout.model_name))
+            apply_quantization_config(self.model, config,
                                       run_compressed=False, show_progress=False,
                                       allowed_modules=list(skeleton.modules()))  # matched on the full names
         module = copy.deepcopy(skeleton)  # meta: free

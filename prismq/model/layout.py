@@ -11,12 +11,17 @@ experts' quantization targets (`prismq.model.targets`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
 
 from prismq.errors import PrismqError
+
+
+TEXT_PREFIX = "model.layers."
+MULTIMODAL_TEXT_PREFIX = "model.language_model."  # Qwen3.5 / Qwen3-VL / Gemma 3-4 multimodal releases
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class CheckpointLayout:
 
         self.keys = keys
         self.renamings: list[tuple[str, str]] = []  # (checkpoint substring, model substring)
+        # a multimodal release read as its text model: the language model's weights under `model.language_model.`
+        text_only = not any(key.startswith(TEXT_PREFIX) for key in keys)
+        self.prefix = (MULTIMODAL_TEXT_PREFIX, "model.") if text_only and any(
+            key.startswith(MULTIMODAL_TEXT_PREFIX) for key in keys) else None
         self.merges: list[_Merge] = []
         for conversion in extract_weight_conversions_for_model(model) or []:
             operations = [type(op).__name__ for op in getattr(conversion, "operations", [])]
@@ -63,7 +72,23 @@ class CheckpointLayout:
         """`name` with the renamings undone (the checkpoint's spelling of a model name)."""
         for stored, model_side in self.renamings:
             name = name.replace(model_side, stored)
+        if self.prefix is not None and name.startswith(self.prefix[1]):
+            name = self.prefix[0] + name[len(self.prefix[1]):]
         return name
+
+    def model_name(self, stored: str) -> str:
+        """The model's spelling of checkpoint name `stored` (or of a compressed-tensors `re:` target over such
+        names): the inverse of `stored_name`."""
+        regex = stored.startswith("re:")
+        if self.prefix is not None:
+            old, new = (re.escape(p) for p in self.prefix) if regex else self.prefix
+            at = stored.find(old)
+            if at in (0, 3, 4):  # the start of the name, after "re:" and an optional "^"
+                stored = stored[:at] + new + stored[at + len(old):]
+        for stored_side, model_side in self.renamings:
+            stored = stored.replace(re.escape(stored_side) if regex else stored_side,
+                                    re.escape(model_side) if regex else model_side)
+        return stored
 
     def parts(self, name: str, shape: tuple[int, ...]) -> list[Part] | None:
         """The checkpoint tensors holding parameter `name` of `shape`; None when the checkpoint lacks it."""

@@ -16,7 +16,7 @@ hidden].
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -45,18 +45,22 @@ class CompressedExperts:
         # FP8 and MXFP8 keep the name `weight` for their codes: stored beside a scale, it is compressed all the same
         self.compressed = {stem + WEIGHT for stem in stems if EXPERT.match(stem)}
 
-    def module_config(self) -> dict[str, Any]:
-        """The quantization config without the targets only these experts match (for compressed-tensors to apply to
-        the modules it can load, without warning about targets that match no module)."""
+    def module_config(self, model_name: Callable[[str], str]) -> dict[str, Any]:
+        """The quantization config for compressed-tensors to apply to the model's modules: without the targets only
+        these experts match (no warning about targets that match no module), every target and ignored name in the
+        model's spelling (`model_name`: a multimodal release's `model.language_model.` is the text model's
+        `model.`)."""
         from compressed_tensors.utils.match import match_name
 
         stems = [key.removesuffix(WEIGHT) for key in self.compressed]
         config = self.config.model_dump()
         for name, group in list(config["config_groups"].items()):
-            group["targets"] = [t for t in group["targets"] if not any(match_name(stem, t) for stem in stems)]
+            group["targets"] = [model_name(t) for t in group["targets"]
+                                if not any(match_name(stem, t) for stem in stems)]
             if not group["targets"]:
                 del config["config_groups"][name]
-        config["ignore"] = [t for t in config.get("ignore") or [] if not any(match_name(s, t) for s in stems)]
+        config["ignore"] = [model_name(t) for t in config.get("ignore") or []
+                            if not any(match_name(s, t) for s in stems)]
         return config
 
     def keys(self, stored: Collection[str]) -> set[str]:

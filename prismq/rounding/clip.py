@@ -146,7 +146,9 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
     for index in tqdm(range(start, len(stream)), initial=start, total=len(stream), desc="calibrate input ranges",
                       unit="layer", disable=not progress):
         with stream.layer(index) as layer:
-            modules = stream.layer_names(index, layer)
+            named = stream.layer_names(index, layer)
+            modules = {g[0]: named[stream.targets[g[0]].module] for g in groups
+                       if g[0] in stream.targets and stream.targets[g[0]].module in named}
             here = [g for g in groups if g[0] in modules]
             if token_max is None:
                 maxima: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
