@@ -219,7 +219,8 @@ def test_expert_gptq_uses_each_experts_routed_inputs(qwen3_moe_dir: Path, monkey
             reference = expert_hessians(layer, modules, gate_and_down, inputs)
             original = {n: stream.targets[n].weight(modules, torch.bfloat16).clone() for n in names}
             result = RoundedModel({})
-            round_layer(layer, modules, [[n] for n in names if n.endswith("down_proj")], dict.fromkeys(names, "NVFP4A16"),
+            downs = [[n] for n in names if n.endswith("down_proj")]
+            round_layer(layer, modules, downs, dict.fromkeys(names, "NVFP4A16"),
                         "gptq", inputs, {}, GPTQSettings(), torch.bfloat16, result, stream.targets)
     fmt = get_format("NVFP4A16")
     better = 0

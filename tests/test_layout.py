@@ -109,5 +109,6 @@ def test_a_fused_expert_parameter_is_each_experts_gate_and_up(tmp_path: Path) ->
                          Part("model.layers.1.block_sparse_moe.experts.0.w3.weight", 0, (128, 256))]
     assert layout.parts("model.layers.0.mlp.experts.down_proj", (4, 64, 128))[3] == Part(  # type: ignore[index]
         "model.layers.0.block_sparse_moe.experts.3.w2.weight", 3, None)
-    assert layout.parts("model.layers.0.mlp.gate.weight", (4, 64)) == [Part("model.layers.0.block_sparse_moe.gate.weight")]
+    assert layout.parts("model.layers.0.mlp.gate.weight", (4, 64)) == [
+        Part("model.layers.0.block_sparse_moe.gate.weight")]
     assert layout.parts("model.layers.0.mlp.nothing", (1,)) is None

@@ -172,7 +172,8 @@ def run_eval(reference: str | None, quantized: str, text: str | None = None, n_b
     if json_path is not None:
         payload: dict[str, Any] = {**result.to_json(), "reference": str(reference_dir), "quantized": str(quantized),
                                    "text": text if text is not None else "default held-out split",
-                                   "compute_dtype": dtype_name(dtype), "device": device_description(resolve_device(device))}
+                                   "compute_dtype": dtype_name(dtype),
+                                   "device": device_description(resolve_device(device))}
         write_json(Path(json_path), "eval", payload)
         logger.info("eval: wrote %s", json_path)
     return result
