@@ -320,6 +320,16 @@ class CastingHead(nn.Module):
     def __init__(self, head: nn.Linear, dtype: torch.dtype, rows: int = 8192) -> None:
         super().__init__()
         self.stored, self.dtype, self.rows = head, dtype, rows
+        # reused between calls: a slice cast and its product, allocated once (a fresh one per slice and call cost
+        # a page-faulting pass each on CPUs: millions of faults over a run)
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        """A [rows, columns] scratch tensor in the compute dtype, kept between calls (grown when too small)."""
+        held = self._scratch.get(name)
+        if held is None or held.numel() < rows * columns or held.device != like.device:
+            held = self._scratch[name] = torch.empty(rows * columns, dtype=self.dtype, device=like.device)
+        return held[:rows * columns].view(rows, columns)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -336,12 +346,14 @@ class CastingHead(nn.Module):
         logits = flat.new_empty(flat.shape[0], weight.shape[0])
         with torch.no_grad():  # nothing asks for the head's own gradient
             for start in range(0, weight.shape[0], self.rows):
-                part = weight[start:start + self.rows].to(self.dtype)
+                stored = weight[start:start + self.rows]
+                part = self._buffer("cast", stored.shape[0], stored.shape[1], flat).copy_(stored)
+                product = self._buffer("product", flat.shape[0], stored.shape[0], flat)
                 if bias is None:
-                    torch.mm(flat, part.T, out=logits[:, start:start + self.rows])
+                    torch.mm(flat, part.T, out=product)
                 else:
-                    torch.addmm(bias[start:start + self.rows].to(self.dtype), flat, part.T,
-                                out=logits[:, start:start + self.rows])
+                    torch.addmm(bias[start:start + self.rows].to(self.dtype), flat, part.T, out=product)
+                logits[:, start:start + stored.shape[0]].copy_(product)
         return logits.reshape(*hidden.shape[:-1], weight.shape[0])
 
 

@@ -33,24 +33,22 @@ def quantization_config(assignment: dict[str, str]) -> dict[str, Any]:
     """One config group per quantized format with explicit module-name targets (a layer's routed experts: one
     regex per projection) and its own `format`; lm_head and every BF16 target in `ignore`; status `compressed`
     (what transformers and vLLM require)."""
-    by_format: dict[str, list[str]] = {}
-    ignore = [LM_HEAD]
+    by_format: dict[str, dict[str, None]] = {}  # format -> its targets (a dict: ordered, each once)
+    ignored: dict[str, None] = {LM_HEAD: None}
     for name, format_name in assignment.items():
-        target = _config_target(name)
-        listed = ignore if get_format(format_name).scheme() is None else \
-            by_format.setdefault(get_format(format_name).name, [])
-        if target not in listed:
-            listed.append(target)
+        listed = ignored if get_format(format_name).scheme() is None else \
+            by_format.setdefault(get_format(format_name).name, {})
+        listed[_config_target(name)] = None
     groups: dict[str, Any] = {}
     for index, (format_name, targets) in enumerate(by_format.items()):
-        groups[f"group_{index}"] = {"targets": targets, **get_format(format_name).scheme(),
+        groups[f"group_{index}"] = {"targets": list(targets), **get_format(format_name).scheme(),
                                     "output_activations": None}
     formats = {group["format"] for group in groups.values()}
     return {
         "config_groups": groups,
         "format": formats.pop() if len(formats) == 1 else ("mixed-precision" if formats else "dense"),
         "global_compression_ratio": None,
-        "ignore": sorted(set(ignore), key=ignore.index),
+        "ignore": list(ignored),
         "kv_cache_scheme": None,
         "quant_method": "compressed-tensors",
         "quantization_status": "compressed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -58,6 +59,13 @@ def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceT
         return {name: encoded[name] for name in group}
     fresh = encode_group(fmt.name, {name: targets[name].read(source) for name in group}, input_amax)
     return {name: encoded.get(name, fresh[name]) for name in group}
+
+
+def _kept_fused(groups: list[list[str]], assignment: dict[str, str], targets: dict[str, Target]) -> bool:
+    """Whether a checkpoint tensor holding several experts' matrices is written whole, as stored: all of them stay in
+    the model dtype (vLLM loads a fused unquantized expert tensor; a quantized one only per expert)."""
+    names = [name for group in groups for name in group]
+    return targets[names[0]].stored_fused and all(get_format(assignment[n]).scheme() is None for n in names)
 
 
 @contextmanager
@@ -110,22 +118,36 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                 raise PrismqError(f"{name}: {format_name} needs the calibrated input absmax of this Linear")
         staging = stack.enter_context(atomic_directory(out_dir, overwrite))
         shards = ShardWriter(staging, max_shard_bytes)
-        replaced = {targets[name].key: group for group in groups for name in group}
+        replaced: dict[str, list[list[str]]] = {}  # checkpoint tensor -> the groups whose targets it holds
+        for group in groups:
+            for key in dict.fromkeys(targets[name].key for name in group):
+                replaced.setdefault(key, []).append(group)
+        holders = Counter(target.key for target in targets.values())
+        assigned = Counter(targets[name].key for name in assignment)
+        for key in replaced:
+            if assigned[key] != holders[key]:
+                raise PrismqError(f"{key} holds {holders[key]} experts' matrices: the assignment must give all of them "
+                                  "a format (one per layer's experts), not some")
         linear_bytes = linear_params = 0
         written_groups: set[int] = set()
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
             if key not in replaced:
                 shards.add(key, source.get(key))
                 continue
-            group = replaced[key]
-            if id(group) in written_groups:
+            if _kept_fused(replaced[key], assignment, targets):  # a fused expert tensor kept whole, as stored
+                shards.add(key, source.get(key))
+                linear_bytes += source.nbytes(key)
+                linear_params += sum(targets[name].params for group in replaced[key] for name in group)
                 continue
-            written_groups.add(id(group))
-            for name, tensors in _group_tensors(group, assignment, source, targets, encoded, input_amax).items():
-                for suffix, tensor in tensors.items():
-                    shards.add(f"{name}.{suffix}", tensor)
-                    linear_bytes += tensor.numel() * tensor.element_size()
-                linear_params += targets[name].params
+            for group in replaced[key]:
+                if id(group) in written_groups:
+                    continue
+                written_groups.add(id(group))
+                for name, tensors in _group_tensors(group, assignment, source, targets, encoded, input_amax).items():
+                    for suffix, tensor in tensors.items():
+                        shards.add(f"{name}.{suffix}", tensor)
+                        linear_bytes += tensor.numel() * tensor.element_size()
+                    linear_params += targets[name].params
         total = shards.close()
         config["quantization_config"] = quantization_config(assignment)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

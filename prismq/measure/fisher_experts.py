@@ -10,7 +10,8 @@ x_token_max is each calibration token's max |x| where the token reached the expe
 input sample is a uniform sample of the routed tokens' inputs: every calibration position gets a seeded random key
 up front and each expert keeps the `rows` routed positions with the smallest keys (bottom-k sampling, independent
 of block order and device); an expert that received fewer tokens repeats its rows to fill the sample, and one that
-received none has a zero sample and zero Fisher (it is reported: nothing calibrates it).
+received none has a zero sample and zero Fisher (it is reported: nothing calibrates it). Samples are kept in the
+checkpoint's dtype (bf16, as the runtime's activations are): a model has many experts, each with its own sample.
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ class _ProbeWalk:
                 recorder = Recorder(linears, self.blocks.shape[1], self.rows, self.total, stream.device)
                 experts = ExpertRecorder({n: t for n, t in own.items() if t.expert is not None},
                                          self.blocks.shape[1], self.rows, self.total, self.seed, stream.device,
-                                         stream.dtype)
+                                         stream.weight_dtype)
                 handles = [module.register_forward_hook(recorder.forward_hook(n)) for n, module in linears.items()]
                 if experts.targets:
                     handles += ExpertCalls(modules, experts.parameters, after=experts).attach()

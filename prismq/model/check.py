@@ -23,7 +23,7 @@ from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import meta_model
-from prismq.model.targets import model_targets
+from prismq.model.targets import model_targets, targets_of
 from prismq.model.units import Unit, decision_units, legal_formats
 
 
@@ -69,6 +69,10 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
     report = CheckReport(model_type, [])
     used: set[str] = set()
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    try:  # expert tensors stored fused that are quantized all the same, per expert (Gemma 4)
+        fused = {f"{t.module}.{t.parameter_name}" for t in targets_of(model, layout).values() if t.stored_fused}
+    except PrismqError:  # a missing tensor: the loop below reports it
+        fused = set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         try:
             parts = layout.parts(name, tuple(tensor.shape))
@@ -80,8 +84,10 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
                 report.problems.append(f"the checkpoint has no tensor for parameter {name}")
             continue
         used.update(part.key for part in parts)
-        if tensor.ndim == 3 and parts[0].index is None and isinstance(tensor, torch.nn.Parameter):
-            what = "routed experts stored fused (one 3-D tensor; not quantized yet)" if ".experts." in name \
+        if tensor.ndim == 3 and parts[0].index is None and isinstance(tensor, torch.nn.Parameter) \
+                and name not in fused:
+            what = "routed experts stored fused in a layout vLLM loads only unquantized (GPT-OSS's: transposed, " \
+                "gate/up interleaved, biases)" if ".experts." in name \
                 else f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (convolutions)"
             report.kept[what] += tensor.numel()
     report.passthrough = sorted(keys - used)

@@ -70,7 +70,9 @@ class ExpertCalls(TorchFunctionMode):
         self.before, self.after = before, after
         self._modules = {name: modules[name] for name in wanted}
         self._input: dict[str, torch.Tensor] = {}  # experts module running -> the hidden states it runs on
-        self._routed: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module, rows tensor, their positions)
+        # per experts module, the last rows taken from its input and their positions (only the last: the product
+        # that uses them follows at once, and keeping every expert's rows would hold the layer's routed activations)
+        self._routed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last: dict[tuple[str, int], torch.Tensor] = {}  # (module, expert) -> positions of its last rows
 
     def attach(self) -> list[RemovableHandle]:
@@ -84,7 +86,7 @@ class ExpertCalls(TorchFunctionMode):
     def _started(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             self._input[name] = args[0]
-            self._routed.clear()
+            self._routed.pop(name, None)
             self.__enter__()
         return hook
 
@@ -92,8 +94,8 @@ class ExpertCalls(TorchFunctionMode):
         def hook(_module: nn.Module, _args: tuple, _output: Any) -> None:
             self.__exit__(None, None, None)
             self._input.pop(name, None)
-            self._routed.clear()
-            self._last.clear()
+            self._routed.pop(name, None)
+            self._last = {key: value for key, value in self._last.items() if key[0] != name}
         return hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
@@ -104,7 +106,7 @@ class ExpertCalls(TorchFunctionMode):
             if isinstance(index, torch.Tensor) and index.ndim == 1 and not index.is_floating_point():
                 for module, hidden in self._input.items():
                     if args[0] is hidden:
-                        self._routed.append((module, result, index))
+                        self._routed[module] = (result, index)
             return result
         if func is F.linear and len(args) >= 2 and args[1]._base is not None:
             found = self.parameters.get(id(args[1]._base))
@@ -117,9 +119,8 @@ class ExpertCalls(TorchFunctionMode):
         weight, base = args[1], args[1]._base
         expert = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
         x = args[0]
-        positions = next((p for m, rows, p in self._routed if m == module and rows is x), None)
-        if positions is None:
-            positions = self._last.get((module, expert))
+        routed = self._routed.get(module)
+        positions = routed[1] if routed is not None and routed[0] is x else self._last.get((module, expert))
         if positions is None:
             raise PrismqError(f"{module}: cannot tell which tokens expert {expert} received (its input rows are "
                               "not an indexing of the experts' input); this experts implementation is not supported")

@@ -42,6 +42,11 @@ class _Merge:
     sources: tuple[str, ...]  # per-expert name suffixes with "*" for the expert index
 
 
+# transformers' standard fused experts, stored per expert by an export (vLLM reads quantized experts per expert)
+DEFAULT_MERGES = [_Merge("experts.gate_up_proj", ("experts.*.gate_proj.weight", "experts.*.up_proj.weight")),
+                  _Merge("experts.down_proj", ("experts.*.down_proj.weight",))]
+
+
 def _clean(pattern: str) -> str:
     """A conversion pattern as a plain dotted suffix (transformers writes some with leading dots or escapes)."""
     return pattern.replace("\\", "").strip(".^$")
@@ -67,6 +72,7 @@ class CheckpointLayout:
                 self.renamings.append((sources[0].replace("\\", ""), targets[0].replace("\\", "")))
             elif operations in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) and len(targets) == 1:
                 self.merges.append(_Merge(_clean(targets[0]), tuple(_clean(s) for s in sources)))
+        self.merges += DEFAULT_MERGES  # tried last: a fused parameter exported per expert (Gemma 4's experts)
 
     def stored_name(self, name: str) -> str:
         """`name` with the renamings undone (the checkpoint's spelling of a model name)."""

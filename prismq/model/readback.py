@@ -17,6 +17,7 @@ hidden].
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
+import re
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from prismq.model.siblings import EXPERT
 from prismq.model.targets import Target
 
 WEIGHT = ".weight"
+EXPERTS_TARGET = re.compile(r"^re:\^.*experts\\\.\\d\+\\\.[^.]+\$$")  # what prismq.export.qconfig writes
 
 
 class CompressedExperts:
@@ -41,49 +43,63 @@ class CompressedExperts:
 
         self.source = source
         self.config = QuantizationConfig.model_validate(dict(quantization))
-        stems = {key.rpartition(".")[0] for key in source.location if key.endswith((".weight_packed", ".weight_scale"))}
+        self._tensors: dict[str, list[str]] = {}  # expert matrix -> the names of its stored tensors
+        for key in source.location:
+            stem = key.rpartition(".")[0]
+            if EXPERT.match(stem):
+                self._tensors.setdefault(stem, []).append(key)
         # FP8 and MXFP8 keep the name `weight` for their codes: stored beside a scale, it is compressed all the same
-        self.compressed = {stem + WEIGHT for stem in stems if EXPERT.match(stem)}
+        self.compressed = {stem + WEIGHT for stem, keys in self._tensors.items()
+                           if any(k.endswith((".weight_packed", ".weight_scale")) for k in keys)}
+        self._formats: dict[int, Format | None] = {}  # id(scheme) -> the prismq format it is
+        self._named: dict[str, Any] = {}  # config target name -> its scheme; `re:` targets apart, compiled
+        self._patterns: list[tuple[re.Pattern[str], Any]] = []
+        for scheme in self.config.config_groups.values():
+            for target in scheme.targets:
+                if target.startswith("re:"):
+                    self._patterns.append((re.compile(target.removeprefix("re:")), scheme))
+                else:
+                    self._named[target] = scheme
 
     def module_config(self, model_name: Callable[[str], str]) -> dict[str, Any]:
         """The quantization config for compressed-tensors to apply to the model's modules: without the targets only
         these experts match (no warning about targets that match no module), every target and ignored name in the
         model's spelling (`model_name`: a multimodal release's `model.language_model.` is the text model's
         `model.`)."""
-        from compressed_tensors.utils.match import match_name
+        stems = {key.removesuffix(WEIGHT) for key in self._tensors}
 
-        stems = [key.removesuffix(WEIGHT) for key in self.compressed]
+        def experts_only(target: str) -> bool:  # a per-expert name, or prismq's regex over a layer's experts
+            return target in stems or EXPERTS_TARGET.match(target) is not None
+
         config = self.config.model_dump()
         for name, group in list(config["config_groups"].items()):
-            group["targets"] = [model_name(t) for t in group["targets"]
-                                if not any(match_name(stem, t) for stem in stems)]
+            group["targets"] = [model_name(t) for t in group["targets"] if not experts_only(t)]
             if not group["targets"]:
                 del config["config_groups"][name]
-        config["ignore"] = [model_name(t) for t in config.get("ignore") or []
-                            if not any(match_name(s, t) for s in stems)]
+        config["ignore"] = [model_name(t) for t in config.get("ignore") or [] if not experts_only(t)]
         return config
 
     def keys(self, stored: Collection[str]) -> set[str]:
         """The checkpoint's tensor names plus the `.weight` names of the matrices stored compressed."""
         return set(stored) | self.compressed
 
-    def _group(self, stem: str) -> tuple[str, Any]:
-        """(config group name, scheme) of the matrix stored under `stem`."""
-        from compressed_tensors.utils.match import match_name
-
-        for name, scheme in self.config.config_groups.items():
-            if any(match_name(stem, target) for target in scheme.targets):
-                return name, scheme
-        raise PrismqError(f"{stem} is stored compressed but no quantization_config group targets it")
+    def _scheme(self, stem: str) -> Any:
+        """The config group's scheme of the matrix stored under `stem` (matched as compressed-tensors matches: a
+        name, or a `re:` target by re.match)."""
+        if stem in self._named:
+            return self._named[stem]
+        found = next((scheme for pattern, scheme in self._patterns if pattern.match(stem)), None)
+        if found is None:
+            raise PrismqError(f"{stem} is stored compressed but no quantization_config group targets it")
+        return found
 
     def decompressed(self, key: str) -> torch.Tensor:
         """The matrix `key` (a `.weight` name among `compressed`) as compressed-tensors decompresses it."""
         from compressed_tensors.compressors.base import BaseCompressor
 
         stem = key.removesuffix(WEIGHT)
-        _, scheme = self._group(stem)
-        local = {name.removeprefix(stem + "."): self.source.get(name) for name in self.source.location
-                 if name.startswith(stem + ".") and "." not in name.removeprefix(stem + ".")}
+        scheme = self._scheme(stem)
+        local = {name.removeprefix(stem + "."): self.source.get(name) for name in self._tensors[stem]}
         compressor = BaseCompressor.get_value_from_registry(str(scheme.format or self.config.format))
         return compressor.decompress(local, scheme)["weight"]
 
@@ -92,13 +108,16 @@ class CompressedExperts:
         library, compared without their targets)."""
         from compressed_tensors.quantization import QuantizationScheme
 
-        _, scheme = self._group(stem)
-        stored = scheme.model_copy(update={"targets": []})
-        for fmt in FORMATS.values():
-            own = fmt.scheme()
-            if own is not None and QuantizationScheme.model_validate({**own, "targets": []}) == stored:
-                return fmt
-        raise PrismqError(f"{stem}: its quantization scheme is none of prismq's formats")
+        scheme = self._scheme(stem)
+        if id(scheme) not in self._formats:  # one comparison per config group, not per matrix
+            stored = scheme.model_copy(update={"targets": []})
+            self._formats[id(scheme)] = next(
+                (fmt for fmt in FORMATS.values() if fmt.scheme() is not None
+                 and QuantizationScheme.model_validate({**fmt.scheme(), "targets": []}) == stored), None)
+        found = self._formats[id(scheme)]
+        if found is None:
+            raise PrismqError(f"{stem}: its quantization scheme is none of prismq's formats")
+        return found
 
     def quantize_inputs(self, modules: Mapping[str, nn.Module], targets: Mapping[str, Target]) -> list[RemovableHandle]:
         """Hooks quantizing each stored expert's input as the runtime does (formats with quantized activations,

@@ -40,6 +40,7 @@ class Target:
     parameter_name: str = "weight"
     expert: int | None = None
     rows: tuple[int, int] | None = None
+    stored_fused: bool = False  # `key` is the whole 3-D expert tensor on disk too (Gemma 4), not this matrix alone
 
     @classmethod
     def linear(cls, name: str, shape: tuple[int, int]) -> Target:
@@ -58,8 +59,11 @@ class Target:
         return self.shape[0] * self.shape[1]
 
     def read(self, source: SourceTensors) -> torch.Tensor:
-        """The weight as the checkpoint stores it."""
-        return source.get(self.key)
+        """The weight as the checkpoint stores it (an expert's rows of a fused tensor: only those bytes read)."""
+        if not self.stored_fused:
+            return source.get(self.key)
+        matrix = source.get_rows(self.key, self.expert, self.expert + 1)[0]  # type: ignore[operator]
+        return matrix if self.rows is None else matrix[self.rows[0]:self.rows[1]]
 
     def _slice(self, tensor: torch.Tensor) -> torch.Tensor:
         """This target's [out, in] view of its module's parameter."""
@@ -103,6 +107,8 @@ def targets_of(model: nn.Module, layout: CheckpointLayout, head: bool = False) -
         for parameter_name, parameter in module.named_parameters(recurse=False):
             parts = layout.parts(f"{module_name}.{parameter_name}", tuple(parameter.shape)) \
                 if parameter.ndim == 3 else None
+            if parts and parts[0].index is None:
+                targets.update(_stored_fused(module, module_name, parameter_name, parameter.shape, parts[0].key))
             if not parts or parts[0].index is None or not parts[0].key.endswith(".weight"):
                 continue
             for part in parts:
@@ -111,6 +117,29 @@ def targets_of(model: nn.Module, layout: CheckpointLayout, head: bool = False) -
                 targets[name] = Target(name, (rows[1] - rows[0], int(parameter.shape[2])), part.key, module_name,
                                        parameter_name, part.index, part.rows)
     return targets
+
+
+def _stored_fused(module: nn.Module, module_name: str, parameter_name: str, shape: torch.Size,
+                  key: str) -> dict[str, Target]:
+    """Per-expert targets of a 3-D expert tensor stored whole on disk as the model holds it (Gemma 4:
+    `experts.gate_up_proj` [E, 2I, H], gate rows first, and `experts.down_proj` [E, H, I]), named as vLLM reads a
+    quantized one: per expert, `experts.{e}.gate_proj` ...; none for other layouts (GPT-OSS's transposed,
+    interleaved gate/up with biases: stock vLLM loads no compressed-tensors scheme for those experts)."""
+    standard = getattr(module, "is_transposed", None) is False and getattr(module, "is_concatenated", None) is True \
+        and not getattr(module, "has_bias", False)
+    stem, _, leaf = key.rpartition(".")
+    if not standard or leaf != parameter_name or leaf not in ("gate_up_proj", "down_proj"):
+        return {}
+    experts, rows, columns = int(shape[0]), int(shape[1]), int(shape[2])
+    halves = [("gate_proj", (0, rows // 2)), ("up_proj", (rows // 2, rows))] if leaf == "gate_up_proj" \
+        else [("down_proj", None)]
+    found = {}
+    for expert in range(experts):
+        for projection, span in halves:
+            name = f"{stem}.{expert}.{projection}"
+            height = rows if span is None else span[1] - span[0]
+            found[name] = Target(name, (height, columns), key, module_name, parameter_name, expert, span, True)
+    return found
 
 
 def model_targets(model_dir: Path, head: bool = False) -> dict[str, Target]:
