@@ -62,3 +62,19 @@ def test_a_moe_run_quantizes_and_counts_every_expert(default_model_dir: Path, tm
         formats = {assignment[f"model.layers.{layer}.mlp.experts.{e}.{p}"] for e in range(4)
                    for p in ("gate_proj", "up_proj", "down_proj")}
         assert len(formats) == 1 and formats != {"BF16"}  # one format per layer's experts, and quantized
+
+
+def test_a_natively_quantized_source_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    import json
+
+    model_dir = tiny_moe("qwen3_moe", tmp_path / "fp8")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}  # as DeepSeek and MiniMax ship theirs
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert main(["check", str(model_dir)]) == 1
+    assert "problem: its weights are quantized (quant_method 'fp8')" in capsys.readouterr().out
+    assert main(["quantize", str(model_dir), "--target-bits", "6", "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("prismq: error: ") and "quant_method 'fp8'" in error[-1]
+    assert not (tmp_path / "out").exists()

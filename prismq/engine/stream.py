@@ -30,7 +30,7 @@ from prismq.model.checkpoint import SourceTensors
 from prismq.model.readback import CompressedExperts, tokens_as_sequence
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.layout import CheckpointLayout
-from prismq.model.linears import decoder_layers, model_dtype
+from prismq.model.linears import decoder_layers, model_dtype, unsupported_quantization
 from prismq.model.source import resolve_device
 from prismq.model.targets import targets_of
 
@@ -62,6 +62,9 @@ class LayerStream:
             self.quantization = getattr(config, "quantization_config", None)
             if self.quantization is not None and not isinstance(self.quantization, dict):
                 self.quantization = self.quantization.to_dict()
+            unsupported = unsupported_quantization(self.quantization)
+            if unsupported:
+                raise PrismqError(f"{model_dir}: {unsupported}")
             with torch.device("meta"):  # an export is decompressed in its stored dtype, then cast (load_layer)
                 built = self.weight_dtype if self.quantization is not None else self.dtype
                 self.model = AutoModelForCausalLM.from_config(

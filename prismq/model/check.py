@@ -22,7 +22,7 @@ import torch
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
-from prismq.model.linears import meta_model
+from prismq.model.linears import meta_model, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
 from prismq.model.units import Unit, decision_units, legal_formats
 
@@ -67,6 +67,12 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
         keys = set(SourceTensors(model_dir, stack).location)
     layout = CheckpointLayout(model, keys)
     report = CheckReport(model_type, [])
+    quantization = getattr(config, "quantization_config", None)
+    unsupported = unsupported_quantization(quantization if quantization is None or isinstance(quantization, dict)
+                                           else quantization.to_dict())
+    if unsupported:
+        report.problems.append(unsupported)
+        return report
     used: set[str] = set()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     try:  # expert tensors stored fused that are quantized all the same, per expert (Gemma 4)

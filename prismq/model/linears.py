@@ -64,3 +64,16 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise PrismqError("cannot find the model's decoder layers (no list of modules holding Linear layers)")
     return best[0], best[1]
+
+
+def unsupported_quantization(quantization: dict | None) -> str | None:
+    """Why a checkpoint's `quantization_config` cannot be read (None: it can: none, or compressed-tensors, which
+    prismq decompresses with that library). Natively quantized sources (block FP8 as DeepSeek and MiniMax ship,
+    MXFP4, GPTQ, AWQ, ...) are not read yet."""
+    if quantization is None:
+        return None
+    method = str(quantization.get("quant_method", "unknown"))
+    if method == "compressed-tensors":
+        return None
+    return (f"its weights are quantized (quant_method {method!r}); prismq reads bf16/fp16/fp32 checkpoints and "
+            "compressed-tensors exports only for now (dequantize it to bf16 first)")
