@@ -72,13 +72,15 @@ def tiny_qwen3_5_moe(path: Path) -> Path:
     return path
 
 
-def tiny_moe(family: str, path: Path) -> Path:
-    """A tiny random model of `family` saved by save_pretrained (the per-expert layout released checkpoints use)."""
+def tiny_moe(family: str, path: Path, vocab_size: int | None = None) -> Path:
+    """A tiny random model of `family` saved by save_pretrained (the per-expert layout released checkpoints use);
+    `vocab_size`: to match a real tokenizer's."""
     if family == "qwen3_5_moe":
         return tiny_qwen3_5_moe(path)
     config_class, extra = {**FAMILIES, **HYBRID}[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**{**COMMON, **extra})
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **({"vocab_size": vocab_size} if vocab_size
+                                                                          else {})})
     transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval().save_pretrained(path)
     return path
 

@@ -161,6 +161,19 @@ def small_vocab_llama(default_model_dir: Path, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def small_vocab_moe(default_model_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer Qwen3-MoE (4 routed experts per layer, stored per expert) with the default model's tokenizer."""
+    import shutil
+
+    from test_layout import tiny_moe
+
+    path = tiny_moe("qwen3_moe", tmp_path_factory.mktemp("moe-49k") / "model", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(default_model_dir / name, path / name)
+    return path
+
+
 def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monkeypatch) -> list[int]:
     """`prismq quantize` on `model` into tmp_path/name (work directory beside it); the layers it read, in order.
     With `kill_at`: the run is killed when it asks for its kill_at-th layer."""
@@ -190,13 +203,15 @@ def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monke
     return calls
 
 
-def test_a_run_killed_in_any_walk_resumes_there_and_ships_the_same_checkpoint(small_vocab_llama: Path,
-                                                                              tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("model", ["small_vocab_llama", "small_vocab_moe"])
+def test_a_run_killed_in_any_walk_resumes_there_and_ships_the_same_checkpoint(model: str, request, tmp_path: Path,
+                                                                              monkeypatch) -> None:
     """Every walk of `prismq quantize` (probe forward and reverse, input ranges, rounding lanes, baselines, the
     export's read-back) killed at each layer it reads: the rerun reads exactly the layers not yet finished and
     writes the checkpoint, report numbers and KL of the uninterrupted run."""
     import json
 
+    small_vocab_llama = request.getfixturevalue(model)  # the MoE's routed experts quantized too
     calls = _quantize(small_vocab_llama, tmp_path, "whole", None, monkeypatch)
     expected = {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*.safetensors")}
     expected_eval = json.loads((tmp_path / "whole.work" / "eval.json").read_text())
