@@ -11,6 +11,7 @@ class), which the exporter passes through byte for byte.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 from contextlib import ExitStack
@@ -48,12 +49,28 @@ class CheckReport:
             lines.append(f"{kind:<24} {count:>6}  {','.join(offered) or '-'}")
         for what, params in self.kept.items():
             lines.append(f"kept in the model dtype: {what} ({params:,} weights)")
-        if self.passthrough:
-            lines.append(f"passed through byte for byte (the model does not load them): {len(self.passthrough)} "
-                         f"tensors, e.g. {self.passthrough[0]}")
+        for part, names in _passthrough_parts(self.passthrough).items():
+            lines.append(f"passed through byte for byte (the model does not load them): {part}, {len(names)} "
+                         f"tensors, e.g. {names[0]}")
         lines += [f"problem: {problem}" for problem in self.problems]
         lines.append("ok" if not self.problems else f"{len(self.problems)} problem(s)")
         return "\n".join(lines)
+
+
+PASSTHROUGH_PARTS = (  # (what, how its tensors are recognized), first match wins
+    ("MTP head (unquantized: vLLM builds it from the source tensors)", re.compile(r"(^|\.)mtp\.")),
+    ("vision tower (BF16)", re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision)\.")),
+    ("audio tower (BF16)", re.compile(r"(^|\.)(audio_tower|audio_model|audio)\.")),
+)
+
+
+def _passthrough_parts(names: list[str]) -> dict[str, list[str]]:
+    """Passed-through tensor names by the part of the model they belong to (MTP head, vision tower, ..., other)."""
+    parts: dict[str, list[str]] = {}
+    for name in names:
+        part = next((what for what, pattern in PASSTHROUGH_PARTS if pattern.search(name)), "other tensors")
+        parts.setdefault(part, []).append(name)
+    return parts
 
 
 def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
