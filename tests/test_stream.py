@@ -126,6 +126,9 @@ def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype
     for key, expected in whole.items():
         assert torch.equal(streamed[key], expected), key  # the same sums in the same order: bit for bit
     assert float(whole["model.layers.0.mlp.down_proj.fisher_trace"]) > 0
+    # siblings read one input: its sampled rows are kept once, under q_proj (and gate_proj)
+    assert all(f"model.layers.0.{n}.x_sample" in streamed for n in ("self_attn.q_proj", "mlp.gate_proj"))
+    assert not any(f"model.layers.0.{n}.x_sample" in streamed for n in ("self_attn.k_proj", "mlp.up_proj"))
 
 
 @pytest.mark.parametrize("format_name", ["NVFP4", "NVFP4A16", "MXFP8", "FP8"])

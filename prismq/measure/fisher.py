@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from prismq.errors import PrismqError
+from prismq.model.siblings import sample_owner
 
 # Suffixes of the tensors `probe` returns for each Linear NAME (NAME.fisher_out, ...).
 FISHER_OUT = "fisher_out"
@@ -226,7 +227,16 @@ def check_blocks(blocks: torch.Tensor, sample_rows: int) -> None:
 
 def _results(recorder: Recorder, n_blocks: int, total: int, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     """Normalize the running sums by the token count and move them to the CPU, with the mean loss."""
-    return {"loss": loss.float().cpu(), **linear_results(recorder, n_blocks, total)}
+    stats = linear_results(recorder, n_blocks, total)
+    return {"loss": loss.float().cpu(), **once_per_input(stats, list(recorder.states))}
+
+
+def once_per_input(stats: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """`stats` without the input samples that repeat their sibling's (q/k/v, gate/up, an expert's gate/up read one
+    input: `sample_owner` keeps it, e.g. a third of a dense layer's samples and half of an MoE layer's)."""
+    repeated = {f"{name}.{X_SAMPLE}" for name in names
+                if sample_owner(name) != name and f"{sample_owner(name)}.{X_SAMPLE}" in stats}
+    return {key: value for key, value in stats.items() if key not in repeated}
 
 
 def linear_results(recorder: Recorder, n_blocks: int, total: int) -> dict[str, torch.Tensor]:

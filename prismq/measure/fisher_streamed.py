@@ -22,7 +22,7 @@ from tqdm import tqdm
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
-from prismq.measure.fisher import Recorder, check_blocks, linear_results, nll_sum, sample_positions
+from prismq.measure.fisher import Recorder, check_blocks, linear_results, nll_sum, once_per_input, sample_positions
 from prismq.measure.fisher_experts import ExpertRecorder
 from prismq.model.experts import ExpertCalls
 
@@ -139,6 +139,6 @@ class _ProbeWalk:
                         handle.remove()
                     recorder.forget()
             stats = {**linear_results(recorder, self.blocks.shape[0], self.total), **experts.results()}
-            self.state.save(f"stats-{index}", stats)
+            self.state.save(f"stats-{index}", once_per_input(stats, list(own)))
             self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
             self.state.remove(f"input-{index}")

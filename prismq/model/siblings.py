@@ -33,6 +33,10 @@ FUSED_LEAVES: dict[str, frozenset[str]] = {
     "fused_qkv_a_proj": frozenset({"q_a_proj", "kv_a_proj_with_mqa"}),  # DeepSeek V2/V3 MLA, Kimi
 }
 
+# The member of each fused layer that keeps the probe's input sample for all of them (they read one input).
+SAMPLE_LEAF = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj", "w13": "w1", "in_proj_qkvz": "in_proj_qkv",
+               "in_proj_ba": "in_proj_b", "fused_qkv_a_proj": "q_a_proj"}
+
 # A per-expert Linear: `<block>.experts.<index>.<anything>` (transformers 4 style MoE, remote-code models).
 EXPERT = re.compile(r"^(?P<block>(?:.+\.)?experts)\.\d+\.")
 
@@ -57,6 +61,20 @@ def scale_name(linear: str) -> str:
         parent, dot, leaf = linear.rpartition(".")
         return next((f"{parent}{dot}{fused}" for fused, leaves in FUSED_LEAVES.items() if leaf in leaves), linear)
     return fused_name(linear)
+
+
+def sample_owner(linear: str) -> str:
+    """The target whose probe entry holds `linear`'s sampled input rows: the first of the targets that read one
+    input (q of q/k/v, gate of gate/up, an expert's gate of its gate/up), which all record the same rows; the probe
+    keeps them once."""
+    scale = scale_name(linear)
+    if scale == linear:
+        return linear
+    parent, dot, fused = scale.rpartition(".")
+    leaves = FUSED_LEAVES.get(fused)
+    if leaves is None:
+        return linear
+    return f"{parent}{dot}{SAMPLE_LEAF[fused]}"
 
 
 def input_name(linear: str) -> str:
