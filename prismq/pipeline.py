@@ -16,9 +16,6 @@ one walk, never model copies. `prismq allocate` and `prismq export` run the same
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +23,7 @@ from typing import Any, Literal
 from prismq.allocate.stage import Allocation, offered_formats, stage_allocate
 from prismq.artifacts import read_json
 from prismq.config import MeasureConfig, QuantizeConfig
+from prismq.engine.memory import StageLog
 from prismq.errors import PrismqError
 from prismq.export.writer import ExportResult
 from prismq.measure.cost import CostRow
@@ -50,16 +48,6 @@ class QuantizeResult:
     export: ExportResult | None = None
     evaluation: dict[str, Any] | None = None
     report: Path | None = None
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall seconds of the enclosed block to timings[stage] (report.md shows where a run's time went)."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 def work_dir_of(config: QuantizeConfig) -> Path:
@@ -96,12 +84,12 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                             calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, device=config.device,
                             compute_dtype=config.compute_dtype, max_memory=config.max_memory_bytes)
-    timings: dict[str, float] = {}
-    with _timed(timings, "probe"):
+    log = StageLog()
+    with log.stage("probe"):
         stage_probe(measure)
-    with _timed(timings, "cost"):
+    with log.stage("cost"):
         rows = stage_cost(work, [*formats, *fallback], config.device, config.compute_dtype)
-    with _timed(timings, "allocate"):
+    with log.stage("allocate"):
         allocation = stage_allocate(work, config, model_dir, rows)
     if until == "allocate":
         logger.info("allocation in %s: %s", work / "allocation.json", allocation.budget)
@@ -112,17 +100,20 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
 
     heldout = heldout_blocks(work)
     rounding = stage_round(work, config, allocation, model_dir, dtype, config.device,
-                           calibration_blocks(work)[:config.rounding_blocks], heldout, timings)
-    with _timed(timings, "export"):
+                           calibration_blocks(work)[:config.rounding_blocks], heldout, log)
+    with log.stage("export"):
         result = stage_export(config, model_dir, rounding)
-    with _timed(timings, "eval (export)"):
+    with log.stage("eval (export)"):
         evaluation = stage_eval(work, result.path, model_dir, heldout, dtype, config.device,
                                 config.max_memory_bytes)
     experts = sum(w for what, w in checked.kept.items() if what.startswith("routed experts"))
     all_bytes = result.linear_bytes + experts * model_dtype(model_dir).itemsize
     summary = _summary(config, allocation, rounding, result, evaluation, rows,
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
-                        "seconds": {k: round(v, 1) for k, v in timings.items()},
+                        "seconds": {k: round(v, 1) for k, v in log.seconds.items()},
+                        "peak_memory_gb": {k: {"host": round(v / 1e9, 3),
+                                               **({"gpu": round(log.peak_gpu[k] / 1e9, 3)} if k in log.peak_gpu
+                                                  else {})} for k, v in log.peak_host.items()},
                         "all_weights_params": result.linear_params + experts,
                         "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1),
                         "routed_experts": _routed_experts(work)})

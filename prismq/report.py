@@ -106,10 +106,23 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
                   f"Knee of the predicted frontier: {s.get('knee_bits', 'n/a')} bits/param; "
                   f"chosen point: {s['bits_per_param']:.3f} bits/param.", ""]
     if s.get("seconds"):
-        lines += ["## Time", "", f"Wall seconds per stage on {s['device']} ({s['compute_dtype']}); stages resumed from "
-                  "the work directory count their reading only.", "", "| stage | seconds |", "|---|---|",
-                  *(f"| {stage} | {sec:.1f} |" for stage, sec in s["seconds"].items()),
-                  f"| total | {sum(s['seconds'].values()):.1f} |", ""]
+        peaks = s.get("peak_memory_gb") or {}
+        gpu = any("gpu" in peak for peak in peaks.values())
+
+        def memory(stage: str) -> str:
+            peak = peaks.get(stage, {})
+            host = f"{peak['host']:.2f}" if "host" in peak else "-"
+            return f" {host} |" + (f" {peak['gpu']:.2f} |" if gpu and "gpu" in peak else " - |" if gpu else "")
+
+        lines += ["## Time and memory", "", f"Wall seconds and peak memory per stage on {s['device']} "
+                  f"({s['compute_dtype']}); stages resumed from the work directory count their reading only. Peak "
+                  "host memory is the process's resident high-water mark during the stage.", "",
+                  "| stage | seconds | peak host GB |" + (" peak GPU GB |" if gpu else ""),
+                  "|---|---|---|" + ("---|" if gpu else ""),
+                  *(f"| {stage} | {sec:.1f} |{memory(stage)}" for stage, sec in s["seconds"].items()),
+                  f"| total | {sum(s['seconds'].values()):.1f} |" + (
+                      f" {max((p['host'] for p in peaks.values()), default=0):.2f} |" if peaks else " - |")
+                  + (f" {max((p.get('gpu', 0) for p in peaks.values()), default=0):.2f} |" if gpu else ""), ""]
     lines += ["## Formats per layer", "", layer_table(assignment), ""]
     path = work_dir / "report.md"
     path.write_text("\n".join(lines))

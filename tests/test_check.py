@@ -56,7 +56,11 @@ def test_a_moe_run_quantizes_and_counts_every_expert(default_model_dir: Path, tm
     experts = 4 * 64 * 64 + 4 * 64 * 32  # 4 experts' gate_up [64, 64] and down [64, 32]
     assert summary["linear_params"] == summary["all_weights_params"] == 2 * (attention + experts)
     assert summary["routed_experts"]["matrices"] == 2 * 4 * 3
-    assert "routed experts: 24 expert matrices quantized" in (tmp_path / "out.work" / "report.md").read_text()
+    report = (tmp_path / "out.work" / "report.md").read_text()
+    assert "routed experts: 24 expert matrices quantized" in report
+    assert set(summary["peak_memory_gb"]) == set(summary["seconds"])  # every stage's time and peak memory
+    assert all(0.1 < peak["host"] < 20 for peak in summary["peak_memory_gb"].values())
+    assert "| stage | seconds | peak host GB |" in report
     assignment = json.loads((tmp_path / "out.work" / "rounding.json").read_text())["rounding"]["assignment"]
     for layer in range(2):
         formats = {assignment[f"model.layers.{layer}.mlp.experts.{e}.{p}"] for e in range(4)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,3 +44,56 @@ def available_memory(device: torch.device) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+class StageLog:
+    """Wall seconds and peak memory of each stage of a run (report.md shows where its time and memory went).
+
+    Peak host memory is the process's resident high-water mark during the stage (Linux resets it at the stage's
+    start through /proc/self/clear_refs; elsewhere it is the peak since the process started); peak accelerator
+    memory is torch's allocated high-water mark on CUDA."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_host: dict[str, int] = {}
+        self.peak_gpu: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Measure the enclosed block as stage `name` (added to what an earlier block of that name measured)."""
+        _reset_host_peak()
+        gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.peak_host[name] = max(self.peak_host.get(name, 0), _host_peak())
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self.peak_gpu[name] = max(self.peak_gpu.get(name, 0), int(torch.cuda.max_memory_allocated()))
+
+
+def _reset_host_peak() -> None:
+    """Start the resident high-water mark afresh (Linux; a no-op where /proc/self/clear_refs is not writable)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _host_peak() -> int:
+    """The process's resident high-water mark in bytes (VmHWM; ru_maxrss where /proc is not there)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kilobytes on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current
     write_tensors
 from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
+from prismq.engine.memory import StageLog
 from prismq.engine.walkstate import WalkState
 from prismq.errors import PrismqError
 from prismq.formats import get_format
@@ -69,7 +69,7 @@ def _settings(config: QuantizeConfig) -> dict[str, Any]:
 
 def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, dtype: torch.dtype,
                 device: str, calibration: torch.Tensor, heldout: torch.Tensor,
-                timings: dict[str, float]) -> Rounding:
+                log: StageLog) -> Rounding:
     """Run (or resume) the round stage for `allocation` (see the module docstring)."""
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
               "settings": _settings(config), "dtype": str(dtype).removeprefix("torch.")}
@@ -84,24 +84,23 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
               for walk in ("ranges", "methods", "baselines")}
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        started = time.perf_counter()
-        input_amax = _input_ranges(stream, calibration, [allocation.assignment, *(a for a, _ in baselines.values())],
-                                   work, states["ranges"])
-        timings["input ranges"] = time.perf_counter() - started
-        started = time.perf_counter()
-        walk = round_lanes(stream, [(allocation.assignment, m) for m in methods], calibration, heldout, input_amax,
-                           settings, spill_dir=work / "rounded" / "methods", state=states["methods"])
-        kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
-        chosen = min(kls, key=kls.__getitem__)
-        if len(methods) > 1:
-            logger.info("rounding %s measured best (%s held-out mean KL)", chosen,
-                        ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-        baseline_walk = None
-        if baselines:
-            baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration, heldout,
-                                        input_amax, settings, reference_hidden=walk.reference_hidden,
-                                        spill_dir=work / "rounded" / "baselines", state=states["baselines"])
-        timings["rounding + held-out eval"] = time.perf_counter() - started
+        with log.stage("input ranges"):
+            input_amax = _input_ranges(stream, calibration, [allocation.assignment,
+                                                             *(a for a, _ in baselines.values())], work,
+                                       states["ranges"])
+        with log.stage("rounding + held-out eval"):
+            walk = round_lanes(stream, [(allocation.assignment, m) for m in methods], calibration, heldout,
+                               input_amax, settings, spill_dir=work / "rounded" / "methods", state=states["methods"])
+            kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
+            chosen = min(kls, key=kls.__getitem__)
+            if len(methods) > 1:
+                logger.info("rounding %s measured best (%s held-out mean KL)", chosen,
+                            ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
+            baseline_walk = None
+            if baselines:
+                baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration,
+                                            heldout, input_amax, settings, reference_hidden=walk.reference_hidden,
+                                            spill_dir=work / "rounded" / "baselines", state=states["baselines"])
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": torch.stack(walk.reference_hidden).cpu()},
                       reference_expect(model_dir, heldout, dtype))
     index = methods.index(chosen)
