@@ -116,11 +116,11 @@ def test_a_killed_input_range_walk_resumes_after_its_last_finished_layer(tiny_ll
     calibration, _ = _texts()
     token_max = None
     if from_probe:  # the per-token maxima the probe records
-        from prismq.measure.fisher import X_TOKEN_MAX
+        from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
 
         with streamed(tiny_llama_dir) as (stream, _):
             probed = probe_streamed(stream, calibration, list(assignment), sample_rows=4, progress=False)
-        token_max = {n: probed[f"{n}.{X_TOKEN_MAX}"] for n in assignment}
+        token_max = {n: input_statistic(probed, n, X_TOKEN_MAX) for n in assignment}
     with streamed(tiny_llama_dir) as (stream, calls):
         whole = streamed_input_amax(stream, calibration, assignment, progress=False, token_max=token_max)
     state = WalkState(tmp_path, {"run": 1})

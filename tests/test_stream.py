@@ -128,7 +128,8 @@ def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype
     assert float(whole["model.layers.0.mlp.down_proj.fisher_trace"]) > 0
     # siblings read one input: its sampled rows are kept once, under q_proj (and gate_proj)
     assert all(f"model.layers.0.{n}.x_sample" in streamed for n in ("self_attn.q_proj", "mlp.gate_proj"))
-    assert not any(f"model.layers.0.{n}.x_sample" in streamed for n in ("self_attn.k_proj", "mlp.up_proj"))
+    assert not any(f"model.layers.0.{n}.{kind}" in streamed for n in ("self_attn.k_proj", "mlp.up_proj")
+                   for kind in ("x_sample", "x_token_max"))
 
 
 @pytest.mark.parametrize("format_name", ["NVFP4", "NVFP4A16", "MXFP8", "FP8"])
@@ -158,7 +159,7 @@ def test_an_export_read_back_layer_by_layer_equals_transformers_loading_it(
 
 def test_input_ranges_from_the_probe_maxima_equal_the_two_pass_ones(tiny_llama_dir: Path) -> None:
     """The probe records every token's input maximum; the clip calibration started from them equals its own."""
-    from prismq.measure.fisher import X_TOKEN_MAX
+    from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
     from prismq.measure.fisher_streamed import probe_streamed
 
     names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
@@ -166,7 +167,7 @@ def test_input_ranges_from_the_probe_maxima_equal_the_two_pass_ones(tiny_llama_d
     blocks = torch.randint(0, 512, (12, 24), generator=torch.Generator().manual_seed(6))
     with LayerStream(tiny_llama_dir, torch.float32) as stream:
         probed = probe_streamed(stream, blocks, names, sample_rows=4, progress=False)
-        maxima = {n: probed[f"{n}.{X_TOKEN_MAX}"] for n in names}
+        maxima = {n: input_statistic(probed, n, X_TOKEN_MAX) for n in names}
         assert maxima[names[0]].shape == (12 * 24,)
         two_pass = streamed_input_amax(stream, blocks[:10], assignment, progress=False)
         from_probe = streamed_input_amax(stream, blocks[:10], assignment, progress=False,

@@ -32,7 +32,8 @@ from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_j
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.siblings import input_groups, sample_owner, sibling_groups
+from prismq.measure.fisher import X_SAMPLE, input_statistic
+from prismq.model.siblings import input_groups, sibling_groups
 from prismq.model.targets import Target
 from prismq.model.units import formats_legal_for
 
@@ -62,13 +63,14 @@ class LinearStats:
 
     @classmethod
     def from_probe(cls, tensors: Mapping[str, torch.Tensor], name: str) -> LinearStats:
-        """The stats of `name` from the probe's tensors (its input sample under its sibling group's first member,
-        `sample_owner`: siblings read one input); a clear error if the probe does not cover it."""
-        sample = f"{sample_owner(name)}.x_sample"
-        keys = [f"{name}.{key}" for key in ("fisher_out", "x_sq", "x_absmax")] + [
-            sample if sample in tensors else f"{name}.x_sample"]
+        """The stats of `name` from the probe's tensors (its input sample where the probe keeps it once for all
+        the targets reading that input: `input_statistic`); a clear error if the probe does not cover it."""
+        keys = [f"{name}.{key}" for key in ("fisher_out", "x_sq", "x_absmax")]
+        sample = input_statistic(tensors, name, X_SAMPLE)
         try:
-            return cls(*(tensors[key] for key in keys))
+            if sample is None:
+                raise KeyError(f"{name}.{X_SAMPLE}")
+            return cls(*(tensors[key] for key in keys), sample)
         except KeyError as exc:
             raise PrismqError(f"the probe has no {exc.args[0]}; rerun `prismq probe`") from None
 

@@ -20,6 +20,7 @@ block's sums are fp32 (dy and x upcast before squaring), the running totals over
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -232,11 +233,21 @@ def _results(recorder: Recorder, n_blocks: int, total: int, loss: torch.Tensor) 
 
 
 def once_per_input(stats: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """`stats` without the input samples that repeat their sibling's (q/k/v, gate/up, an expert's gate/up read one
-    input: `sample_owner` keeps it, e.g. a third of a dense layer's samples and half of an MoE layer's)."""
-    repeated = {f"{name}.{X_SAMPLE}" for name in names
-                if sample_owner(name) != name and f"{sample_owner(name)}.{X_SAMPLE}" in stats}
+    """`stats` without the input statistics that repeat a sibling's (q/k/v, gate/up, an expert's gate/up read one
+    input: its sampled rows and per-token maxima are kept once, under `sample_owner`: a third of a dense layer's
+    and half of an MoE layer's)."""
+    repeated = {f"{name}.{kind}" for name in names for kind in (X_SAMPLE, X_TOKEN_MAX)
+                if sample_owner(name) != name and f"{sample_owner(name)}.{kind}" in stats}
     return {key: value for key, value in stats.items() if key not in repeated}
+
+
+def input_statistic(stats: Mapping[str, torch.Tensor], name: str, kind: str) -> torch.Tensor | None:
+    """Input statistic `kind` (X_SAMPLE, X_TOKEN_MAX) of target `name` in a probe's tensors: its own, or the one
+    its input's owner keeps (`once_per_input`); None if neither is there."""
+    for key in (f"{sample_owner(name)}.{kind}", f"{name}.{kind}"):
+        if key in stats:
+            return stats[key]
+    return None
 
 
 def linear_results(recorder: Recorder, n_blocks: int, total: int) -> dict[str, torch.Tensor]:

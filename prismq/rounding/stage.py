@@ -29,7 +29,7 @@ from prismq.engine.memory import StageLog
 from prismq.engine.walkstate import WalkState
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.measure.fisher import X_TOKEN_MAX
+from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
 from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
 from prismq.model.siblings import input_groups
 from prismq.model.source import resolve_device
@@ -167,8 +167,9 @@ def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: l
     probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
     token_max = None
     same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
-    if probed is not None and same_arithmetic and all(f"{n}.{X_TOKEN_MAX}" in probed[0] for n in needing):
-        token_max = {n: probed[0][f"{n}.{X_TOKEN_MAX}"][:calibration.numel()] for n in needing}
+    found = {n: input_statistic(probed[0], n, X_TOKEN_MAX) for n in needing} if probed is not None else {}
+    if probed is not None and same_arithmetic and all(value is not None for value in found.values()):
+        token_max = {n: value[:calibration.numel()] for n, value in found.items()}  # type: ignore[index]
     ranges = streamed_input_amax(stream, calibration, linears, token_max=token_max, state=state) if linears else {}
     if routed:  # not clipped: the largest routed input of the layer's experts (-1 marks tokens not routed)
         if token_max is None:
