@@ -1,4 +1,5 @@
-"""Decision units: the sets of Linears that take one format together, because vLLM serves them as one layer.
+"""Decision units: the sets of quantization targets that take one format together, because vLLM serves them as one
+layer.
 
 The allocator chooses one format per unit, never per Linear. A unit is the vLLM layer its members are loaded into
 (the grouping rule is `prismq.model.siblings`, shared with the exporter and the cost stage):
@@ -8,12 +9,13 @@ The allocator chooses one format per unit, never per Linear. A unit is the vLLM 
 - Phi-3: qkv_proj and gate_up_proj are single Linears in the checkpoint already: every Linear is its own unit.
 - Qwen3.5: linear attention's in_proj_qkv/in_proj_z -> `in_proj_qkvz`, in_proj_b/in_proj_a -> `in_proj_ba`
   (Qwen3-Next stores both fused already). DeepSeek V2/V3: q_a_proj/kv_a_proj_with_mqa -> `fused_qkv_a_proj`.
-- MoE (Mixtral, Qwen2-MoE, Qwen3-MoE): vLLM serves all routed experts of a layer as one FusedMoE layer with one
-  scheme for gate, up and down, so expert Linears `<block>.experts.<i>.*` form one unit per layer. In transformers
-  5 these models hold their experts as fused 3-D parameters, not Linears: they never reach the units, stay in the
-  model dtype, and `decision_units` warns so. Routers (`mlp.gate`, `block_sparse_moe.gate`) and Qwen2-MoE's
-  `shared_expert_gate` are built unquantized by vLLM (`quant_config=None`, a plain torch Linear): their units are
-  pinned to BF16. Shared experts are ordinary MLPs: gate/up fused, down alone.
+- MoE (Mixtral, Qwen2/3-MoE, Qwen3.5-MoE, DeepSeek, GLM-4 MoE, MiniMax M2, Gemma 4): vLLM serves all routed
+  experts of a layer as one FusedMoE layer with one scheme for gate, up and down, so the expert targets
+  `<block>.experts.<i>.*` (each expert's matrices inside transformers 5's fused 3-D parameters,
+  `prismq.model.targets`) form one unit per layer, offered only `MOE_FORMATS`. Routers (`mlp.gate` Linears,
+  Gemma 4's `router.proj`) and Qwen2-MoE's `shared_expert_gate` are built unquantized by vLLM (`quant_config=None`,
+  a plain torch Linear): their units are pinned to BF16. Shared experts are ordinary MLPs: gate/up fused, down
+  alone. A MoE family whose experts stay in the model dtype (GPT-OSS's fused layout) is warned about.
 
 lm_head and the embeddings are policy, not units: `quantizable` drops lm_head (kept BF16: vLLM's ParallelLMHead
 takes no compressed scheme) and embeddings are not Linears. DESIGN.md §5.
@@ -133,6 +135,6 @@ def _notice(model_type: str, shapes: dict[str, tuple[int, int]]) -> None:
                       f"per layer); prismq checked it against vLLM for {', '.join(sorted(VERIFIED_MODEL_TYPES))} only",
                       stacklevel=3)
     if model_type in MOE_MODEL_TYPES and not any(EXPERT.match(name) for name in shapes):
-        warnings.warn(f"{model_type}: the routed experts are fused 3-D parameters in transformers 5, not Linear "
-                      f"layers, so prismq keeps them in the model dtype (BF16) and allocates only the Linears "
-                      f"(attention, dense and shared-expert MLPs)", stacklevel=3)
+        warnings.warn(f"{model_type}: no routed expert is a quantization target (they are stored in a layout "
+                      f"prismq does not quantize yet): they stay in the model dtype (BF16); only the Linears "
+                      f"(attention, dense and shared-expert MLPs) are allocated", stacklevel=3)
