@@ -27,20 +27,16 @@ from prismq.engine.memory import available_memory, release_freed_memory, size_te
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.readback import CompressedExperts, tokens_as_sequence
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import decoder_layers, model_dtype, unsupported_quantization
+from prismq.model.readback import CompressedExperts, tokens_as_sequence
 from prismq.model.source import resolve_device
 from prismq.model.targets import targets_of
 
 FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
 READ_CHUNK_BYTES = 32 << 20  # a large checkpoint tensor is read this many bytes at a time
 TRIM_LAYER_BYTES = 64 << 20  # after a layer this large, freed memory goes back to the system (smaller: kept for reuse)
-
-
-class _Stop(Exception):
-    """Raised by the first layer's pre-hook: the model's forward has produced the layer inputs we wanted."""
 
 
 class LayerStream:

@@ -29,6 +29,14 @@ def _config_target(name: str) -> str:
     return f"re:^{re.escape(expert['block'])}\\.\\d+\\.{re.escape(leaf)}$"
 
 
+EXPERTS_TARGET = re.compile(r"^re:\^.*experts\\\.\\d\+\\\.[^.]+\$$")  # what _config_target writes for experts
+
+
+def is_experts_target(target: str) -> bool:
+    """Whether a config target is the regex `_config_target` writes over one layer's experts and projection."""
+    return EXPERTS_TARGET.match(target) is not None
+
+
 def quantization_config(assignment: dict[str, str]) -> dict[str, Any]:
     """One config group per quantized format with explicit module-name targets (a layer's routed experts: one
     regex per projection) and its own `format`; lm_head and every BF16 target in `ignore`; status `compressed`

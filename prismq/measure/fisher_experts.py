@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from prismq.measure.fisher import FISHER_OUT, FISHER_TRACE, X_ABSMAX, X_SAMPLE, X_SQ, X_TOKEN_MAX
-from prismq.model.experts import ExpertCall
+from prismq.model.experts import ExpertCall, parameters_of
 from prismq.model.targets import Target
 
 ROUTED_TOKENS = "routed_tokens"  # suffix of each expert target's count of routed calibration tokens
@@ -66,10 +66,7 @@ class ExpertRecorder:
     @property
     def parameters(self) -> dict[str, set[str]]:
         """The 3-D parameters to watch, {experts module: {parameter names}} (what `ExpertCalls` takes)."""
-        wanted: dict[str, set[str]] = {}
-        for module, parameter_name, _ in self.states:
-            wanted.setdefault(module, set()).add(parameter_name)
-        return wanted
+        return parameters_of(self.states)
 
     def start(self, index: int) -> None:
         """Record the next calls as block `index`."""

@@ -12,7 +12,7 @@ each expert's Hessian, fake quantization quantizes each expert's input as the ru
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from prismq.errors import PrismqError
+from prismq.formats import Format
 
 EXPERTS_IMPLEMENTATION = "eager"  # transformers' per-expert loop: every expert's product is one F.linear
 
@@ -54,6 +55,32 @@ def expert_parameters(modules: Mapping[str, nn.Module], wanted: Mapping[str, set
                 raise PrismqError(f"{module_name}.{name} is not a 3-D expert parameter")
         found.update({id(p): (module_name, name) for name, p in module.named_parameters(recurse=False) if p.ndim == 3})
     return found
+
+
+def parameters_of(slots: Iterable[tuple[str, str, int]]) -> dict[str, set[str]]:
+    """{experts module: {parameter names}} (what `ExpertCalls` watches) of (module, parameter, expert) slots."""
+    wanted: dict[str, set[str]] = {}
+    for module_name, parameter_name, _ in slots:
+        wanted.setdefault(module_name, set()).add(parameter_name)
+    return wanted
+
+
+def quantize_expert_inputs(modules: Mapping[str, nn.Module],
+                           inputs: Mapping[tuple[str, str, int], tuple[Format, torch.Tensor | None]]
+                           ) -> list[RemovableHandle]:
+    """Hooks quantizing each expert product's input as the runtime does: `inputs` maps a (module, parameter,
+    expert) slot to its format and static input scale (None: dynamic); slots absent run unquantized."""
+    if not inputs:
+        return []
+
+    def quantize(call: ExpertCall, x: torch.Tensor) -> torch.Tensor:
+        found = inputs.get((call.module, call.parameter_name, call.expert))
+        if found is None:
+            return x
+        fmt, scale = found
+        return fmt.qdq_activation(x, None if scale is None else scale.to(x.device))
+
+    return ExpertCalls(modules, parameters_of(inputs), before=quantize).attach()
 
 
 class ExpertCalls(TorchFunctionMode):

@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from prismq.formats import Format, Tensors, get_format
 from prismq.model.siblings import sibling_groups
-from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.experts import quantize_expert_inputs
 from prismq.model.targets import Target, targets_named
 
 
@@ -77,14 +77,4 @@ def apply_fake_quant(model: nn.Module | Mapping[str, nn.Module], assignment: dic
             if key not in shared:
                 shared[key] = _SharedInput(fmt, igs, readers=sum(1 for *_, k in hooks.values() if k == key))
             handles.append(module.register_forward_pre_hook(shared[key]))
-    if experts:
-        wanted: dict[str, set[str]] = {}
-        for module_name, parameter_name, _ in experts:
-            wanted.setdefault(module_name, set()).add(parameter_name)
-
-        def quantize_input(call: ExpertCall, x: torch.Tensor) -> torch.Tensor:
-            found = experts.get((call.module, call.parameter_name, call.expert))
-            return x if found is None else found[0].qdq_activation(x, found[1])
-
-        handles += ExpertCalls(modules, wanted, before=quantize_input).attach()
-    return handles
+    return handles + quantize_expert_inputs(modules, experts)

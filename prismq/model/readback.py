@@ -26,13 +26,13 @@ from torch.utils.hooks import RemovableHandle
 
 from prismq.errors import PrismqError
 from prismq.formats import FORMATS, Format
+from prismq.export.qconfig import is_experts_target
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.experts import quantize_expert_inputs
 from prismq.model.siblings import EXPERT
 from prismq.model.targets import Target
 
 WEIGHT = ".weight"
-EXPERTS_TARGET = re.compile(r"^re:\^.*experts\\\.\\d\+\\\.[^.]+\$$")  # what prismq.export.qconfig writes
 
 
 class CompressedExperts:
@@ -69,7 +69,7 @@ class CompressedExperts:
         stems = {key.removesuffix(WEIGHT) for key in self._tensors}
 
         def experts_only(target: str) -> bool:  # a per-expert name, or prismq's regex over a layer's experts
-            return target in stems or EXPERTS_TARGET.match(target) is not None
+            return target in stems or is_experts_target(target)
 
         config = self.config.model_dump()
         for name, group in list(config["config_groups"].items()):
@@ -131,20 +131,7 @@ class CompressedExperts:
                 scale = f"{target.name}.input_global_scale"
                 inputs[(target.module, target.parameter_name, target.expert)] = (
                     fmt, self.source.get(scale) if scale in self.source.location else None)
-        if not inputs:
-            return []
-        wanted: dict[str, set[str]] = {}
-        for module_name, parameter_name, _ in inputs:
-            wanted.setdefault(module_name, set()).add(parameter_name)
-
-        def quantize(call: ExpertCall, x: torch.Tensor) -> torch.Tensor:
-            found = inputs.get((call.module, call.parameter_name, call.expert))
-            return x if found is None else found[0].qdq_activation(x, found[1].to(x.device) if found[1] is not None
-                                                                    else None)
-
-        return ExpertCalls(modules, wanted, before=quantize).attach()
-
-
+        return quantize_expert_inputs(modules, inputs)
 
 
 class _TokensAsSequence:

@@ -68,13 +68,8 @@ def sample_owner(linear: str) -> str:
     input (q of q/k/v, gate of gate/up, an expert's gate of its gate/up), which all record the same rows; the probe
     keeps them once."""
     scale = scale_name(linear)
-    if scale == linear:
-        return linear
     parent, dot, fused = scale.rpartition(".")
-    leaves = FUSED_LEAVES.get(fused)
-    if leaves is None:
-        return linear
-    return f"{parent}{dot}{SAMPLE_LEAF[fused]}"
+    return f"{parent}{dot}{SAMPLE_LEAF[fused]}" if scale != linear and fused in SAMPLE_LEAF else linear
 
 
 def input_name(linear: str) -> str:

@@ -90,9 +90,9 @@ class Target:
 def targets_of(model: nn.Module, layout: CheckpointLayout, head: bool = False) -> dict[str, Target]:
     """Every quantization target of `model` (meta or materialized) whose checkpoint tensors `layout` describes, by
     name, in model order: each nn.Linear (lm_head only with `head`: it is policy, kept BF16, DESIGN.md §5), and each
-    routed expert's projections where the checkpoint stores them per expert. Expert parameters the checkpoint stores
-    fused (one 3-D tensor) are not targets: they stay in the model dtype, as do Linears outside the decoder layers
-    other than lm_head (Gemma 4's per-layer input projection: it runs once per token, before the layers)."""
+    routed expert's projections (stored per expert, or in transformers' own fused layout: `_stored_fused`). Expert
+    tensors stored fused in another layout (GPT-OSS's) are not targets: they stay in the model dtype, as do Linears
+    outside the decoder layers other than lm_head (Gemma 4's per-layer input projection)."""
     prefix = decoder_layers(model)[0] + "."
     targets: dict[str, Target] = {}
     for module_name, module in model.named_modules():

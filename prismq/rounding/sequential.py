@@ -32,7 +32,7 @@ from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
-from prismq.model.experts import ExpertCall, ExpertCalls
+from prismq.model.experts import ExpertCall, ExpertCalls, parameters_of
 from prismq.model.targets import Target, targets_named
 from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
 from prismq.rounding.store import EncodedStore
@@ -131,10 +131,7 @@ def expert_hessians(layer: nn.Module, modules: Mapping[str, nn.Module], targets:
             rows = x.detach().float()
             hessians[name].addmm_(rows.T, rows)
 
-    wanted: dict[str, set[str]] = {}
-    for target in targets.values():
-        wanted.setdefault(target.module, set()).add(target.parameter_name)
-    handles = ExpertCalls(modules, wanted, after=accumulate).attach()
+    handles = ExpertCalls(modules, parameters_of(slots), after=accumulate).attach()
     device = next((p.device for p in layer.parameters()), None)
     try:
         for hidden, kwargs in inputs:
