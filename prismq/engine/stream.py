@@ -18,6 +18,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,6 +73,7 @@ class LayerStream:
         self._experts = CompressedExperts(self.source, self.quantization) if self.quantization is not None else None
         keys = self.source.location if self._experts is None else self._experts.keys(self.source.location)
         self.layout = CheckpointLayout(self.model, keys)
+        self._module_config: Any = None  # the export's config as compressed-tensors applies it to modules
         self.targets = targets_of(self.model, self.layout, head=True)  # every weight that can take a format
         self.prefix, self.layers = decoder_layers(self.model)
         self.budget = max_memory if max_memory is not None else available_memory(self.device)
@@ -248,8 +250,10 @@ class LayerStream:
             from compressed_tensors.quantization.utils import is_module_quantized
 
             assert self._experts is not None
-            config = QuantizationConfig.model_validate(self._experts.module_config(self.layout.model_name))
-            apply_quantization_config(self.model, config,
+            if self._module_config is None:  # once: it lists every target of the export
+                self._module_config = QuantizationConfig.model_validate(
+                    self._experts.module_config(self.layout.model_name))
+            apply_quantization_config(self.model, self._module_config,
                                       run_compressed=False, show_progress=False,
                                       allowed_modules=list(skeleton.modules()))  # matched on the full names
         module = copy.deepcopy(skeleton)  # meta: free
