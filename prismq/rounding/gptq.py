@@ -75,10 +75,11 @@ def round_to_nearest(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor | N
     return Rounded(codes, scales, decoded, error, "rtn", error)
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor | None:
-    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, or None when H is not positive definite."""
-    damped = hessian.clone()
-    damped.diagonal().add_(damping * float(hessian.diagonal().mean()))
+def _inverse_cholesky(hessian: torch.Tensor, damping: float, order: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, with H's rows and columns taken in `order` when
+    given, or None when H is not positive definite. The permuted H is never kept beside its damped copy."""
+    damped = hessian.clone() if order is None else hessian[order.unsqueeze(1), order]
+    damped.diagonal().add_(damping * float(damped.diagonal().mean()))
     factor, info = torch.linalg.cholesky_ex(damped)
     del damped  # each [in, in] intermediate is dropped as soon as the next exists: two alive at a time, not four
     if int(info):
@@ -168,13 +169,12 @@ def gptq_siblings(grid: Grid, weights: dict[str, torch.Tensor], hessian: torch.T
     rtn_errors = _member_errors(weight, rtn.weight, hessian, rows)
     best = [("rtn", rtn.codes, rtn.scales, rtn.weight, error) for error in rtn_errors]
     order = torch.argsort(hessian.diagonal(), descending=True) if settings.act_order else None
-    permuted = hessian if order is None else hessian[order][:, order]
     tried = 0
     for damping in settings.damping:
-        upper = _inverse_cholesky(permuted, damping)
+        upper = _inverse_cholesky(hessian, damping, order)
         while upper is None and damping < MAX_DAMPING:
             damping *= 10
-            upper = _inverse_cholesky(permuted, damping)
+            upper = _inverse_cholesky(hessian, damping, order)
         if upper is None:
             continue
         tried += 1
