@@ -26,7 +26,7 @@ _STAGES = {
     "probe": "measure per-Linear Fisher traces and input statistics on calibration text",
     "cost": "price every (Linear, format) pair: bytes, weight error, output error, predicted loss increase",
     "allocate": "choose a format per Linear for a sweep of budgets (Pareto frontier and knee)",
-    "select": "check frontier candidates by measured KL on held-out text and pick one",
+    "select": "re-decide the allocated mix on measured end-to-end KL of its least certain units (SCOUT)",
     "export": "write the chosen assignment as a sharded compressed-tensors checkpoint",
     "report": "write report.md again from a work directory's summary.json",
 }
@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prismq {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     _add_quantize(commands)
-    for name in ("allocate", "export"):
+    for name in ("allocate", "select", "export"):
         _add_quantize(commands, name)
     for name, help_line in _STAGES.items():
-        if name in ("allocate", "export"):
+        if name in ("allocate", "select", "export"):
             continue
         stage = commands.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
         stage.add_argument("--work-dir", type=Path, metavar="DIR", required=name in ("probe", "cost", "report"),
@@ -81,6 +81,8 @@ _UP_TO = {
     "quantize": "Quantize MODEL and write a compressed-tensors checkpoint to --out.",
     "allocate": "Run quantize's stages up to the allocation (probe, cost, allocate; each resumed from the work "
                 "directory) and write WORK/allocation.json, frontier.json and frontier.png.",
+    "select": "Run quantize's stages up to the selection (probe, cost, allocate, select; each resumed from the work "
+              "directory) and write WORK/selection.json: every flip measured and the mix selected.",
     "export": "Run quantize's stages through export and eval, resuming every finished stage from the work "
               "directory (the same as quantize).",
 }
@@ -113,7 +115,16 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
                      "calibration inputs, layer by layer), gptq+sweep (GPTQ with a per-group scale search); "
                      "best (default): build all three and ship the one with the lowest held-out KL")
     sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: text shipped with prismq)")
-    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text for KL, disjoint from --calib")
+    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text whose KL the report states, disjoint "
+                     "from the others (default: split from --calib); no decision is made on it")
+    sub.add_argument("--selection", choices=["measured", "surrogate"],
+                     help="measured (default): the knapsack's mix re-decided on measured end-to-end KL of the units "
+                     "it is least sure of (SCOUT); surrogate: the knapsack's mix on predicted costs (the ablation)")
+    sub.add_argument("--selection-text", metavar="FILE|DATASET", help="text every selection KL is measured on "
+                     "(default: split from the calibration text, disjoint from it and from --heldout)")
+    sub.add_argument("--selection-blocks", type=int, metavar="N", help="selection blocks (default 8)")
+    sub.add_argument("--select-units", type=int, metavar="N",
+                     help="decision units whose formats are measured end to end (default 24; 0: none)")
     sub.add_argument(
         "--force",
         nargs="+",
@@ -142,10 +153,14 @@ def _add_probe_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("model", nargs="?", metavar="MODEL",
                      help="HF directory or .gguf; omitted: the embedded SmolLM2-135M-Instruct")
     sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: CPython docs, split)")
-    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text, disjoint from --calib")
+    sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out (report) text, disjoint from --calib")
+    sub.add_argument("--selection-text", metavar="FILE|DATASET",
+                     help="selection text (default: split from the calibration text)")
     defaults = MeasureConfig.model_fields
     sub.add_argument("--calib-blocks", type=int, default=defaults["calib_blocks"].default, metavar="N",
                      help="calibration blocks (default %(default)s)")
+    sub.add_argument("--selection-blocks", type=int, default=defaults["selection_blocks"].default, metavar="N",
+                     help="selection blocks (default %(default)s)")
     sub.add_argument("--heldout-blocks", type=int, default=defaults["heldout_blocks"].default, metavar="N",
                      help="held-out blocks (default %(default)s)")
     sub.add_argument("--seqlen", type=int, default=defaults["seqlen"].default, metavar="L",
@@ -194,23 +209,18 @@ def quantize_settings(args: argparse.Namespace) -> dict[str, Any]:
     return merge_overrides(values, given)
 
 
-def _not_implemented(what: str, instead: str = "") -> int:
-    """Say that a stage or option is not built yet (and what to use instead), on one line; return exit code 2."""
-    print(f"prismq: {what} is not implemented yet" + (f" ({instead})" if instead else ""), file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """Validate the settings and run the pipeline (up to the allocation for `prismq allocate`)."""
     settings = quantize_settings(args)
     config = validate_config(QuantizeConfig, settings)
-    if args.command != "allocate" and config.out is None:
+    early = args.command in ("allocate", "select")
+    if not early and config.out is None:
         raise PrismqError("--out is required: where to write the checkpoint (or 'out' in the config file)")
-    if args.command == "allocate" and config.out is None and config.work_dir is None:
+    if early and config.out is None and config.work_dir is None:
         raise PrismqError("give --work-dir: where the stages keep their artifacts")
     from prismq.pipeline import quantize
 
-    quantize(config, until="allocate" if args.command == "allocate" else "export")
+    quantize(config, until=args.command if early else "export")
     return 0
 
 
@@ -238,7 +248,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     config = validate_config(MeasureConfig, {
         "model": args.model, "work_dir": args.work_dir, "calib": args.calib, "heldout": args.heldout,
-        "calib_blocks": args.calib_blocks, "heldout_blocks": args.heldout_blocks, "seqlen": args.seqlen,
+        "selection_text": args.selection_text, "calib_blocks": args.calib_blocks,
+        "selection_blocks": args.selection_blocks, "heldout_blocks": args.heldout_blocks, "seqlen": args.seqlen,
         "seed": args.seed, "sample_rows": args.sample_rows, "device": args.device,
         "compute_dtype": args.compute_dtype})
     print(f"prismq: probe written to {stage_probe(config)}.safetensors")
@@ -280,7 +291,7 @@ def _cmd_formats(args: argparse.Namespace) -> int:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     """The function that runs `command`."""
-    if command in ("quantize", "allocate", "export"):
+    if command in ("quantize", "allocate", "select", "export"):
         return _cmd_quantize
     if command == "report":
         return _cmd_report
@@ -294,7 +305,7 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
         return _cmd_probe
     if command == "cost":
         return _cmd_cost
-    return lambda args: _not_implemented(f"'{command}'")
+    raise ValueError(f"no handler for command {command!r}")
 
 
 class _StdoutHandler(logging.Handler):

@@ -81,7 +81,14 @@ class QuantizeConfig(BaseModel):
                                       description="GPTQ damping values tried (x mean diag H); the best is kept")
     gptq_block_size: int = Field(128, gt=0, description="GPTQ columns per lazy-update block")
     calib: str | None = None
-    heldout: str | None = None
+    heldout: str | None = Field(None, description="held-out text the report states (default: split from --calib)")
+    selection: Literal["measured", "surrogate"] = Field(
+        "measured", description="measured: the surrogate's mix re-decided on measured end-to-end KL (SCOUT); "
+        "surrogate: the knapsack's mix on predicted costs as it is (the ablation)")
+    selection_text: str | None = Field(None, description="text every selection KL is measured on (default: split "
+                                       "from the calibration text, disjoint from it and from the held-out text)")
+    selection_blocks: int = Field(8, gt=0, description="selection-split blocks")
+    select_units: int = Field(24, ge=0, description="decision units whose formats are measured end to end (L3)")
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
     work_dir: Path | None = None
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")
@@ -96,7 +103,7 @@ class QuantizeConfig(BaseModel):
     rounding_blocks: int = Field(32, gt=0, description="the first N calibration blocks (a uniform sample) that input "
                                  "ranges and GPTQ run on; more costs time in proportion")
     calib_seqlen: int = Field(512, gt=1, description="tokens per block, calibration and held-out")
-    heldout_blocks: int = Field(16, gt=0, description="held-out blocks for the KL of the exported checkpoint")
+    heldout_blocks: int = Field(16, gt=0, description="held-out (report) blocks: the KL report.md states")
 
     @field_validator("formats", mode="before")
     @classmethod
@@ -251,7 +258,9 @@ class MeasureConfig(BaseModel):
     work_dir: Path
     calib: str | None = None
     heldout: str | None = None
+    selection_text: str | None = None
     calib_blocks: int = Field(QuantizeConfig.model_fields["calib_blocks"].default, gt=0)
+    selection_blocks: int = Field(QuantizeConfig.model_fields["selection_blocks"].default, gt=0)
     heldout_blocks: int = Field(QuantizeConfig.model_fields["heldout_blocks"].default, gt=0)
     seqlen: int = Field(QuantizeConfig.model_fields["calib_seqlen"].default, gt=1)
     seed: int = 0

@@ -5,8 +5,8 @@ them; otherwise paragraphs separated by blank lines), `.jsonl` (field "text", on
 (column "text"; needs pyarrow), a Hugging Face dataset name `NAME[:CONFIG[:SPLIT]]` (needs the `datasets` package
 and the network), or None: the offline default, the CPython documentation topics (`pydoc_data.topics`, PSF license).
 
-Calibration and held-out text are split by document before tokenizing, so they are disjoint by construction: no
-document, and no document identical in text, is on both sides.
+Calibration, selection and held-out (report) text are split by document before tokenizing, so they are disjoint by
+construction: no document, and no document identical in text, is on two sides.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -234,23 +235,50 @@ def consecutive_blocks(tokenizer: PreTrainedTokenizerBase, text: str, n_blocks: 
     return torch.tensor(ids[: n_blocks * seqlen], dtype=torch.long).view(n_blocks, seqlen)
 
 
-def calibration_and_heldout(spec_calib: str | None, spec_heldout: str | None, tokenizer: PreTrainedTokenizerBase,
-                            n_calib: int, n_heldout: int, seqlen: int, seed: int = 0,
-                            heldout_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration blocks [n_calib, seqlen] and held-out blocks [n_heldout, seqlen] from disjoint documents.
+@dataclass(frozen=True)
+class TextSplits:
+    """The three disjoint token splits of a run (DESIGN.md section 6): calibration (probe, cost, GPTQ), selection
+    (every KL a decision is made on) and report (the held-out numbers report.md states; no decision sees them)."""
 
-    With one source (or none: the default text) its documents are split by `split_documents`; with two, they are
-    used as given after checking that no document is in both (an error otherwise, since measuring on calibration
-    text would flatter every result)."""
-    if spec_calib is not None and spec_heldout is not None:
-        calib, heldout = load_documents(spec_calib), load_documents(spec_heldout)
-        shared = {d.strip() for d in calib} & {d.strip() for d in heldout}
-        if shared:
-            first = next(iter(sorted(shared))).splitlines()[0][:60]
-            raise PrismqError(f"calibration and held-out text share {len(shared)} document(s) (e.g. {first!r}); "
-                              "they must be disjoint (or give one source to have it split)")
+    calibration: torch.Tensor
+    selection: torch.Tensor
+    report: torch.Tensor
+
+
+def _shared_documents(first: list[str], second: list[str]) -> str | None:
+    """'N document(s) (e.g. ...)' when two document lists share a document (stripped text), else None."""
+    shared = {d.strip() for d in first} & {d.strip() for d in second}
+    if not shared:
+        return None
+    return f"{len(shared)} document(s) (e.g. {next(iter(sorted(shared))).splitlines()[0][:60]!r})"
+
+
+def text_splits(spec_calib: str | None, spec_report: str | None, spec_selection: str | None,
+                tokenizer: PreTrainedTokenizerBase, n_calib: int, n_selection: int, n_report: int, seqlen: int,
+                seed: int = 0, report_fraction: float = 0.1, selection_fraction: float = 0.1) -> TextSplits:
+    """Calibration, selection and report blocks ([n, seqlen] each) from pairwise disjoint documents.
+
+    The report text is `spec_report` when both it and `spec_calib` are given, else the `report_fraction` of one
+    source's documents (`split_documents`; the same report blocks whatever the other settings). The selection text
+    is `spec_selection` when given, else the `selection_fraction` of the calibration side's documents (another
+    seeded split), so selection never decides on text the report states or the probe was fitted on. Sources that
+    share a document are an error: measuring on fitted text would flatter every result."""
+    if spec_calib is not None and spec_report is not None:
+        calib, report = load_documents(spec_calib), load_documents(spec_report)
     else:
-        calib, heldout = split_documents(load_documents(spec_calib if spec_calib is not None else spec_heldout),
-                                         heldout_fraction, seed)
-    return (tokenize_blocks(tokenizer, calib, n_calib, seqlen, seed, "the calibration text"),
-            tokenize_blocks(tokenizer, heldout, n_heldout, seqlen, seed, "the held-out text"))
+        calib, report = split_documents(load_documents(spec_calib if spec_calib is not None else spec_report),
+                                        report_fraction, seed)
+    if spec_selection is not None:
+        selection = load_documents(spec_selection)
+    else:
+        calib, selection = split_documents(calib, selection_fraction, seed + 1)
+    for (name_a, a), (name_b, b) in ((("calibration", calib), ("report", report)),
+                                     (("calibration", calib), ("selection", selection)),
+                                     (("selection", selection), ("report", report))):
+        shared = _shared_documents(a, b)
+        if shared:
+            raise PrismqError(f"{name_a} and {name_b} text share {shared}; the three splits must be disjoint "
+                              "(or give one source to have it split)")
+    return TextSplits(tokenize_blocks(tokenizer, calib, n_calib, seqlen, seed, "the calibration text"),
+                      tokenize_blocks(tokenizer, selection, n_selection, seqlen, seed, "the selection text"),
+                      tokenize_blocks(tokenizer, report, n_report, seqlen, seed, "the held-out (report) text"))

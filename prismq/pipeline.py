@@ -32,11 +32,11 @@ from prismq.model.linears import LM_HEAD, model_dtype
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
 from prismq.model.source import resolve_device, resolve_model
 from prismq.report import write_report
-from prismq.stages import calibration_blocks, heldout_blocks, stage_cost, stage_probe
+from prismq.stages import calibration_blocks, heldout_blocks, selection_blocks, stage_cost, stage_probe
 
 logger = logging.getLogger(__name__)
 
-Until = Literal["allocate", "export"]
+Until = Literal["allocate", "select", "export"]
 
 
 @dataclass
@@ -45,6 +45,7 @@ class QuantizeResult:
     run went that far."""
 
     allocation: Allocation
+    selection: Any = None  # prismq.select.stage.Selection once the select stage ran
     export: ExportResult | None = None
     evaluation: dict[str, Any] | None = None
     report: Path | None = None
@@ -81,7 +82,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     dtype = resolve_compute_dtype(config.compute_dtype, target, model_dtype(model_dir))
     logger.info("computing in %s on %s", dtype_name(dtype), device_description(target))
     measure = MeasureConfig(model=config.model, work_dir=work, calib=config.calib, heldout=config.heldout,
-                            calib_blocks=config.calib_blocks, heldout_blocks=config.heldout_blocks,
+                            selection_text=config.selection_text, calib_blocks=config.calib_blocks,
+                            selection_blocks=config.selection_blocks, heldout_blocks=config.heldout_blocks,
                             seqlen=config.calib_seqlen, device=config.device,
                             compute_dtype=config.compute_dtype, max_memory=config.max_memory_bytes)
     log = StageLog()
@@ -97,10 +99,18 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
 
     from prismq.export.stage import stage_eval, stage_export
     from prismq.rounding.stage import stage_round
+    from prismq.select.stage import stage_select
 
+    selection_split = selection_blocks(work)
+    with log.stage("select"):
+        selection = stage_select(work, config, allocation, model_dir, rows, dtype, config.device, selection_split)
+    if until == "select":
+        logger.info("selection in %s: %d units changed", work / "selection.json", len(selection.changed))
+        return QuantizeResult(allocation, selection)
     heldout = heldout_blocks(work)
     rounding = stage_round(work, config, allocation, model_dir, dtype, config.device,
-                           calibration_blocks(work)[:config.rounding_blocks], heldout, log)
+                           calibration_blocks(work)[:config.rounding_blocks], selection_split, heldout, log,
+                           mix=selection.assignment)
     with log.stage("export"):
         result = stage_export(config, model_dir, rounding)
     with log.stage("eval (export)"):
@@ -108,7 +118,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                                 config.max_memory_bytes)
     experts = sum(w for what, w in checked.kept.items() if what.startswith("routed experts"))
     all_bytes = result.linear_bytes + experts * model_dtype(model_dir).itemsize
-    summary = _summary(config, allocation, rounding, result, evaluation, rows,
+    summary = _summary(config, allocation, selection, rounding, result, evaluation, rows,
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
                         "seconds": {k: round(v, 1) for k, v in log.seconds.items()},
                         "peak_memory_gb": {k: {"host": round(v / 1e9, 3),
@@ -129,7 +139,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     logger.info("held-out mean KL %.5f, same top-1 %.2f%%, PPL ratio %.4f; report: %s", evaluation["mean_kl"],
                 100 * evaluation["same_top1"], evaluation["ppl_ratio"], report)
     logger.info("serve it with: vllm serve %s --quantization compressed-tensors", result.path)
-    return QuantizeResult(allocation, result, evaluation, report)
+    return QuantizeResult(allocation, selection, result, evaluation, report)
 
 
 def _routed_experts(work: Path) -> dict[str, Any]:
@@ -147,22 +157,37 @@ def _routed_experts(work: Path) -> dict[str, Any]:
     return {"matrices": len(counts), "without_tokens": idle}
 
 
-def _summary(config: QuantizeConfig, allocation: Allocation, rounding: Any, result: ExportResult,
+def _comparison(allocation: Allocation, rounding: Any) -> list[str]:
+    """The report's lines on the mix against each alternative of the same budget, on both splits."""
+    mix, mix_report = rounding.mix_eval["mean_kl"], rounding.mix_report.get("mean_kl")
+    lines = []
+    for name, measured in rounding.baseline_evals.items():
+        label = (f"uniform {name} ({allocation.baselines[name][1]:.3f} bits/param, {rounding.chosen})"
+                 if name in allocation.baselines else f"the {name} ({rounding.chosen})")
+        reported = rounding.baseline_reports.get(name, {}).get("mean_kl")
+        line = (f"- {label}: selection-split mean KL {measured['mean_kl']:.5f}, the mix's "
+                f"{mix / max(measured['mean_kl'], 1e-12) - 1:+.1%} relative to it")
+        if reported is not None and mix_report is not None:
+            line += (f"; report split {reported:.5f}, the mix's {mix_report / max(reported, 1e-12) - 1:+.1%} "
+                     "relative to it")
+        lines.append(line)
+    if rounding.shipped != "mix":
+        lines.append(f"- **shipped {rounding.shipped}**: it measured better than the mix on the selection split, and "
+                     "prismq never ships a mix worse than an alternative that fits the same budget")
+    return lines
+
+
+def _summary(config: QuantizeConfig, allocation: Allocation, selection: Any, rounding: Any, result: ExportResult,
              evaluation: dict[str, Any], rows: list[CostRow], run: dict[str, Any]) -> dict[str, Any]:
-    """summary.json's content: settings, budget, bytes, KL of the export, the baselines, the rounding."""
+    """summary.json's content: settings, budget, bytes, KL of the export, the alternatives, the selection, the
+    rounding."""
     by_row = {(r.linear, r.format): r for r in rows}
     per_format: dict[str, dict[str, int]] = {}
     for name, fmt in rounding.assignment.items():
         entry = per_format.setdefault(fmt, {"bytes": 0, "params": 0})
         entry["bytes"] += by_row[(name, fmt)].bytes
         entry["params"] += by_row[(name, fmt)].params
-    mix_kl = rounding.mix_eval["mean_kl"]
-    comparison = [f"- uniform {name} ({allocation.baselines[name][1]:.3f} bits/param, {rounding.chosen}): mean KL "
-                  f"{b['mean_kl']:.5f}; the allocated mix's mean KL is {mix_kl / max(b['mean_kl'], 1e-12) - 1:+.1%} "
-                  "relative to it" for name, b in rounding.baseline_evals.items()]
-    if rounding.shipped != "mix":
-        comparison.append(f"- **shipped uniform {rounding.shipped}**: it measured better than the allocated mix, and "
-                          "prismq never ships a mix worse than a uniform format that fits the same budget")
+    comparison = _comparison(allocation, rounding)
     return {
         "model": str(config.model or "embedded default (SmolLM2-135M-Instruct)"), "out": str(result.path),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.model_dump().items()},
@@ -173,6 +198,10 @@ def _summary(config: QuantizeConfig, allocation: Allocation, rounding: Any, resu
         "predicted_dloss": float(sum(by_row[(n, f)].predicted_dloss for n, f in rounding.assignment.items())),
         "per_format": per_format, "eval": evaluation, "uniform_baselines": rounding.baseline_evals,
         "comparison": comparison,
+        "selection": {"mode": selection.mode, "flips_measured": len(selection.flips),
+                      "units_measured": len(selection.units), "units_changed": len(selection.changed),
+                      "surrogate_scale": selection.surrogate_scale, "shipped": rounding.shipped,
+                      "mix_selection_kl": rounding.mix_eval, "mix_report_kl": rounding.mix_report},
         "rounding": {"methods": rounding.methods, "chosen": rounding.chosen, "mean_kl": rounding.mean_kl,
                      "output_error_vs_rtn_geomean": rounding.output_error_vs_rtn_geomean,
                      "rtn_kept": rounding.rtn_kept},

@@ -14,7 +14,7 @@ import torch
 
 from prismq.artifacts import read_json, read_tensors, write_json, write_tensors
 from prismq.config import MeasureConfig
-from prismq.data import calibration_and_heldout
+from prismq.data import text_splits
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.cost import CostRow, run_cost
@@ -27,12 +27,14 @@ from prismq.model.targets import model_targets
 
 def _run_record(config: MeasureConfig, model_dir: Path) -> dict:
     return {"model": config.model, "model_dir": str(model_dir), "calib": config.calib, "heldout": config.heldout,
-            "calib_blocks": config.calib_blocks, "heldout_blocks": config.heldout_blocks, "seqlen": config.seqlen,
-            "seed": config.seed}
+            "selection_text": config.selection_text, "calib_blocks": config.calib_blocks,
+            "selection_blocks": config.selection_blocks, "heldout_blocks": config.heldout_blocks,
+            "seqlen": config.seqlen, "seed": config.seed}
 
 
 def stage_probe(config: MeasureConfig) -> Path:
-    """Split the text, keep the held-out blocks, and run (or resume) the probe on the calibration blocks."""
+    """Split the text three ways (calibration, selection, held-out report), keep the blocks, and run (or resume) the
+    probe on the calibration blocks."""
     work = Path(config.work_dir)
     model_dir = resolve_model(config.model)
     record = _run_record(config, model_dir)
@@ -41,14 +43,15 @@ def stage_probe(config: MeasureConfig) -> Path:
         changed = [k for k, v in record.items() if previous.get(k) != v]
         raise PrismqError(f"{work} holds a run with other settings ({', '.join(changed)}); use another --work-dir")
     tokenizer = load_tokenizer(model_dir)
-    calib, heldout = calibration_and_heldout(config.calib, config.heldout, tokenizer, config.calib_blocks,
-                                             config.heldout_blocks, config.seqlen, config.seed)
+    splits = text_splits(config.calib, config.heldout, config.selection_text, tokenizer, config.calib_blocks,
+                         config.selection_blocks, config.heldout_blocks, config.seqlen, config.seed)
     write_json(work / "run.json", "run", record)
-    write_tensors(work / "heldout", "blocks", {"tokens": heldout}, {"split": "heldout"})
-    write_tensors(work / "calibration", "blocks", {"tokens": calib}, {"split": "calibration"})
+    write_tensors(work / "heldout", "blocks", {"tokens": splits.report}, {"split": "heldout"})
+    write_tensors(work / "selection_text", "blocks", {"tokens": splits.selection}, {"split": "selection"})
+    write_tensors(work / "calibration", "blocks", {"tokens": splits.calibration}, {"split": "calibration"})
     device = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, device, model_dtype(model_dir))
-    return run_probe(model_dir, work, calib, device=device, sample_rows=config.sample_rows, seed=config.seed,
+    return run_probe(model_dir, work, splits.calibration, device=device, sample_rows=config.sample_rows, seed=config.seed,
                      dtype=dtype, max_memory=config.max_memory)
 
 
@@ -60,20 +63,26 @@ def run_model_dir(work_dir: Path) -> Path:
     return Path(record["model_dir"])
 
 
-def heldout_blocks(work_dir: Path) -> torch.Tensor:
-    """The held-out token blocks the probe stage set aside (disjoint from its calibration blocks)."""
-    stored = read_tensors(Path(work_dir) / "heldout", "blocks")
+def _blocks(work_dir: Path, stem: str, what: str) -> torch.Tensor:
+    stored = read_tensors(Path(work_dir) / stem, "blocks")
     if stored is None:
-        raise PrismqError(f"{work_dir} has no held-out blocks: run `prismq probe` first")
+        raise PrismqError(f"{work_dir} has no {what} blocks: run `prismq probe` first")
     return stored[0]["tokens"]
+
+
+def heldout_blocks(work_dir: Path) -> torch.Tensor:
+    """The held-out (report) token blocks the probe stage set aside: the KL report.md states, never a decision's."""
+    return _blocks(work_dir, "heldout", "held-out")
+
+
+def selection_blocks(work_dir: Path) -> torch.Tensor:
+    """The selection token blocks: every KL a decision is made on (disjoint from calibration and report)."""
+    return _blocks(work_dir, "selection_text", "selection")
 
 
 def calibration_blocks(work_dir: Path) -> torch.Tensor:
     """The calibration token blocks the probe ran on (input ranges and GPTQ use the same ones)."""
-    stored = read_tensors(Path(work_dir) / "calibration", "blocks")
-    if stored is None:
-        raise PrismqError(f"{work_dir} has no calibration blocks: run `prismq probe` first")
-    return stored[0]["tokens"]
+    return _blocks(work_dir, "calibration", "calibration")
 
 
 def stage_cost(work_dir: Path, formats: list[str], device: str = "auto", compute_dtype: str = "auto") -> list[CostRow]:

@@ -47,3 +47,16 @@ def default_model_dir() -> Path:
         return resolve_model(None)
     except Exception as exc:
         pytest.skip(f"embedded default model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def small_vocab_llama(default_model_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer hidden-64 Llama with the default model's tokenizer and 49152-token vocabulary, for whole runs."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("llama-49k")
+    build_tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=49152, num_attention_heads=2,
+                     num_key_value_heads=1).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(default_model_dir / name, path / name)
+    return path

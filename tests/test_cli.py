@@ -16,7 +16,6 @@ from prismq.config import QuantizeConfig, parse_size
 from prismq.errors import PrismqError
 
 SUBCOMMANDS = ["quantize", "probe", "cost", "allocate", "select", "export", "eval", "report", "formats"]
-STAGES = ["select"]  # the others are built: test_kl.py, test_stages.py, test_pipeline_stages.py
 
 
 class Recorded(list):
@@ -60,16 +59,12 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"prismq {__version__}"
 
 
-@pytest.mark.parametrize("name", STAGES)
-def test_unbuilt_stages_exit_2_with_message(name, capsys):
-    assert main([name]) == 2
-    assert capsys.readouterr().err.strip() == f"prismq: '{name}' is not implemented yet"
-
-
-def test_allocate_and_export_run_the_stage_list_up_to_themselves(fake_pipeline):
+def test_allocate_select_and_export_run_the_stage_list_up_to_themselves(fake_pipeline):
     assert main(["allocate", "--target-bits", "5", "--work-dir", "w"]) == 0
+    assert main(["select", "--target-bits", "5", "--work-dir", "w", "--select-units", "3"]) == 0
     assert main(["export", "--uniform", "NVFP4", "--out", "x"]) == 0
-    assert fake_pipeline.until == ["allocate", "export"] and fake_pipeline[1].uniform == "NVFP4"
+    assert fake_pipeline.until == ["allocate", "select", "export"] and fake_pipeline[2].uniform == "NVFP4"
+    assert fake_pipeline[1].select_units == 3
 
 
 def test_report_without_a_summary_is_a_clear_error(tmp_path, capsys):

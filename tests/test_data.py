@@ -13,13 +13,13 @@ import torch
 from conftest import SHARED_DATA
 
 from prismq.data import (
-    calibration_and_heldout,
     consecutive_blocks,
     default_documents,
     load_documents,
     read_text,
     split_documents,
     split_wikitext,
+    text_splits,
     token_stream,
     tokenize_blocks,
 )
@@ -211,30 +211,46 @@ def test_consecutive_blocks_are_the_start_of_the_text() -> None:
     assert blocks.tolist() == [list(b"abcd"), list(b"efgh")]
 
 
-def test_calibration_and_heldout_from_one_source_or_two(tmp_path: Path) -> None:
-    docs = make_documents(50)
+def test_three_disjoint_splits_from_one_source_two_or_three(tmp_path: Path) -> None:
+    docs = make_documents(60)
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    calib, heldout = calibration_and_heldout(str(one), None, ByteTokenizer(), 6, 3, 16, seed=0)
-    assert calib.shape == (6, 16) and heldout.shape == (3, 16)
-    c_docs, h_docs = split_documents(docs, 0.1, 0)
-    assert torch.equal(heldout, tokenize_blocks(ByteTokenizer(), h_docs, 3, 16, 0))
-    assert torch.equal(calib, tokenize_blocks(ByteTokenizer(), c_docs, 6, 16, 0))
-    # only a held-out source: it is split the same way
-    assert torch.equal(calibration_and_heldout(None, str(one), ByteTokenizer(), 6, 3, 16)[1], heldout)
+    splits = text_splits(str(one), None, None, ByteTokenizer(), 6, 2, 3, 16, seed=0)
+    assert splits.calibration.shape == (6, 16) and splits.selection.shape == (2, 16)
+    assert splits.report.shape == (3, 16)
+    # independently: the report side is one seeded split of the documents, the selection side a second split of
+    # what is left; the three sets of documents share none
+    rest, report_docs = split_documents(docs, 0.1, 0)
+    calib_docs, selection_docs = split_documents(rest, 0.1, 1)
+    assert calib_docs and selection_docs and report_docs and not (
+        set(calib_docs) & set(selection_docs) or set(calib_docs) & set(report_docs)
+        or set(selection_docs) & set(report_docs))
+    assert len(calib_docs) + len(selection_docs) + len(report_docs) == len(docs)
+    assert torch.equal(splits.report, tokenize_blocks(ByteTokenizer(), report_docs, 3, 16, 0))
+    assert torch.equal(splits.selection, tokenize_blocks(ByteTokenizer(), selection_docs, 2, 16, 0))
+    assert torch.equal(splits.calibration, tokenize_blocks(ByteTokenizer(), calib_docs, 6, 16, 0))
+    # only a held-out source: it is split the same way; the report blocks do not depend on the other counts
+    assert torch.equal(text_splits(None, str(one), None, ByteTokenizer(), 1, 0, 3, 16).report, splits.report)
 
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"text": "something else entirely " * 20}) + "\n")
-    calib2, heldout2 = calibration_and_heldout(str(one), str(other), ByteTokenizer(), 2, 1, 16)
-    assert calib2.shape == (2, 16) and heldout2.shape == (1, 16)
+    two = text_splits(str(one), str(other), None, ByteTokenizer(), 2, 1, 1, 16)
+    assert bytes(two.report[0].tolist()) in b"something else entirely " * 20
+    third = tmp_path / "third.jsonl"
+    third.write_text(json.dumps({"text": "a third text for selection " * 20}) + "\n")
+    three = text_splits(str(one), str(other), str(third), ByteTokenizer(), 2, 1, 1, 16)
+    assert bytes(three.selection[0].tolist()) in b"a third text for selection " * 20
     other.write_text(json.dumps({"text": docs[3] + "\n"}) + "\n")
-    with pytest.raises(PrismqError, match=r"share 1 document\(s\) \(e.g. 'document 3: w3.0"):
-        calibration_and_heldout(str(one), str(other), ByteTokenizer(), 2, 1, 16)
+    with pytest.raises(PrismqError, match=r"calibration and report text share 1 document\(s\) \(e.g. 'document 3"):
+        text_splits(str(one), str(other), None, ByteTokenizer(), 2, 1, 1, 16)
+    third.write_text(json.dumps({"text": docs[3]}) + "\n")
+    with pytest.raises(PrismqError, match=r"calibration and selection text share 1 document"):
+        text_splits(str(one), None, str(third), ByteTokenizer(), 2, 1, 1, 16)
 
 
-def test_default_text_gives_calibration_and_heldout_blocks() -> None:
-    calib, heldout = calibration_and_heldout(None, None, ByteTokenizer(), 4, 4, 256)
-    assert calib.shape == heldout.shape == (4, 256)
+def test_default_text_gives_the_three_splits() -> None:
+    splits = text_splits(None, None, None, ByteTokenizer(), 4, 2, 4, 256)
+    assert splits.calibration.shape == splits.report.shape == (4, 256) and splits.selection.shape == (2, 256)
 
 
 WIKI_TEST = SHARED_DATA / "wikitext-2-raw-test.txt"
@@ -243,8 +259,8 @@ WIKI_TEST = SHARED_DATA / "wikitext-2-raw-test.txt"
 @pytest.mark.slow
 @pytest.mark.skipif(not WIKI_TEST.is_file(), reason="../shared/data/wikitext-2-raw-test.txt not present")
 def test_real_wikitext_split_shares_no_document_and_no_heldout_block() -> None:
-    """On WikiText-2 test with the SmolLM2 tokenizer: no article on both sides, and no held-out block's token
-    sequence occurs anywhere in the calibration token stream (searched as raw int32 bytes at token alignment)."""
+    """On WikiText-2 test with the SmolLM2 tokenizer: no article on two sides, and no report or selection block's
+    token sequence occurs anywhere in the calibration token stream (searched as raw int32 bytes at token alignment)."""
     from prismq.model.source import load_tokenizer, resolve_model
 
     try:
@@ -255,12 +271,15 @@ def test_real_wikitext_split_shares_no_document_and_no_heldout_block() -> None:
     headings = [line for line in WIKI_TEST.read_text(encoding="utf-8").splitlines()
                 if line.startswith(" = ") and line.endswith(" = ") and not line.startswith(" = = ")]
     assert len(docs) == len(headings) == 62
-    calib_docs, heldout_docs = split_documents(docs, 0.1, seed=0)
-    assert set(calib_docs).isdisjoint(heldout_docs)
-    calib, heldout = calibration_and_heldout(str(WIKI_TEST), None, tokenizer, 32, 16, 512, seed=0)
-    assert calib.shape == (32, 512) and heldout.shape == (16, 512)
+    rest, heldout_docs = split_documents(docs, 0.1, seed=0)
+    calib_docs, selection_docs = split_documents(rest, 0.1, seed=1)
+    assert not (set(calib_docs) & set(heldout_docs) or set(calib_docs) & set(selection_docs)
+                or set(selection_docs) & set(heldout_docs))
+    splits = text_splits(str(WIKI_TEST), None, None, tokenizer, 32, 8, 16, 512, seed=0)
+    calib, heldout = splits.calibration, splits.report
+    assert calib.shape == (32, 512) and heldout.shape == (16, 512) and splits.selection.shape == (8, 512)
     stream = token_stream(tokenizer, calib_docs).to(torch.int32).numpy().tobytes()
-    for block in heldout:
+    for block in torch.cat([heldout, splits.selection]):
         needle = block.to(torch.int32).numpy().tobytes()
         at = stream.find(needle)
         while at != -1 and at % 4:  # a byte-misaligned hit is not a token match; look further

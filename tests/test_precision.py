@@ -114,13 +114,13 @@ def test_export_kl_agrees_across_compute_dtypes(default_model_dir: Path, tmp_pat
     """The same NVFP4 export of SmolLM2, evaluated in bf16 and in fp32 (reference and quantized model alike), gives
     the same mean KL within 15 % (measured: see benchmarks/RESULTS.md, compute dtype); the fp32 model computes the
     exported weights exactly."""
-    from prismq.data import calibration_and_heldout
+    from prismq.data import text_splits
     from prismq.model.source import load_tokenizer
 
     names = list(quantizable(linear_shapes(default_model_dir)))
     assignment = dict.fromkeys(names, "NVFP4A16")
     out = write_checkpoint(default_model_dir, assignment, tmp_path / "out", progress=False).path
-    _, blocks = calibration_and_heldout(None, None, load_tokenizer(default_model_dir), 0, 1, 64)
+    blocks = text_splits(None, None, None, load_tokenizer(default_model_dir), 0, 0, 1, 64).report
     kls, weights = {}, {}
     for dtype in (torch.bfloat16, torch.float32):
         quantized = load_model(out, dtype)

@@ -85,13 +85,24 @@ def stage_allocate(work: Path, config: QuantizeConfig, model_dir: Path, rows: li
     done = read_current(work / "allocation.json", ALLOCATION, expect)
     if done is not None:
         return _in_model_order(Allocation.model_validate(done["allocation"]), rows)
-    formats, fallback = offered_formats(config)
-    units = model_units(model_dir)
-    pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
-    problem = build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)
+    problem = allocation_problem(config, model_dir, rows)
     allocation = _uniform(config, problem) if config.uniform else _knapsack(config, problem, model_dir, work)
     write_json(work / "allocation.json", ALLOCATION, {**expect, "allocation": allocation.model_dump()})
     return allocation
+
+
+def allocation_problem(config: QuantizeConfig, model_dir: Path, rows: list[CostRow]) -> Problem:
+    """The knapsack's inputs: the model's decision units, the formats offered to each (pins and --force rules
+    applied), their summed predicted costs and bytes."""
+    formats, fallback = offered_formats(config)
+    units = model_units(model_dir)
+    pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
+    return build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)
+
+
+def allocation_budget(config: QuantizeConfig, model_dir: Path, problem: Problem) -> int:
+    """Bytes the allocated weights may take under --target-bits or --target-size."""
+    return budget_bytes(problem, config.target_bits, config.target_size, _other_bytes(model_dir, problem))
 
 
 def _uniform(config: QuantizeConfig, problem: Problem) -> Allocation:
@@ -109,7 +120,7 @@ def _knapsack(config: QuantizeConfig, problem: Problem, model_dir: Path, work: P
     from prismq.allocate.knapsack import solve
     from prismq.allocate.pareto import budgets_from_bits, frontier_json, knee, plot_frontier, sweep
 
-    budget = budget_bytes(problem, config.target_bits, config.target_size, _other_bytes(model_dir, problem))
+    budget = allocation_budget(config, model_dir, problem)
     label = (f"--target-bits {config.target_bits} -> {budget:,} bytes for the allocated Linears" if config.target_bits
              else f"--target-size {config.target_size} GB -> {budget:,} bytes for the allocated Linears")
     largest = int(np.where(np.isinf(problem.cost), 0, problem.size).max(axis=1).sum())

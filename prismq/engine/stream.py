@@ -289,6 +289,13 @@ class LayerStream:
             decompress_module(sub)
         cast_stored(module, self.weight_dtype, self.dtype)
 
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer holding target (or module) `name`, None for what lies outside the layers (lm_head)."""
+        target = self.targets.get(name)
+        head, _, rest = (name if target is None else target.module).partition(f"{self.prefix}.")
+        index = rest.split(".", 1)[0]
+        return None if head or not index.isdigit() else int(index)
+
     def layer_names(self, index: int, module: nn.Module) -> dict[str, nn.Module]:
         """A materialized layer's modules under their names in the whole model (for assignments)."""
         base = f"{self.prefix}.{index}"

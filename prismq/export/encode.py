@@ -25,15 +25,15 @@ def encode_group(format_name: str, weights: dict[str, torch.Tensor], input_amax:
             for name, w in weights.items()}
 
 
-def encode_model(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor] | None = None,
-                 weight_dtype: torch.dtype | None = None,
+def encode_model(model: nn.Module | Mapping[str, nn.Module], assignment: dict[str, str],
+                 input_amax: dict[str, torch.Tensor] | None = None, weight_dtype: torch.dtype | None = None,
                  known: Mapping[str, Target] | None = None) -> dict[str, Tensors]:
-    """The exact tensors the exporter would write for every assigned target of an in-memory model (`known`: the
-    model's targets, which routed experts need).
+    """The exact tensors the exporter would write for every assigned target of an in-memory model, or of the
+    modules by name of a streamed layer (`known`: the model's targets, which routed experts need).
 
     weight_dtype: the checkpoint's dtype, which the codecs see whatever the model computes in (None: the model's own
     dtype); a model computing in float32 holds the checkpoint's bf16 values exactly, so the bytes are the same."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else model
     encoded: dict[str, Tensors] = {}
     for group in sibling_groups(assignment):
         targets = targets_named(group, modules, known)

@@ -21,7 +21,7 @@ from torch import nn
 
 from prismq.artifacts import write_json
 from prismq.config import QuantizeConfig
-from prismq.data import calibration_and_heldout, consecutive_blocks, read_text
+from prismq.data import consecutive_blocks, read_text, text_splits
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.engine.stream import LayerStream, final_hidden_states
@@ -65,9 +65,9 @@ def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
     """The blocks `prismq quantize` calibrates input ranges and GPTQ on when given no --calib (same text, count,
     seed, and the first `rounding_blocks` of them)."""
     fields = QuantizeConfig.model_fields
-    blocks, _ = calibration_and_heldout(None, None, load_tokenizer(model_dir), fields["calib_blocks"].default, 0,
-                                        fields["calib_seqlen"].default)
-    return blocks[:fields["rounding_blocks"].default]
+    splits = text_splits(None, None, None, load_tokenizer(model_dir), fields["calib_blocks"].default, 0, 0,
+                         fields["calib_seqlen"].default)
+    return splits.calibration[:fields["rounding_blocks"].default]
 
 
 def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
@@ -145,13 +145,12 @@ def _streamed_kl(stream: LayerStream, quantized: str, blocks: torch.Tensor, roun
 
 
 def eval_blocks(model_dir: Path, text: str | None, n_blocks: int, seqlen: int) -> torch.Tensor:
-    """The blocks to evaluate: consecutive blocks from the start of `text` (a file), or without one, held-out
-    blocks of the default text's calibration / held-out split."""
+    """The blocks to evaluate: consecutive blocks from the start of `text` (a file), or without one, the
+    report blocks of the default text's split (the held-out text `prismq quantize` states its KL on)."""
     tokenizer = load_tokenizer(model_dir)
     if text is not None:
         return consecutive_blocks(tokenizer, read_text(text), n_blocks, seqlen)
-    _, heldout = calibration_and_heldout(None, None, tokenizer, 0, n_blocks, seqlen)
-    return heldout
+    return text_splits(None, None, None, tokenizer, 0, 0, n_blocks, seqlen).report
 
 
 def run_eval(reference: str | None, quantized: str, text: str | None = None, n_blocks: int = DEFAULT_BLOCKS,

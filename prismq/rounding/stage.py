@@ -1,17 +1,20 @@
-"""The round stage: the allocation in, the exact tensors to ship and their measured held-out KL out.
+"""The round stage: the chosen mix in, the exact tensors to ship and their measured KL out.
 
-Input ranges are clipped on the calibration blocks; the allocated mix is rounded by each method asked for
-(`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk, each measured on the held-out blocks as it
-goes; the method with the lowest KL is kept. The uniform baselines that fit the same budget are rounded the same way
-in a second walk; if one measures lower KL than the mix, it ships instead (predictions can misrank; measured KL
-decides). Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/, and
-the reference's final hidden states on the held-out blocks (WORK/reference_hidden) for the eval stage. Rerunning
-with the same allocation and settings reuses all of it.
+Input ranges are clipped on the calibration blocks; the mix (the select stage's, else the knapsack's) is rounded by
+each method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the
+lowest KL on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when
+selection changed it, the uniform baselines) are rounded the same way in a second walk; if one measures lower
+selection KL than the mix, it ships instead (predictions can misrank; measured KL decides). Every lane is measured
+on the report (held-out) blocks too, for the report to state; no decision reads those numbers. Writes
+WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/, and the reference's
+final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning with the same inputs
+and settings reuses all of it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,10 +47,14 @@ ROUNDING = "rounding"
 REFERENCE_HIDDEN = "reference_hidden"
 
 
+KNAPSACK_MIX = "knapsack mix"  # the allocate stage's mix, an alternative when selection changed it
+
+
 class Rounding(BaseModel):
-    """What the round stage measured and what ships: the methods' held-out mean KL and the one kept, the output
-    error of GPTQ relative to round-to-nearest, the input ranges, every KL measured (the mix, the baselines), and
-    the shipped assignment with the directory of its tensors."""
+    """What the round stage measured and what ships: the methods' selection-split mean KL and the one kept, the
+    output error of GPTQ relative to round-to-nearest, the input ranges, every KL measured (the mix and the
+    alternatives, on the selection split and on the report split), and the shipped assignment with the directory of
+    its tensors."""
 
     methods: list[str]
     mean_kl: dict[str, float]
@@ -56,8 +63,10 @@ class Rounding(BaseModel):
     rtn_kept: int
     input_amax: dict[str, float]
     mix_eval: dict[str, Any]
-    baseline_evals: dict[str, dict[str, Any]]
-    shipped: str  # "mix", or the uniform format shipped instead
+    baseline_evals: dict[str, dict[str, Any]]  # the alternatives: the knapsack's mix, uniform formats
+    mix_report: dict[str, Any]
+    baseline_reports: dict[str, dict[str, Any]]
+    shipped: str  # "mix", or the alternative shipped instead
     assignment: dict[str, str]
     store: str
 
@@ -67,59 +76,70 @@ def _settings(config: QuantizeConfig) -> dict[str, Any]:
                                                   "gptq_block_size")}
 
 
+def assignment_fingerprint(assignment: dict[str, str]) -> str:
+    """A short hash of an assignment (name -> format), independent of its order."""
+    return hashlib.sha256(json.dumps(sorted(assignment.items())).encode()).hexdigest()[:16]
+
+
 def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, dtype: torch.dtype,
-                device: str, calibration: torch.Tensor, heldout: torch.Tensor,
-                log: StageLog) -> Rounding:
-    """Run (or resume) the round stage for `allocation` (see the module docstring)."""
+                device: str, calibration: torch.Tensor, selection: torch.Tensor, report: torch.Tensor,
+                log: StageLog, mix: dict[str, str] | None = None) -> Rounding:
+    """Run (or resume) the round stage for `mix` (default: the allocation's own; see the module docstring)."""
+    mix = mix or allocation.assignment
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
-              "settings": _settings(config), "dtype": str(dtype).removeprefix("torch.")}
+              "mix": assignment_fingerprint(mix), "settings": _settings(config),
+              "dtype": str(dtype).removeprefix("torch.")}
     done = read_current(work / "rounding.json", ROUNDING, expect)
     if done is not None:
         return Rounding.model_validate(done["rounding"])
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    baselines = allocation.baselines
+    alternatives = {**({KNAPSACK_MIX: allocation.assignment} if mix != allocation.assignment else {}),
+                    **{name: assignment for name, (assignment, _) in allocation.baselines.items()}}
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
-                   "heldout": fingerprint_tokens(heldout), "device": resolve_device(device).type}
+                   "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
+                   "device": resolve_device(device).type}
     states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
               for walk in ("ranges", "methods", "baselines")}
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         with log.stage("input ranges"):
-            input_amax = _input_ranges(stream, calibration, [allocation.assignment,
-                                                             *(a for a, _ in baselines.values())], work,
+            input_amax = _input_ranges(stream, calibration, [mix, *alternatives.values()], work,
                                        states["ranges"])
-        with log.stage("rounding + held-out eval"):
-            walk = round_lanes(stream, [(allocation.assignment, m) for m in methods], calibration, heldout,
-                               input_amax, settings, spill_dir=work / "rounded" / "methods", state=states["methods"])
+        with log.stage("rounding + selection / report KL"):
+            walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
+                               spill_dir=work / "rounded" / "methods", state=states["methods"], report=report)
             kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
             chosen = min(kls, key=kls.__getitem__)
             if len(methods) > 1:
-                logger.info("rounding %s measured best (%s held-out mean KL)", chosen,
+                logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
                             ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
             baseline_walk = None
-            if baselines:
-                baseline_walk = round_lanes(stream, [(a, chosen) for a, _ in baselines.values()], calibration,
-                                            heldout, input_amax, settings, reference_hidden=walk.reference_hidden,
-                                            spill_dir=work / "rounded" / "baselines", state=states["baselines"])
-        write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": torch.stack(walk.reference_hidden).cpu()},
-                      reference_expect(model_dir, heldout, dtype))
+            if alternatives:
+                baseline_walk = round_lanes(stream, [(a, chosen) for a in alternatives.values()], calibration,
+                                            selection, input_amax, settings, reference_hidden=walk.reference_hidden,
+                                            spill_dir=work / "rounded" / "baselines", state=states["baselines"],
+                                            report=report)
+        reference_report = torch.stack(walk.reference_hidden[len(selection):]).cpu()
+        write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
+                      reference_expect(model_dir, report, dtype))
     index = methods.index(chosen)
-    mix_eval = walk.kl[index].to_json()
-    baseline_evals = {name: r.to_json() for name, r in zip(baselines, baseline_walk.kl)} if baseline_walk else {}
+    mix_eval, mix_report = walk.kl[index].to_json(), walk.report_kl[index].to_json()
+    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, baseline_walk.kl)} if baseline_walk else {}
+    baseline_reports = ({name: r.to_json() for name, r in zip(alternatives, baseline_walk.report_kl)}
+                        if baseline_walk else {})
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
     if better is not None:
-        logger.info("the allocated mix measured worse (mean KL %.5f) than uniform %s in the same bytes (%.5f): "
-                    "shipping uniform %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"],
-                    shipped)
+        logger.info("the mix measured worse on the selection split (mean KL %.5f) than %s in the same bytes (%.5f): "
+                    "shipping %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"], shipped)
     rounded = walk.rounded[index]
     store = (work / "rounded" / "methods" / f"candidate-{index}" if shipped == "mix"
-             else work / "rounded" / "baselines" / f"candidate-{list(baselines).index(shipped)}")
+             else work / "rounded" / "baselines" / f"candidate-{list(alternatives).index(shipped)}")
     result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
                       **_error_summary(rounded), input_amax={n: float(v) for n, v in input_amax.items()},
-                      mix_eval=mix_eval, baseline_evals=baseline_evals, shipped=shipped,
-                      assignment=allocation.assignment if shipped == "mix" else baselines[shipped][0],
-                      store=str(store))
+                      mix_eval=mix_eval, baseline_evals=baseline_evals, mix_report=mix_report,
+                      baseline_reports=baseline_reports, shipped=shipped,
+                      assignment=mix if shipped == "mix" else alternatives[shipped], store=str(store))
     write_json(work / "rounding.json", ROUNDING, {**expect, "rounding": result.model_dump()})
     for state in states.values():
         state.clear()
@@ -127,8 +147,9 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
 
 
 def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:
-    """The uniform format to ship instead of the allocated mix: the one with the lowest measured KL, when it is lower
-    than the mix's (predictions can misrank; measured KL decides). None when the mix measures best."""
+    """The alternative (a uniform format, the knapsack's own mix) to ship instead of the mix: the one with the lowest
+    measured KL, when it is lower than the mix's (predictions can misrank; measured KL decides). None when the mix
+    measures best."""
     if not uniform_kl:
         return None
     best = min(uniform_kl, key=uniform_kl.__getitem__)
@@ -175,7 +196,15 @@ def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: l
         if token_max is None:
             raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima; rerun the "
                               "probe (`prismq probe`) in this compute dtype")
-        for group in input_groups(routed):
-            largest = torch.stack([token_max[n].amax() for n in group]).amax().float()
-            ranges.update({n: largest.clamp(min=torch.finfo(torch.float32).tiny).clone() for n in group})
+        ranges.update(largest_inputs({n: token_max[n] for n in routed}))
+    return ranges
+
+
+def largest_inputs(token_max: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unclipped input ranges from per-token input maxima: each target's largest input, shared by the targets that
+    share one input scale (`input_groups`: a layer's routed experts per projection kind)."""
+    ranges = {}
+    for group in input_groups(token_max):
+        largest = torch.stack([token_max[n].amax() for n in group]).amax().float()
+        ranges.update({n: largest.clamp(min=torch.finfo(torch.float32).tiny).clone() for n in group})
     return ranges

@@ -1,0 +1,139 @@
+"""L3: the end-to-end KL of single-unit changes ("flips") to an assignment, measured in one streamed walk.
+
+Lanes of the walk: the unquantized reference, the base assignment, and one lane per flip (one decision unit in
+another format, everything else as in the base). A flip lane starts at its unit's decoder layer from the base lane's
+hidden states there (the prefix is shared, never recomputed) and re-runs only the layers from there on: tail
+replay. Each decoder layer is read from disk once; the base's quantized tensors of a layer are encoded once, and a
+flip starting in that layer encodes only its own unit, in a copy of the layer. At the head every lane's full-
+vocabulary KL against the reference is taken position by position on the same blocks, and each flip is paired with
+the base: its cost is the mean of (KL(flip) - KL(base)) over every position, with that mean's standard error.
+
+Weights are rounded to nearest by the codecs (the exact bytes of round-to-nearest) and static input scales come
+from the probe's calibration maxima: the measurement ranks formats per unit; the chosen mix is then rounded as it
+ships (GPTQ, scale sweep, clipped ranges) and checked again by the round stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from prismq.engine.layer_inputs import LayerInput
+from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.walkstate import WalkState, pack, unpack
+from prismq.export.encode import encode_model
+from prismq.formats import get_format
+from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_states
+from prismq.model.fake_quant import apply_fake_quant
+
+logger = logging.getLogger(__name__)
+FLIPS = "flips"  # the walk's snapshot: every lane's hidden states before its next layer
+
+
+@dataclass(frozen=True)
+class Flip:
+    """One decision unit (its members) in another format than the base assignment gives it."""
+
+    unit: tuple[str, ...]
+    format: str
+
+
+@dataclass(frozen=True)
+class FlipMeasure:
+    """A flip's measured cost on the selection blocks: the mean over positions of KL(flip) - KL(base), its standard
+    error (over positions), and the flipped model's mean KL."""
+
+    flip: Flip
+    delta_kl: float
+    stderr: float
+    mean_kl: float
+
+
+@dataclass
+class Measured:
+    """The base assignment's KL statistics and every flip's paired cost, in the order the flips were given."""
+
+    base: KLResult
+    flips: list[FlipMeasure] = field(default_factory=list)
+
+
+def paired(flip: Flip, flipped: KLResult, base: KLResult) -> FlipMeasure:
+    """The flip's cost against the base on the same positions: mean difference and its standard error."""
+    difference = (flipped.kl.double() - base.kl.double()).flatten()
+    stderr = float(difference.std() / math.sqrt(difference.numel())) if difference.numel() > 1 else 0.0
+    return FlipMeasure(flip, float(difference.mean()), stderr, flipped.mean_kl)
+
+
+def _layer_assignment(stream: LayerStream, assignment: dict[str, str], index: int) -> dict[str, str]:
+    """The part of `assignment` inside decoder layer `index` that takes a quantized format."""
+    return {name: fmt for name, fmt in assignment.items()
+            if stream.layer_of(name) == index and get_format(fmt).scheme() is not None}
+
+
+@torch.no_grad()
+def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], blocks: torch.Tensor,
+                  input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
+                  progress: bool = True, state: WalkState | None = None) -> Measured:
+    """KL of the base assignment and the paired cost of every flip on token `blocks` [N, L] (see the module
+    docstring); one block per forward, as the KL evaluator runs them. Units outside the decoder layers cannot flip
+    (only BF16 is assigned there). `state`: every lane's hidden states are saved there after each layer, and a
+    rerun with the same state resumes after the last layer saved."""
+    starts: dict[int, list[int]] = {}
+    for number, flip in enumerate(flips):
+        index = stream.layer_of(flip.unit[0])
+        if index is None:
+            raise ValueError(f"{flip.unit[0]} lies outside the decoder layers: it cannot be measured as a flip")
+        starts.setdefault(index, []).append(number)
+    reference = stream.first_inputs(blocks, 1)
+    base_lane: list[LayerInput] = reference
+    lanes: dict[int, list[LayerInput]] = {}
+    saved = state.load(FLIPS) if state is not None else None
+    start = 0 if saved is None else saved[1]["layer"]
+    if saved is not None:
+        def restored(prefix: str) -> list[LayerInput]:
+            hidden = unpack(saved[0], prefix, stream.device, stream.dtype)
+            return [(h, kwargs) for h, (_, kwargs) in zip(hidden, reference)]
+
+        reference, base_lane = restored("reference"), restored("base")
+        lanes = {number: restored(f"flip{number}") for number in saved[1]["lanes"]}
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
+                      desc=f"measure {len(flips)} flip(s)", unit="layer", disable=not progress):
+        with stream.layer(index) as layer:
+            modules = stream.layer_names(index, layer)
+            reference = run_layer(layer, reference)
+            layer_base = _layer_assignment(stream, base, index)
+            encoded = encode_model(modules, layer_base, input_amax, stream.weight_dtype, stream.targets)
+            started = {}
+            for number in starts.get(index, []):
+                flip = flips[number]
+                changed = {**layer_base, **dict.fromkeys(flip.unit, flip.format)}
+                changed = {n: f for n, f in changed.items() if get_format(f).scheme() is not None}
+                own = encode_model(modules, {n: changed[n] for n in flip.unit if n in changed}, input_amax,
+                                   stream.weight_dtype, stream.targets)
+                copied = copy.deepcopy(layer)
+                apply_fake_quant(stream.layer_names(index, copied), changed,
+                                 {**{n: t for n, t in encoded.items() if n not in flip.unit}, **own},
+                                 stream.weight_dtype, stream.targets)
+                started[number] = run_layer(copied, base_lane)
+                del copied
+            apply_fake_quant(modules, layer_base, encoded, stream.weight_dtype, stream.targets)
+            base_lane = run_layer(layer, base_lane)
+            lanes = {number: run_layer(layer, hidden) for number, hidden in lanes.items()}
+            lanes.update(started)
+        if state is not None:
+            tensors = {**pack("reference", [h for h, _ in reference]), **pack("base", [h for h, _ in base_lane])}
+            for number, hidden in lanes.items():
+                tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
+            state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
+    final = {key: [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
+             for key, inputs in [("reference", reference), ("base", base_lane)]}
+    flipped = [[stream.final_hidden(hidden)[0] for hidden, _ in lanes[number]] for number in range(len(flips))]
+    results = evaluate_states(HiddenStates(stream.head, blocks, final["reference"]),
+                              [HiddenStates(stream.head, blocks, hidden) for hidden in [final["base"], *flipped]],
+                              blocks, chunk_size, progress)
+    return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])

@@ -1,0 +1,145 @@
+"""The select stage (SCOUT): the knapsack's mix in, a mix re-decided on measured end-to-end KL out.
+
+The surrogate (predicted delta-loss from the Fisher) proposes; real KL decides where it is least sure: the units
+with the smallest decision margins and the largest predicted costs are measured end to end, every alternative format
+of each as a flip of the knapsack's mix (`measured.measure_flips`, on the selection split only), and the knapsack is
+solved again under the same byte budget with those measured costs (`scout`). The round stage then rounds the
+selected mix as it ships and keeps the knapsack's own mix and the uniform formats as alternatives, so the result is
+never worse than either on the selection split. `--selection surrogate` (or `--select-units 0`) keeps the
+knapsack's mix: the ablation.
+
+Writes WORK/selection.json: every flip measured (unit, formats, bytes, predicted and measured change with its
+standard error), the surrogate scale, the units picked and why, what changed. Rerunning with the same allocation,
+text and settings reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from prismq.allocate.budget import Problem
+from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
+from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json
+from prismq.config import QuantizeConfig
+from prismq.engine.stream import LayerStream
+from prismq.engine.walkstate import WalkState
+from prismq.errors import PrismqError
+from prismq.formats import get_format
+from prismq.measure.cost import CostRow
+from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
+from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+from prismq.model.source import resolve_device
+from prismq.rounding.stage import largest_inputs
+from prismq.select.measured import Flip, measure_flips
+from prismq.select.scout import exchange_rate, flips_for, resolve, uncertain_units
+
+logger = logging.getLogger(__name__)
+
+SELECTION = "selection"
+
+
+class Selection(BaseModel):
+    """What the select stage decided: the mix to round and ship, how (measured or surrogate), and its audit trail."""
+
+    mode: str  # "measured" or "surrogate"
+    assignment: dict[str, str]
+    bits_per_param: float | None = None
+    base_kl: dict[str, Any] | None = None  # the knapsack's mix (round-to-nearest) on the selection split
+    surrogate_scale: float | None = None
+    exchange_rate: float | None = None  # predicted nats per byte at the budget
+    units: list[dict[str, Any]] = []
+    flips: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []
+
+
+def _settings(config: QuantizeConfig) -> dict[str, Any]:
+    return {"selection": config.selection, "select_units": config.select_units}
+
+
+def _choice(problem: Problem, assignment: dict[str, str]) -> np.ndarray:
+    """The option index per unit of an assignment."""
+    return np.array([problem.formats.index(assignment[members[0]]) for members in problem.units])
+
+
+def _input_ranges(work: Path, assignments: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    """Unclipped static input ranges from the probe's per-token maxima, for every target some assignment gives a
+    format with a static input scale."""
+    needing = {n for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
+    if not needing:
+        return {}
+    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
+    found = {n: None if probed is None else input_statistic(probed[0], n, X_TOKEN_MAX) for n in needing}
+    missing = sorted(n for n, value in found.items() if value is None)
+    if missing:
+        raise PrismqError(f"the probe holds no input maxima for {missing[0]}: rerun `prismq probe`")
+    return largest_inputs({n: v for n, v in found.items() if v is not None})
+
+
+def stage_select(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
+                 dtype: torch.dtype, device: str, blocks: torch.Tensor) -> Selection:
+    """Run (or resume) the select stage on the allocation (see the module docstring)."""
+    expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
+              "settings": _settings(config), "text": fingerprint_tokens(blocks),
+              "dtype": str(dtype).removeprefix("torch.")}
+    done = read_current(work / "selection.json", SELECTION, expect)
+    if done is not None:
+        return Selection.model_validate(done["selection"])
+    if config.uniform or config.selection == "surrogate" or config.select_units == 0:
+        result = Selection(mode="surrogate", assignment=allocation.assignment)
+    else:
+        result = _measured(work, config, allocation, model_dir, rows, dtype, device, blocks, expect)
+    write_json(work / "selection.json", SELECTION, {**expect, "selection": result.model_dump()})
+    WalkState(work / "selection.walk", expect).clear()
+    return result
+
+
+def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
+              dtype: torch.dtype, device: str, blocks: torch.Tensor, expect: dict[str, Any]) -> Selection:
+    """L3: measure the uncertain units' flips and re-solve the knapsack with the measured costs."""
+    problem = allocation_problem(config, model_dir, rows)
+    budget = allocation_budget(config, model_dir, problem)
+    choice = _choice(problem, allocation.assignment)
+    rate = exchange_rate(problem, budget)
+    picked = uncertain_units(problem, choice, rate, config.select_units)
+    flips = flips_for(problem, choice, [p.unit for p in picked])
+    if not flips:
+        return Selection(mode="measured", assignment=allocation.assignment)
+    flip_assignments = [{**allocation.assignment, **dict.fromkeys(f.unit, f.format)} for f in flips]
+    input_amax = _input_ranges(work, [allocation.assignment, *flip_assignments])
+    logger.info("measuring %d flips of %d units end to end on %d selection blocks", len(flips), len(picked),
+                len(blocks))
+    state = WalkState(work / "selection.walk", {**expect, "model": fingerprint_model(model_dir),
+                                                "device": resolve_device(device).type})
+    with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
+        measured = measure_flips(stream, allocation.assignment, flips, blocks, input_amax, state=state)
+    new_choice, alpha = resolve(problem, choice, measured.flips, budget)
+    assignment = problem.assignment(new_choice)
+    changed = [{"unit": list(problem.units[u]), "from": problem.formats[choice[u]],
+                "to": problem.formats[new_choice[u]]} for u in np.flatnonzero(new_choice != choice)]
+    logger.info("selection changed %d of %d units (surrogate scale %.3g)", len(changed), len(problem.units), alpha)
+    index = {tuple(members): u for u, members in enumerate(problem.units)}
+    size = problem.size[np.arange(len(new_choice)), new_choice].sum()
+    return Selection(
+        mode="measured", assignment=assignment, bits_per_param=8 * float(size) / problem.params,
+        base_kl=measured.base.to_json(), surrogate_scale=alpha, exchange_rate=rate,
+        units=[{"unit": list(problem.units[p.unit]), "margin": p.margin, "predicted_cost": p.cost,
+                "reason": p.reason} for p in picked],
+        flips=[_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl) for m in measured.flips],
+        changed=changed)
+
+
+def _flip_record(problem: Problem, choice: np.ndarray, index: dict[tuple[str, ...], int], flip: Flip,
+                 delta_kl: float, stderr: float, mean_kl: float) -> dict[str, Any]:
+    """One measured flip for selection.json."""
+    u, k = index[flip.unit], problem.formats.index(flip.format)
+    return {"unit": list(flip.unit), "from": problem.formats[choice[u]], "to": flip.format,
+            "bytes_delta": int(problem.size[u, k] - problem.size[u, choice[u]]),
+            "predicted_delta": float(problem.cost[u, k] - problem.cost[u, choice[u]]),
+            "measured_delta_kl": delta_kl, "stderr": stderr, "mean_kl": mean_kl}
