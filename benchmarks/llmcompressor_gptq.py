@@ -120,13 +120,14 @@ def venv_python() -> Path:
 
 def calibration_blocks(model_dir: Path) -> torch.Tensor:
     """prismq's default calibration blocks [32, 512], checked against what `prismq quantize` calibrates on."""
-    from prismq.data import calibration_and_heldout
+    from prismq.data import text_splits
     from prismq.measure.evaluate import default_calibration_blocks
     from prismq.model.source import load_tokenizer
 
-    calib, _ = calibration_and_heldout(None, None, load_tokenizer(model_dir), CALIB_BLOCKS, HELDOUT_BLOCKS, SEQLEN)
+    tokenizer = load_tokenizer(model_dir)
+    calib = text_splits(None, None, None, tokenizer, CALIB_BLOCKS, 0, HELDOUT_BLOCKS, SEQLEN).calibration
     if not torch.equal(calib, default_calibration_blocks(model_dir)):
-        sys.exit("calibration_and_heldout(None, None, ...) no longer matches prismq quantize's default blocks")
+        sys.exit("text_splits(None, None, None, ...) no longer matches prismq quantize's default blocks")
     return calib
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from probe_bench import device_name, peak_rss_mib, reset_peak_rss, synchronize  # noqa: E402
 
-from prismq.data import calibration_and_heldout, consecutive_blocks  # noqa: E402
+from prismq.data import consecutive_blocks, text_splits  # noqa: E402
 from prismq.model.checkpoint import SourceTensors  # noqa: E402
 from prismq.formats import format_names  # noqa: E402
 from prismq.measure.cost import measure_costs  # noqa: E402
@@ -52,8 +52,8 @@ def blocks_for(model_dir: Path, calib: int, heldout: int, seqlen: int) -> tuple[
     if valid.is_file() and test.is_file():
         return (consecutive_blocks(tokenizer, valid.read_text(), calib, seqlen),
                 consecutive_blocks(tokenizer, test.read_text(), heldout, seqlen), "WikiText-2 valid / test")
-    c, h = calibration_and_heldout(None, None, tokenizer, calib, heldout, seqlen)
-    return c, h, "prismq default text, split"
+    splits = text_splits(None, None, None, tokenizer, calib, 0, heldout, seqlen)
+    return splits.calibration, splits.report, "prismq default text, split"
 
 
 def timed(device: torch.device, work: Callable[[], Any]) -> tuple[Any, float, float]:

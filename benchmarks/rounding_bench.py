@@ -27,7 +27,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from prismq.data import calibration_and_heldout  # noqa: E402
+from prismq.data import text_splits  # noqa: E402
 from prismq.measure.kl import evaluate_candidates  # noqa: E402
 from prismq.model.linears import linear_shapes, quantizable  # noqa: E402
 from prismq.model.source import load_model, load_tokenizer, resolve_model  # noqa: E402
@@ -53,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(None)
-    calib, heldout = calibration_and_heldout(None, None, load_tokenizer(model_dir), args.calib_blocks,
-                                             args.heldout_blocks, 512)
+    splits = text_splits(None, None, None, load_tokenizer(model_dir), args.calib_blocks, 0, args.heldout_blocks, 512)
+    calib, heldout = splits.calibration, splits.report
     shapes = linear_shapes(model_dir)
     settings = GPTQSettings(act_order=not args.no_act_order)
     reference = load_model(model_dir)

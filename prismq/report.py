@@ -45,6 +45,23 @@ def _routed_expert_lines(experts: dict[str, Any]) -> list[str]:
     return [line]
 
 
+def _selection_lines(selection: dict[str, Any]) -> list[str]:
+    """The report's section on how the mix was selected (surrogate only, or re-decided on measured KL)."""
+    if not selection:
+        return []
+    if selection["mode"] != "measured":
+        return ["## Selection", "", "The knapsack's mix on predicted costs (`--selection surrogate`).", ""]
+    lines = ["## Selection (measured KL)", "",
+             f"{selection['units_measured']} decision units the surrogate was least sure of were measured end to end "
+             f"({selection['flips_measured']} alternative formats, each the full model's KL on the selection split "
+             f"with only that unit changed); the knapsack was solved again on those measured costs "
+             f"(surrogate costs rescaled by {selection['surrogate_scale'] or 1:.3g} to the measured scale) and "
+             f"changed {selection['units_changed']} units. Details: selection.json."]
+    if selection.get("shipped") not in (None, "mix"):
+        lines += [f"The round stage measured {selection['shipped']} better on the selection split and shipped it."]
+    return lines + [""]
+
+
 def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, str],
                  plot: Path | None) -> Path:
     """Write WORK/summary.json (machine-readable) and WORK/report.md (for people); return the report's path."""
@@ -79,8 +96,9 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
         "",
         "## Held-out KL of the exported checkpoint against the source",
         "",
-        f"Loaded through transformers + compressed-tensors; {s['eval']['tokens']} held-out tokens disjoint from the "
-        "calibration text; full vocabulary, every position.",
+        f"Loaded through transformers + compressed-tensors; {s['eval']['tokens']} tokens of the report split, "
+        "disjoint from the calibration text and from the selection text every decision was measured on; full "
+        "vocabulary, every position.",
         "",
         "| mean KL | median | p99 | p99.9 | max | same top-1 | PPL ref | PPL quant | PPL ratio |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -92,15 +110,16 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
     if rounding:
         lines += ["## Rounding", "", f"Shipped: **{rounding['chosen']}**."]
         if rounding["mean_kl"]:
-            lines += ["Held-out mean KL of each rounding of this assignment (the lowest ships): "
+            lines += ["Selection-split mean KL of each rounding of this assignment (the lowest ships): "
                       + ", ".join(f"{m} {kl:.5f}" for m, kl in rounding["mean_kl"].items()) + "."]
         if rounding["output_error_vs_rtn_geomean"] is not None:
             lines += [f"Per-Linear output error on the calibration inputs relative to round-to-nearest (geomean): "
                       f"{rounding['output_error_vs_rtn_geomean']:.3f}; Linears where GPTQ did not beat round-to-nearest "
                       f"and kept it: {rounding['rtn_kept']}."]
         lines += [""]
+    lines += _selection_lines(s.get("selection") or {})
     if s.get("comparison"):
-        lines += ["## Against uniform baselines", "", *s["comparison"], ""]
+        lines += ["## Against the alternatives of the same budget", "", *s["comparison"], ""]
     if plot is not None:
         lines += ["## Frontier (predicted)", "", f"![frontier]({plot.name})", "",
                   f"Knee of the predicted frontier: {s.get('knee_bits', 'n/a')} bits/param; "

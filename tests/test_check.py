@@ -49,8 +49,8 @@ def test_a_moe_run_quantizes_and_counts_every_expert(default_model_dir: Path, tm
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(default_model_dir / name, model_dir / name)
     assert main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--calib-blocks", "2",
-                 "--calib-seqlen", "32", "--heldout-blocks", "2", "--target-bits", "6", "--rounding", "rtn",
-                 "--device", "cpu"]) == 0
+                 "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2", "--target-bits", "6",
+                 "--rounding", "rtn", "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "out.work" / "summary.json").read_text())
     attention = 64 * 64 + 32 * 64 + 32 * 64 + 64 * 64
     experts = 4 * 64 * 64 + 4 * 64 * 32  # 4 experts' gate_up [64, 64] and down [64, 32]

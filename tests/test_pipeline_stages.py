@@ -11,8 +11,8 @@ import pytest
 from prismq.cli import main
 
 pytestmark = pytest.mark.slow
-SMALL = ["--calib-blocks", "4", "--calib-seqlen", "128", "--heldout-blocks", "2", "--device", "cpu",
-         "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "4.75"]
+SMALL = ["--calib-blocks", "4", "--calib-seqlen", "128", "--heldout-blocks", "2", "--selection-blocks", "2",
+         "--select-units", "4", "--device", "cpu", "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "4.75"]
 
 
 def test_stages_run_alone_and_resume(default_model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -26,8 +26,9 @@ def test_stages_run_alone_and_resume(default_model_dir: Path, tmp_path: Path, mo
     assert (work / "allocation.json").read_text() == json.dumps(allocation, indent=1, sort_keys=True) + "\n"
     rounding = json.loads((work / "rounding.json").read_text())["rounding"]
     evaluation = json.loads((work / "eval.json").read_text())
-    # the checkpoint read back by compressed-tensors measures exactly what the rounding lane measured
-    shipped = rounding["mix_eval"] if rounding["shipped"] == "mix" else rounding["baseline_evals"][rounding["shipped"]]
+    # the checkpoint read back by compressed-tensors measures exactly what the rounding lane measured (report split)
+    shipped = (rounding["mix_report"] if rounding["shipped"] == "mix"
+               else rounding["baseline_reports"][rounding["shipped"]])
     assert evaluation["mean_kl"] == shipped["mean_kl"] > 0
     first = sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors"))
 

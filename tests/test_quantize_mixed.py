@@ -10,7 +10,8 @@ import pytest
 from prismq.cli import main
 
 pytestmark = pytest.mark.slow
-SMALL = ["--calib-blocks", "4", "--calib-seqlen", "128", "--heldout-blocks", "2", "--device", "cpu"]
+SMALL = ["--calib-blocks", "4", "--calib-seqlen", "128", "--heldout-blocks", "2", "--selection-blocks", "2",
+         "--select-units", "4", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def test_target_bits_stays_within_budget_and_reports(work: Path, tmp_path: Path)
     rounding = summary["rounding"]
     assert rounding["methods"] == ["rtn", "gptq", "gptq+sweep"] and set(rounding["mean_kl"]) == set(rounding["methods"])
     assert rounding["mean_kl"][rounding["chosen"]] == min(rounding["mean_kl"].values())
-    assert f"- uniform NVFP4 (4.500 bits/param, {rounding['chosen']}): mean KL" in report
+    assert f"- uniform NVFP4 (4.500 bits/param, {rounding['chosen']}): selection-split mean KL" in report
+    assert "## Selection (measured KL)" in report and summary["selection"]["flips_measured"] >= 4
     assert "NVFP4" in summary["uniform_baselines"] and "## Rounding" in report
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["format"] == "mixed-precision" and qconfig["ignore"] == ["lm_head"]
