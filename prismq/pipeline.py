@@ -15,6 +15,7 @@ one walk, never model copies. `prismq allocate` and `prismq export` run the same
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from prismq.artifacts import read_json
 from prismq.config import MeasureConfig, QuantizeConfig
 from prismq.engine.memory import StageLog
 from prismq.errors import PrismqError
+from prismq.export.card import write_model_card
 from prismq.export.writer import ExportResult
 from prismq.measure.cost import CostRow
 from prismq.model.check import check_model
@@ -129,6 +131,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                         "routed_experts": _routed_experts(work)})
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)
+    frontier = json.loads((work / "frontier.json").read_text()) if (work / "frontier.json").exists() else None
+    write_model_card(result.path, summary, rounding.assignment, frontier)
     per_format = summary["per_format"]
     counts = ", ".join(f"{f} x{sum(1 for v in rounding.assignment.values() if v == f)}" for f in per_format)
     logger.info("wrote %s: %.3f GB of tensors; %d weight matrices at %.3f bits/param (%s)", result.path,
@@ -197,6 +201,7 @@ def _summary(config: QuantizeConfig, allocation: Allocation, selection: Any, rou
         "linear_params": result.linear_params, "bits_per_param": result.linear_bits_per_param,
         "predicted_dloss": float(sum(by_row[(n, f)].predicted_dloss for n, f in rounding.assignment.items())),
         "per_format": per_format, "eval": evaluation, "uniform_baselines": rounding.baseline_evals,
+        "alternatives_report": rounding.baseline_reports,
         "comparison": comparison,
         "selection": {"mode": selection.mode, "flips_measured": len(selection.flips),
                       "units_measured": len(selection.units), "units_changed": len(selection.changed),

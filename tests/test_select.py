@@ -144,3 +144,7 @@ def test_quantize_with_selection_audits_every_flip_and_never_ships_worse_than_th
     assert summary["bits_per_param"] <= 6.0
     assert summary["selection"]["flips_measured"] == len(selection["flips"])
     assert set(rounding["baseline_reports"]) == set(rounding["baseline_evals"])
+    card = (out / "README.md").read_text()  # the model card travels with the checkpoint
+    assert f"vllm serve {out.name} --quantization compressed-tensors" in card
+    assert f"**{summary['bits_per_param']:.4f} bits per parameter**" in card
+    assert f"| this checkpoint | {summary['eval']['mean_kl']:.5f} |" in card and "| uniform NVFP4 |" in card

@@ -1,0 +1,103 @@
+"""Selection on measured KL (SCOUT) against the surrogate's mix and the uniform formats, per budget, on a real model.
+
+Why: the select stage exists to beat the knapsack's mix chosen on predicted costs; this measures by how much, on
+the report split no decision saw, and what it costs. For each --target-bits value, `prismq quantize` runs with the
+default selection into one shared work directory (probe and cost are measured once). The round stage rounds the
+selected mix, the knapsack's own mix and every uniform format that fits the same bytes the same way and measures
+them all on the selection and report splits, so one run per budget gives the whole row.
+
+Per budget the table states bits per parameter and bytes of each, report-split mean KL, p99.9 KL and same-top-1,
+the selection stage's seconds, flips measured and their cost in full forwards (a flip at layer k of L re-runs L - k
+layers: (L - k) / L of a forward, plus its share of the head).
+
+Run from the repo root:
+    python benchmarks/select_bench.py [--bits 4.75,5.0,5.5,6.0,8.25] [--rounding gptq+sweep] [--work-dir DIR]
+        [--calib FILE] [--heldout FILE] [--device cpu]
+Writes benchmarks/results/select_bench.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+DATA = REPO_ROOT.parent / "shared" / "data"
+
+from prismq.cli import main as prismq_main  # noqa: E402
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _row(work: Path, bits: float, seconds: float) -> dict[str, Any]:
+    """One budget's numbers from the work directory's artifacts."""
+    summary = json.loads((work / "summary.json").read_text())
+    rounding = json.loads((work / "rounding.json").read_text())["rounding"]
+    selection = json.loads((work / "selection.json").read_text())["selection"]
+    allocation = json.loads((work / "allocation.json").read_text())["allocation"]
+    layers = summary.get("layers") or 1 + max(int(m.group(1)) for n in summary["assignment"]
+                                              if (m := LAYER.search(n)))
+    forwards = sum((layers - int(LAYER.search(f["unit"][0]).group(1))) / layers for f in selection["flips"])
+    report = {"selected": rounding["mix_report"], **rounding["baseline_reports"]}
+    if "knapsack mix" not in report:  # selection kept the knapsack's mix
+        report["knapsack mix"] = rounding["mix_report"]
+    uniform = {name: report[name] for name in allocation["baselines"]}
+    best_uniform = min(uniform, key=lambda n: uniform[n]["mean_kl"]) if uniform else None
+    return {"target_bits": bits, "bits_per_param": summary["bits_per_param"],
+            "linear_bytes": summary["linear_bytes"], "checkpoint_bytes": summary["checkpoint_bytes"],
+            "shipped": rounding["shipped"], "units_changed": len(selection["changed"]),
+            "flips": len(selection["flips"]), "flip_forwards": round(forwards, 2),
+            "select_seconds": summary["seconds"].get("select"), "run_seconds": round(seconds, 1),
+            "report": {name: {k: r[k] for k in ("mean_kl", "p999_kl", "same_top1", "tokens")}
+                       for name, r in report.items()},
+            "uniform_bits": {name: bits for name, (_, bits) in allocation["baselines"].items()},
+            "best_uniform": best_uniform, "export_report_kl": summary["eval"]["mean_kl"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", default="4.75,5.0,5.5,6.0,8.25")
+    parser.add_argument("--rounding", default="gptq+sweep")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/prismq-select-bench/work"))
+    parser.add_argument("--calib", default=str(DATA / "wikitext-2-valid-tokenized.txt"))
+    parser.add_argument("--heldout", default=str(DATA / "wikitext-2-raw-test.txt"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--extra", default="", help="more quantize flags, space-separated")
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "select_bench.json")
+    args = parser.parse_args()
+    rows = []
+    for bits in (float(b) for b in args.bits.split(",")):
+        out = args.work_dir.parent / f"out-{bits}"
+        started = time.perf_counter()
+        code = prismq_main(["quantize", "--target-bits", str(bits), "--work-dir", str(args.work_dir), "--out",
+                            str(out), "--overwrite", "--rounding", args.rounding, "--calib", args.calib,
+                            "--heldout", args.heldout, "--device", args.device, *args.extra.split()])
+        if code != 0:
+            sys.exit(f"quantize --target-bits {bits} failed ({code})")
+        rows.append(_row(args.work_dir, bits, time.perf_counter() - started))
+        print(json.dumps(rows[-1]), flush=True)
+    print("| target bits | bpp | units changed | knapsack mix KL | selected mix KL | shipped | shipped export KL | "
+          "ratio to knapsack | best uniform (bpp) KL | selected p99.9 / same top-1 | flips (forwards) | select s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rep, best = r["report"], r["best_uniform"]
+        uniform = (f"{best} ({r['uniform_bits'][best]:.3f}) {rep[best]['mean_kl']:.5f}" if best else "none fits")
+        print(f"| {r['target_bits']} | {r['bits_per_param']:.3f} | {r['units_changed']} | "
+              f"{rep['knapsack mix']['mean_kl']:.5f} | {rep['selected']['mean_kl']:.5f} | {r['shipped']} | "
+              f"{r['export_report_kl']:.5f} | "
+              f"{r['export_report_kl'] / max(rep['knapsack mix']['mean_kl'], 1e-12):.3f} | {uniform} | "
+              f"{rep['selected']['p999_kl']:.4f} / {rep['selected']['same_top1']:.2%} | "
+              f"{r['flips']} ({r['flip_forwards']}) | {r['select_seconds']} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "work_dir": str(args.work_dir)},
+                                     "rows": rows}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
