@@ -106,7 +106,14 @@ def measure(model: Path, out: Path, rounding: str, args: argparse.Namespace) -> 
     peak = [line.split() for line in done.stdout.splitlines() if line.startswith("PEAK ")]
     if done.returncode or not peak:
         raise SystemExit(f"prismq quantize failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_bytes": int(peak[-1][1]) * 1024, "peak_gpu_bytes": int(peak[-1][2])}
+    # prismq resets the resident high-water mark at each stage (its per-stage peaks in summary.json), and Linux's
+    # ru_maxrss follows that reset: the run's peak is the largest of the stages' peaks and ru_maxrss
+    stages = json.loads((out.with_name(out.name + ".work") / "summary.json").read_text())["peak_memory_gb"]
+    stage_peak = max((int(p["host"] * 1e9) for p in stages.values()), default=0)
+    gpu_peak = max((int(p.get("gpu", 0) * 1e9) for p in stages.values()), default=0)  # reset per stage too
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": max(int(peak[-1][1]) * 1024, stage_peak),
+            "peak_gpu_bytes": max(int(peak[-1][2]), gpu_peak),
+            "peak_host_by_stage_gb": {k: p["host"] for k, p in stages.items()}}
 
 
 def main() -> None:
