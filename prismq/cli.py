@@ -125,6 +125,11 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
     sub.add_argument("--selection-blocks", type=int, metavar="N", help="selection blocks (default 8)")
     sub.add_argument("--select-units", type=int, metavar="N",
                      help="decision units whose formats are measured end to end (default 24; 0: none)")
+    sub.add_argument("--select-recost", type=int, metavar="N",
+                     help="L2: at most N steps of re-measuring every cost with the current assignment installed "
+                     "and solving again (default 2; 0: none)")
+    sub.add_argument("--recost-blocks", type=int, metavar="N",
+                     help="calibration blocks each re-costing step probes (default 8)")
     sub.add_argument(
         "--force",
         nargs="+",

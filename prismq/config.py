@@ -89,6 +89,9 @@ class QuantizeConfig(BaseModel):
                                        "from the calibration text, disjoint from it and from the held-out text)")
     selection_blocks: int = Field(8, gt=0, description="selection-split blocks")
     select_units: int = Field(24, ge=0, description="decision units whose formats are measured end to end (L3)")
+    select_recost: int = Field(2, ge=0, description="L2 steps: costs re-measured under the current assignment and "
+                               "the knapsack solved again, until it settles (0: none)")
+    recost_blocks: int = Field(8, gt=0, description="calibration blocks each L2 step probes (the first N)")
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
     work_dir: Path | None = None
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")

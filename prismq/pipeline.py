@@ -105,7 +105,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
 
     selection_split = selection_blocks(work)
     with log.stage("select"):
-        selection = stage_select(work, config, allocation, model_dir, rows, dtype, config.device, selection_split)
+        selection = stage_select(work, config, allocation, model_dir, rows, dtype, config.device, selection_split,
+                                 calibration_blocks(work))
     if until == "select":
         logger.info("selection in %s: %d units changed", work / "selection.json", len(selection.changed))
         return QuantizeResult(allocation, selection)

@@ -148,3 +148,37 @@ def test_quantize_with_selection_audits_every_flip_and_never_ships_worse_than_th
     assert f"vllm serve {out.name} --quantization compressed-tensors" in card
     assert f"**{summary['bits_per_param']:.4f} bits per parameter**" in card
     assert f"| this checkpoint | {summary['eval']['mean_kl']:.5f} |" in card and "| uniform NVFP4 |" in card
+
+
+def test_recosting_installs_exactly_the_rounded_weights(tiny_llama_dir: Path) -> None:
+    """L2's layers carry the weights a whole model rounded to nearest with the same assignment carries."""
+    from prismq.select.perturbed import QuantizedWeights
+
+    base = _assignment()
+    amax = {n: torch.tensor(2.5) for n in base}
+    model = load_model(tiny_llama_dir, torch.float32)
+    round_model(model, base, "rtn", None, amax, progress=False, weight_dtype=torch.bfloat16)
+    expected = dict(model.named_parameters())
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        quantized = QuantizedWeights(stream, base, amax)
+        assert len(quantized) == 2 and quantized.targets is stream.targets
+        for index in range(2):
+            with quantized.layer(index) as layer:
+                for name, parameter in layer.named_parameters():
+                    assert torch.equal(parameter, expected[f"model.layers.{index}.{name}"]), name
+                assert not any(m._forward_pre_hooks for m in layer.modules() if m is not layer)  # weights only
+
+
+def test_the_fixed_point_stops_on_convergence_or_on_a_cycle() -> None:
+    from prismq.select.perturbed import changed_share, fixed_point
+
+    params = {"a": 10, "b": 30}
+    a, b, c = {"a": "X", "b": "X"}, {"a": "Y", "b": "X"}, {"a": "Y", "b": "Y"}
+    assert changed_share(a, b, params) == 0.25 and changed_share(a, c, params) == 1.0
+    steps = {str(a): b, str(b): c, str(c): c}
+    settled = fixed_point(a, lambda x: steps[str(x)], params, 0.0, 10)
+    assert settled.assignments == [a, b, c, c] and settled.changed == [0.25, 0.75, 0.0]
+    assert settled.stopped == "converged"
+    flipping = fixed_point(a, lambda x: b if x == a else a, params, 0.0, 10)
+    assert flipping.assignments == [a, b, a] and flipping.stopped == "cycle"
+    assert fixed_point(a, lambda x: b if x == a else c, params, 0.0, 1).stopped == "iterations"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from pydantic import BaseModel
 
 from prismq.allocate.budget import Problem
+from prismq.allocate.knapsack import solve
 from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json
 from prismq.config import QuantizeConfig
@@ -32,17 +34,22 @@ from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.measure.cost import CostRow
+from prismq.measure.cost import CostRow, measure_costs
 from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
+from prismq.measure.fisher_streamed import probe_streamed
 from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.source import resolve_device
-from prismq.rounding.stage import largest_inputs
+from prismq.model.targets import model_targets
+from prismq.rounding.stage import assignment_fingerprint, largest_inputs
 from prismq.select.measured import Flip, measure_flips
+from prismq.select.perturbed import FixedPoint, QuantizedWeights, fixed_point
 from prismq.select.scout import exchange_rate, flips_for, resolve, uncertain_units
 
 logger = logging.getLogger(__name__)
 
 SELECTION = "selection"
+RECOST_TOLERANCE = 0.01  # L2 stops once less than this share of the weights changed format in a step
 
 
 class Selection(BaseModel):
@@ -56,11 +63,12 @@ class Selection(BaseModel):
     exchange_rate: float | None = None  # predicted nats per byte at the budget
     units: list[dict[str, Any]] = []
     flips: list[dict[str, Any]] = []
-    changed: list[dict[str, Any]] = []
+    changed: list[dict[str, Any]] = []  # units whose format differs from the knapsack's mix
+    recost: dict[str, Any] | None = None  # the L2 iterations
 
 
 def _settings(config: QuantizeConfig) -> dict[str, Any]:
-    return {"selection": config.selection, "select_units": config.select_units}
+    return {key: getattr(config, key) for key in ("selection", "select_units", "select_recost", "recost_blocks")}
 
 
 def _choice(problem: Problem, assignment: dict[str, str]) -> np.ndarray:
@@ -83,46 +91,85 @@ def _input_ranges(work: Path, assignments: list[dict[str, str]]) -> dict[str, to
 
 
 def stage_select(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
-                 dtype: torch.dtype, device: str, blocks: torch.Tensor) -> Selection:
-    """Run (or resume) the select stage on the allocation (see the module docstring)."""
+                 dtype: torch.dtype, device: str, blocks: torch.Tensor, calibration: torch.Tensor) -> Selection:
+    """Run (or resume) the select stage on the allocation (see the module docstring); `blocks` are the selection
+    split's, `calibration` the blocks L2 probes (the first `recost_blocks`)."""
+    calibration = calibration[:config.recost_blocks]
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
               "settings": _settings(config), "text": fingerprint_tokens(blocks),
-              "dtype": str(dtype).removeprefix("torch.")}
+              "calibration": fingerprint_tokens(calibration), "dtype": str(dtype).removeprefix("torch.")}
     done = read_current(work / "selection.json", SELECTION, expect)
     if done is not None:
         return Selection.model_validate(done["selection"])
     if config.uniform or config.selection == "surrogate" or config.select_units == 0:
         result = Selection(mode="surrogate", assignment=allocation.assignment)
     else:
-        result = _measured(work, config, allocation, model_dir, rows, dtype, device, blocks, expect)
+        result = _measured(work, config, allocation, model_dir, rows, dtype, device, blocks, calibration, expect)
     write_json(work / "selection.json", SELECTION, {**expect, "selection": result.model_dump()})
-    WalkState(work / "selection.walk", expect).clear()
+    for walk in work.glob("selection*.walk"):
+        WalkState(walk, expect).clear()
     return result
 
 
+def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[CostRow], dtype: torch.dtype,
+            device: str, calibration: torch.Tensor, start: dict[str, str], budget: int,
+            expect: dict[str, Any]) -> tuple[Problem, FixedPoint]:
+    """L2: the knapsack re-solved on costs measured with the current assignment installed, to a fixed point;
+    returns the problem priced under the last assignment solved and the iterations."""
+    problem = allocation_problem(config, model_dir, rows)
+    targets = model_targets(model_dir)
+    walk_expect = {**expect, "model": fingerprint_model(model_dir), "device": resolve_device(device).type}
+    priced: dict[str, Problem] = {}
+
+    def step(assignment: dict[str, str]) -> dict[str, str]:
+        key = assignment_fingerprint(assignment)
+        state = WalkState(work / f"selection.recost-{key}.walk", walk_expect)
+        with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
+            probed = probe_streamed(QuantizedWeights(stream, assignment, _input_ranges(work, [assignment])),
+                                    calibration, list(targets), seed=0, state=state)  # type: ignore[arg-type]
+            with ExitStack() as files:
+                new_rows = measure_costs(SourceTensors(model_dir, files), probed, targets, problem.formats,
+                                         stream.device, dtype=dtype)
+        priced[key] = allocation_problem(config, model_dir, new_rows)
+        solved = solve(priced[key].cost, priced[key].size, budget, problem.params).choice
+        return priced[key].assignment(solved)
+
+    params = {r.linear: r.params for r in rows}
+    result = fixed_point(start, step, params, RECOST_TOLERANCE, config.select_recost)
+    last = result.assignments[-2] if len(result.assignments) > 1 else start
+    return priced.get(assignment_fingerprint(last), problem), result
+
+
 def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
-              dtype: torch.dtype, device: str, blocks: torch.Tensor, expect: dict[str, Any]) -> Selection:
-    """L3: measure the uncertain units' flips and re-solve the knapsack with the measured costs."""
+              dtype: torch.dtype, device: str, blocks: torch.Tensor, calibration: torch.Tensor,
+              expect: dict[str, Any]) -> Selection:
+    """L2, then L3: measure the uncertain units' flips and re-solve the knapsack with the measured costs."""
     problem = allocation_problem(config, model_dir, rows)
     budget = allocation_budget(config, model_dir, problem)
-    choice = _choice(problem, allocation.assignment)
+    recost = None
+    start = allocation.assignment
+    if config.select_recost:
+        problem, recost = _recost(work, config, model_dir, rows, dtype, device, calibration, start, budget, expect)
+        start = recost.assignments[-1]
+    choice = _choice(problem, start)
     rate = exchange_rate(problem, budget)
     picked = uncertain_units(problem, choice, rate, config.select_units)
     flips = flips_for(problem, choice, [p.unit for p in picked])
     if not flips:
-        return Selection(mode="measured", assignment=allocation.assignment)
-    flip_assignments = [{**allocation.assignment, **dict.fromkeys(f.unit, f.format)} for f in flips]
-    input_amax = _input_ranges(work, [allocation.assignment, *flip_assignments])
+        return Selection(mode="measured", assignment=start, recost=_recost_record(recost))
+    flip_assignments = [{**start, **dict.fromkeys(f.unit, f.format)} for f in flips]
+    input_amax = _input_ranges(work, [start, *flip_assignments])
     logger.info("measuring %d flips of %d units end to end on %d selection blocks", len(flips), len(picked),
                 len(blocks))
     state = WalkState(work / "selection.walk", {**expect, "model": fingerprint_model(model_dir),
                                                 "device": resolve_device(device).type})
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        measured = measure_flips(stream, allocation.assignment, flips, blocks, input_amax, state=state)
+        measured = measure_flips(stream, start, flips, blocks, input_amax, state=state)
     new_choice, alpha = resolve(problem, choice, measured.flips, budget)
     assignment = problem.assignment(new_choice)
-    changed = [{"unit": list(problem.units[u]), "from": problem.formats[choice[u]],
-                "to": problem.formats[new_choice[u]]} for u in np.flatnonzero(new_choice != choice)]
+    knapsack = _choice(problem, allocation.assignment)
+    changed = [{"unit": list(problem.units[u]), "from": problem.formats[knapsack[u]],
+                "to": problem.formats[new_choice[u]]} for u in np.flatnonzero(new_choice != knapsack)]
     logger.info("selection changed %d of %d units (surrogate scale %.3g)", len(changed), len(problem.units), alpha)
     index = {tuple(members): u for u, members in enumerate(problem.units)}
     size = problem.size[np.arange(len(new_choice)), new_choice].sum()
@@ -132,7 +179,14 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
         units=[{"unit": list(problem.units[p.unit]), "margin": p.margin, "predicted_cost": p.cost,
                 "reason": p.reason} for p in picked],
         flips=[_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl) for m in measured.flips],
-        changed=changed)
+        changed=changed, recost=_recost_record(recost))
+
+
+def _recost_record(recost: FixedPoint | None) -> dict[str, Any] | None:
+    """The L2 iterations for selection.json: steps taken, weights changed per step, how it stopped."""
+    if recost is None:
+        return None
+    return {"steps": len(recost.changed), "changed_share": recost.changed, "stopped": recost.stopped}
 
 
 def _flip_record(problem: Problem, choice: np.ndarray, index: dict[tuple[str, ...], int], flip: Flip,
