@@ -122,9 +122,9 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
                      "it is least sure of (SCOUT); surrogate: the knapsack's mix on predicted costs (the ablation)")
     sub.add_argument("--selection-text", metavar="FILE|DATASET", help="text every selection KL is measured on "
                      "(default: split from the calibration text, disjoint from it and from --heldout)")
-    sub.add_argument("--selection-blocks", type=int, metavar="N", help="selection blocks (default 8)")
+    sub.add_argument("--selection-blocks", type=int, metavar="N", help="selection blocks (default 4)")
     sub.add_argument("--select-units", type=int, metavar="N",
-                     help="decision units whose formats are measured end to end (default 24; 0: none)")
+                     help="decision units whose formats are measured end to end (default 16; 0: none)")
     sub.add_argument("--select-recost", type=int, metavar="N",
                      help="L2: at most N steps of re-measuring every cost with the current assignment installed "
                      "and solving again (default 2; 0: none)")

@@ -87,8 +87,8 @@ class QuantizeConfig(BaseModel):
         "surrogate: the knapsack's mix on predicted costs as it is (the ablation)")
     selection_text: str | None = Field(None, description="text every selection KL is measured on (default: split "
                                        "from the calibration text, disjoint from it and from the held-out text)")
-    selection_blocks: int = Field(8, gt=0, description="selection-split blocks")
-    select_units: int = Field(24, ge=0, description="decision units whose formats are measured end to end (L3)")
+    selection_blocks: int = Field(4, gt=0, description="selection-split blocks")
+    select_units: int = Field(16, ge=0, description="decision units whose formats are measured end to end (L3)")
     select_recost: int = Field(2, ge=0, description="L2 steps: costs re-measured under the current assignment and "
                                "the knapsack solved again, until it settles (0: none)")
     recost_blocks: int = Field(8, gt=0, description="calibration blocks each L2 step probes (the first N)")
