@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.engine.layer_inputs import LayerInput
-from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.export.encode import encode_model
 from prismq.formats import get_format
@@ -90,13 +90,18 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             raise ValueError(f"{flip.unit[0]} lies outside the decoder layers: it cannot be measured as a flip")
         starts.setdefault(index, []).append(number)
     reference = stream.first_inputs(blocks, 1)
+    lane_bytes = sum(h.numel() * h.element_size() for h, _ in reference)
+    if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(flips) + 2) * lane_bytes) < 2:
+        logger.info("the %d lanes' hidden states (%.2f GB) do not fit on %s beside two layers: kept in host memory",
+                    len(flips) + 2, (len(flips) + 2) * lane_bytes / 1e9, stream.device)
+        reference = spill(reference)
     base_lane: list[LayerInput] = reference
     lanes: dict[int, list[LayerInput]] = {}
     saved = state.load(FLIPS) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]
     if saved is not None:
         def restored(prefix: str) -> list[LayerInput]:
-            hidden = unpack(saved[0], prefix, stream.device, stream.dtype)
+            hidden = unpack(saved[0], prefix, reference[0][0].device, stream.dtype)  # where the lanes are kept
             return [(h, kwargs) for h, (_, kwargs) in zip(hidden, reference)]
 
         reference, base_lane = restored("reference"), restored("base")
@@ -130,9 +135,11 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             for number, hidden in lanes.items():
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
-    final = {key: [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
-             for key, inputs in [("reference", reference), ("base", base_lane)]}
-    flipped = [[stream.final_hidden(hidden)[0] for hidden, _ in lanes[number]] for number in range(len(flips))]
+    def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
+        return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
+
+    final = {"reference": last(reference), "base": last(base_lane)}
+    flipped = [last(lanes[number]) for number in range(len(flips))]
     results = evaluate_states(HiddenStates(stream.head, blocks, final["reference"]),
                               [HiddenStates(stream.head, blocks, hidden) for hidden in [final["base"], *flipped]],
                               blocks, chunk_size, progress)
