@@ -46,7 +46,7 @@ def test_spilled_flip_lanes_measure_what_resident_ones_do(tiny_llama_dir: Path, 
     amax = {n: torch.tensor(3.0) for n in names}
     with LayerStream(tiny_llama_dir, torch.float32, "cuda") as roomy:
         resident = measure_flips(roomy, base, flips, blocks, amax, progress=False)
-        budget = roomy.resident_bytes() + int(2.5 * roomy.layer_bytes(0))  # two layers fit, the lanes do not
+        budget = roomy.resident_bytes() + int(2.2 * roomy.layer_bytes(0))  # two layers fit, with the lanes not
     with caplog.at_level("INFO", logger="prismq"), LayerStream(tiny_llama_dir, torch.float32, "cuda",
                                                                max_memory=budget) as tight:
         spilled = measure_flips(tight, base, flips, blocks, amax, progress=False)
