@@ -108,11 +108,31 @@ def test_measured_costs_replace_the_surrogate_and_the_knapsack_follows_them() ->
     # least squares through the origin: predicted changes (1.0, -0.25), measured (0.01, -0.5)
     assert surrogate_scale(problem, choice, measured) == pytest.approx((0.01 + 0.125) / (1 + 0.0625))
     alpha = surrogate_scale(problem, choice, measured)
-    cost = measured_costs(problem, choice, measured, alpha)
-    assert cost[0, 0] - cost[0, 1] == pytest.approx(0.01) and cost[2, 1] - cost[2, 0] == pytest.approx(-0.5)
+    cost = measured_costs(problem, choice, measured, alpha)  # precise measurements: they decide
+    assert cost[0, 0] - cost[0, 1] == pytest.approx(0.01, rel=1e-3)
+    assert cost[2, 1] - cost[2, 0] == pytest.approx(-0.5, rel=1e-3)
     assert cost[1, 0] - cost[1, 1] == pytest.approx(alpha * 0.30)
     new_choice, _ = resolve(problem, choice, measured, budget=50)  # room for one upgrade: c's, not a's
     assert new_choice.tolist() == [0, 0, 1, 0]
+
+
+def test_a_noisy_measurement_moves_the_estimate_part_of_the_way() -> None:
+    from prismq.select.scout import estimates, surrogate_error
+
+    problem = _problem()
+    choice = np.array([1, 0, 0, 0])
+    measured = [FlipMeasure(Flip(("a",), "A"), 1.2, 0.01, 0.1), FlipMeasure(Flip(("b",), "B"), -0.6, 0.1, 0.1),
+                FlipMeasure(Flip(("c",), "B"), -0.25, 0.01, 0.1)]
+    alpha = surrogate_scale(problem, choice, measured)
+    predicted = alpha * np.array([1.0, -0.30, -0.25])
+    residual = np.array([1.2, -0.6, -0.25]) - predicted
+    tau2 = float(np.mean(residual ** 2)) - float(np.mean(np.array([0.01, 0.1, 0.01]) ** 2))
+    assert tau2 > 0 and surrogate_error(problem, choice, measured, alpha) == pytest.approx(tau2)
+    got = estimates(problem, choice, measured, alpha)
+    # b's measurement (stderr 0.1) is about as precise as the surrogate (tau ~ 0.12): the estimate lies between
+    expected_b = (-0.6 / 0.01 + predicted[1] / tau2) / (1 / 0.01 + 1 / tau2)
+    assert got[1] == pytest.approx(expected_b) and -0.6 < got[1] < predicted[1]
+    assert got[0] == pytest.approx(1.2, abs=0.01) and got[2] == pytest.approx(-0.25, abs=0.01)
 
 
 def test_a_surrogate_scale_that_does_not_fit_is_one() -> None:

@@ -6,7 +6,13 @@ measures, for a few units, the end-to-end KL change of each alternative format a
 (`measured.FlipMeasure`). Both are in nats, but the Fisher diagonal misjudges scale as well as rank, so the
 surrogate's costs are rescaled by the least-squares factor that maps its predicted changes onto the measured ones
 (through the origin, fitted on the measured flips) before the two are combined in one knapsack: a measured unit
-keeps its current option's rescaled cost and adds the measured change for each alternative.
+keeps its current option's rescaled cost and adds the estimated change for each alternative.
+
+A measurement is noisy (its standard error over the selection positions), and so is the surrogate. The estimate of a
+flip's change combines both by their precision: the measured change weighted by 1 / stderr^2 and the rescaled
+prediction by 1 / tau^2, where tau^2, the surrogate's own error variance, is what the spread of the measured changes
+around the rescaled predictions leaves once the measurements' noise is taken out. Precise measurements decide; a
+measurement no more precise than the surrogate only moves it part of the way.
 """
 
 from __future__ import annotations
@@ -98,14 +104,42 @@ def surrogate_scale(problem: Problem, choice: np.ndarray, measured: list[FlipMea
     return alpha if alpha > 0 and np.isfinite(alpha) else 1.0
 
 
+def _predicted(problem: Problem, choice: np.ndarray, measured: list[FlipMeasure]) -> np.ndarray:
+    """The surrogate's predicted change of each measured flip."""
+    index = {tuple(members): u for u, members in enumerate(problem.units)}
+    return np.array([problem.cost[index[m.flip.unit], problem.formats.index(m.flip.format)]
+                     - problem.cost[index[m.flip.unit], choice[index[m.flip.unit]]] for m in measured])
+
+
+def surrogate_error(problem: Problem, choice: np.ndarray, measured: list[FlipMeasure], alpha: float) -> float:
+    """tau^2: the variance of the rescaled surrogate's error on a flip, estimated from the measured flips as the mean
+    squared residual minus the mean squared standard error (floored at a tenth of the latter: never certain)."""
+    if not measured:
+        return float("inf")
+    residual = np.array([m.delta_kl for m in measured]) - alpha * _predicted(problem, choice, measured)
+    noise = float(np.mean([m.stderr ** 2 for m in measured]))
+    return max(float(np.mean(residual ** 2)) - noise, 0.1 * noise, 1e-30)
+
+
+def estimates(problem: Problem, choice: np.ndarray, measured: list[FlipMeasure], alpha: float) -> np.ndarray:
+    """Each measured flip's estimated change: its measurement and the rescaled prediction, weighted by precision."""
+    if not measured:
+        return np.zeros(0)
+    tau2 = surrogate_error(problem, choice, measured, alpha)
+    predicted = alpha * _predicted(problem, choice, measured)
+    weight = np.array([1.0 / max(m.stderr ** 2, 1e-30) for m in measured])
+    values = np.array([m.delta_kl for m in measured])
+    return (weight * values + predicted / tau2) / (weight + 1.0 / tau2)
+
+
 def measured_costs(problem: Problem, choice: np.ndarray, measured: list[FlipMeasure], alpha: float) -> np.ndarray:
-    """The cost matrix with measured units' alternatives at (rescaled chosen cost + measured change) and every
-    other entry at alpha times the surrogate's."""
+    """The cost matrix with measured units' alternatives at (rescaled chosen cost + estimated change, see
+    `estimates`) and every other entry at alpha times the surrogate's."""
     cost = problem.cost * alpha
     index = {tuple(members): u for u, members in enumerate(problem.units)}
-    for m in measured:
+    for m, change in zip(measured, estimates(problem, choice, measured, alpha)):
         u, k = index[m.flip.unit], problem.formats.index(m.flip.format)
-        cost[u, k] = cost[u, choice[u]] + m.delta_kl
+        cost[u, k] = cost[u, choice[u]] + change
     finite = np.where(np.isinf(cost), np.inf, cost)
     return cost - np.minimum(finite.min(axis=1, keepdims=True), 0.0)  # a unit's constant shift changes no decision
 

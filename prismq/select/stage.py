@@ -44,7 +44,7 @@ from prismq.model.targets import model_targets
 from prismq.rounding.stage import assignment_fingerprint, largest_inputs
 from prismq.select.measured import Flip, measure_flips
 from prismq.select.perturbed import FixedPoint, QuantizedWeights, fixed_point
-from prismq.select.scout import exchange_rate, flips_for, resolve, uncertain_units
+from prismq.select.scout import estimates, exchange_rate, flips_for, resolve, surrogate_error, uncertain_units
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Selection(BaseModel):
     bits_per_param: float | None = None
     base_kl: dict[str, Any] | None = None  # the knapsack's mix (round-to-nearest) on the selection split
     surrogate_scale: float | None = None
+    surrogate_error: float | None = None  # tau: the rescaled surrogate's error on a flip, nats
     exchange_rate: float | None = None  # predicted nats per byte at the budget
     units: list[dict[str, Any]] = []
     flips: list[dict[str, Any]] = []
@@ -178,7 +179,9 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
         base_kl=measured.base.to_json(), surrogate_scale=alpha, exchange_rate=rate,
         units=[{"unit": list(problem.units[p.unit]), "margin": p.margin, "predicted_cost": p.cost,
                 "reason": p.reason} for p in picked],
-        flips=[_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl) for m in measured.flips],
+        surrogate_error=surrogate_error(problem, choice, measured.flips, alpha) ** 0.5,
+        flips=[{**_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl), "estimate": float(e)}
+               for m, e in zip(measured.flips, estimates(problem, choice, measured.flips, alpha))],
         changed=changed, recost=_recost_record(recost))
 
 
