@@ -164,20 +164,21 @@ def _rank_key(text: str, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}\0{text.strip()}".encode("utf-8", "replace")).digest()
 
 
-def split_documents(documents: Sequence[str], heldout_fraction: float = 0.1,
-                    seed: int = 0) -> tuple[list[str], list[str]]:
+def split_documents(documents: Sequence[str], heldout_fraction: float = 0.1, seed: int = 0,
+                    sides: str = "calibration and held-out") -> tuple[list[str], list[str]]:
     """Split documents into (calibration, held-out), disjoint by construction, deterministic under `seed`.
 
     Documents identical in text (after stripping) are kept once, so none lands on both sides. Documents are
     taken in the order of a seeded hash of their text into the held-out side until it holds `heldout_fraction`
     of the characters (at least one document, never all); each side keeps the input order. Splitting by
-    characters rather than by count keeps the held-out token count predictable when document lengths vary."""
+    characters rather than by count keeps the held-out token count predictable when document lengths vary. `sides`
+names the two texts in the error for too few documents."""
     if not 0.0 < heldout_fraction < 1.0:
         raise PrismqError(f"held-out fraction must be between 0 and 1, got {heldout_fraction}")
     unique = list({document.strip(): document for document in documents if document.strip()}.values())
     if len(unique) < 2:
-        raise PrismqError(f"cannot split {len(unique)} distinct document(s) into calibration and held-out text; "
-                          "give more documents or separate calibration and held-out sources")
+        raise PrismqError(f"cannot split {len(unique)} distinct document(s) into {sides} text; "
+                          "give more documents or separate sources (--calib, --heldout, --selection-text)")
     order = sorted(range(len(unique)), key=lambda i: _rank_key(unique[i], seed))
     sizes = torch.tensor([len(unique[i]) for i in order], dtype=torch.float64)
     reached = torch.cumsum(sizes, 0) >= heldout_fraction * float(sizes.sum())
@@ -271,7 +272,7 @@ def text_splits(spec_calib: str | None, spec_report: str | None, spec_selection:
     if spec_selection is not None:
         selection = load_documents(spec_selection)
     else:
-        calib, selection = split_documents(calib, selection_fraction, seed + 1)
+        calib, selection = split_documents(calib, selection_fraction, seed + 1, "calibration and selection")
     for (name_a, a), (name_b, b) in ((("calibration", calib), ("report", report)),
                                      (("calibration", calib), ("selection", selection)),
                                      (("selection", selection), ("report", report))):

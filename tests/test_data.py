@@ -287,3 +287,14 @@ def test_real_wikitext_split_shares_no_document_and_no_heldout_block() -> None:
         assert at == -1
     # the check can fail: a calibration block is found in the calibration stream
     assert stream.find(calib[0].to(torch.int32).numpy().tobytes()) % 4 == 0
+
+
+def test_a_calibration_text_of_one_document_cannot_give_a_selection_split(tmp_path: Path) -> None:
+    one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
+    one.write_text(json.dumps({"text": "only one calibration document " * 40}) + "\n")
+    other.write_text(json.dumps({"text": "the held-out text " * 40}) + "\n")
+    with pytest.raises(PrismqError, match="into calibration and selection text; give more documents or separate sources"):
+        text_splits(str(one), str(other), None, ByteTokenizer(), 1, 1, 1, 16)
+    third = tmp_path / "third.jsonl"
+    third.write_text(json.dumps({"text": "a selection text " * 40}) + "\n")
+    assert text_splits(str(one), str(other), str(third), ByteTokenizer(), 1, 1, 1, 16).selection.shape == (1, 16)
