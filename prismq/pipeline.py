@@ -207,6 +207,7 @@ def _summary(config: QuantizeConfig, allocation: Allocation, selection: Any, rou
         "selection": {"mode": selection.mode, "flips_measured": len(selection.flips),
                       "units_measured": len(selection.units), "units_changed": len(selection.changed),
                       "surrogate_scale": selection.surrogate_scale, "recost": selection.recost,
+                      "frontier": selection.frontier, "knee": selection.knee, "chosen": selection.chosen,
                       "shipped": rounding.shipped,
                       "mix_selection_kl": rounding.mix_eval, "mix_report_kl": rounding.mix_report},
         "rounding": {"methods": rounding.methods, "chosen": rounding.chosen, "mean_kl": rounding.mean_kl,

@@ -57,6 +57,22 @@ def _selection_lines(selection: dict[str, Any]) -> list[str]:
              f"with only that unit changed); the knapsack was solved again on those measured costs "
              f"(surrogate costs rescaled by {selection['surrogate_scale'] or 1:.3g} to the measured scale) and "
              f"changed {selection['units_changed']} units. Details: selection.json."]
+    frontier = selection.get("frontier") or []
+    if frontier:
+        knee = selection.get("knee") or {}
+        lines += ["", "Candidates measured end to end on the selection split (round-to-nearest weights; the knapsack "
+                  "on those costs at each budget): a point is on the measured front if it beats every cheaper one "
+                  "by two standard errors. Shipped to rounding: the lowest KL within the budget "
+                  f"(**{selection.get('chosen')}**); knee of the measured front: {knee.get('name')} "
+                  f"({knee.get('bits', 0):.3f} bits/param, "
+                  + ("stable when any other point is left out" if knee.get("stable") else
+                     f"moves to {', '.join(knee.get('moved_to') or [])} when a point is left out") + ").", "",
+                  "| candidate | bits/param | mean KL | stderr | predicted (rescaled) | on front |",
+                  "|---|---|---|---|---|---|",
+                  *(f"| {p['name']} | {p['bits']:.3f} | {p['mean_kl']:.5f} | {p['stderr']:.5f} | "
+                    f"{p['predicted']:.5f} | {'yes' if p['on_front'] else ''} |"
+                    for p in sorted(frontier, key=lambda p: p["bits"])), "",
+                  "![measured frontier](frontier_measured.png)"]
     if selection.get("shipped") not in (None, "mix"):
         lines += [f"The round stage measured {selection['shipped']} better on the selection split and shipped it."]
     return lines + [""]

@@ -18,7 +18,8 @@ from prismq.measure.kl import evaluate_candidates
 from prismq.model.source import load_model
 from prismq.rounding.sequential import round_model
 from prismq.select.measured import Flip, FlipMeasure, measure_flips
-from prismq.select.scout import flips_for, measured_costs, resolve, surrogate_scale, uncertain_units
+from prismq.allocate.knapsack import solve
+from prismq.select.scout import flips_for, measured_costs, surrogate_scale, uncertain_units
 
 
 def _assignment() -> dict[str, str]:
@@ -112,7 +113,7 @@ def test_measured_costs_replace_the_surrogate_and_the_knapsack_follows_them() ->
     assert cost[0, 0] - cost[0, 1] == pytest.approx(0.01, rel=1e-3)
     assert cost[2, 1] - cost[2, 0] == pytest.approx(-0.5, rel=1e-3)
     assert cost[1, 0] - cost[1, 1] == pytest.approx(alpha * 0.30)
-    new_choice, _ = resolve(problem, choice, measured, budget=50)  # room for one upgrade: c's, not a's
+    new_choice = solve(cost, problem.size, 50).choice  # room for one upgrade: c's, not a's
     assert new_choice.tolist() == [0, 0, 1, 0]
 
 
@@ -202,3 +203,25 @@ def test_the_fixed_point_stops_on_convergence_or_on_a_cycle() -> None:
     flipping = fixed_point(a, lambda x: b if x == a else a, params, 0.0, 10)
     assert flipping.assignments == [a, b, a] and flipping.stopped == "cycle"
     assert fixed_point(a, lambda x: b if x == a else c, params, 0.0, 1).stopped == "iterations"
+
+
+def test_the_measured_front_keeps_only_points_that_pay_for_their_bytes() -> None:
+    from prismq.select.frontier import MeasuredPoint, best_within, measured_front
+
+    points = [MeasuredPoint("c", 6.0, 60, 0.10, 0.01), MeasuredPoint("a", 4.5, 45, 0.30, 0.01),
+              MeasuredPoint("b", 5.0, 50, 0.29, 0.01),  # 0.01 better than a: within 2 standard errors, dropped
+              MeasuredPoint("d", 8.0, 80, 0.05, 0.01), MeasuredPoint("e", 7.0, 70, 0.12, 0.01)]  # e worse than c
+    assert measured_front(points) == [1, 0, 3]
+    assert measured_front(points, margin=0.5) == [1, 2, 0, 3]
+    assert best_within(points, 55) == 2 and best_within(points, 44) is None and best_within(points, 100) == 3
+
+
+def test_the_knee_and_its_leave_one_out_stability_on_hand_made_frontiers() -> None:
+    from prismq.select.frontier import leave_one_out
+
+    x = np.array([4.5, 5.0, 5.5, 6.0, 7.0, 8.0])
+    elbow = np.array([1.0, 0.5, 0.1, 0.08, 0.06, 0.05])  # a sharp bend at 5.5
+    assert leave_one_out(x, elbow) == {"knee": 2, "stable": True, "moved_to": []}
+    gentle = np.array([1.0, 0.62, 0.40, 0.26, 0.12, 0.05])  # convex, no sharp bend: the knee moves
+    result = leave_one_out(x, gentle)
+    assert result["knee"] == 3 and not result["stable"] and result["moved_to"]

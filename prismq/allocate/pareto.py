@@ -64,12 +64,18 @@ def knee(points: Sequence[FrontierPoint]) -> int:
     the first (smallest) point."""
     if not points:
         raise PrismqError("knee of an empty frontier")
-    x = np.array([p.bits_per_param for p in points])
-    y = np.array([p.cost for p in points])
+    return kneedle(np.array([p.bits_per_param for p in points]), np.array([p.cost for p in points]))
+
+
+def kneedle(x: np.ndarray, y: np.ndarray) -> int:
+    """`knee` on bare arrays: x (bits per parameter, increasing) and a decreasing y (predicted cost or measured
+    KL)."""
+    if len(x) == 0:
+        raise PrismqError("knee of an empty frontier")
     if np.ptp(y) == 0:
         return 0
     lowest = int(np.flatnonzero(y == y.min())[0])
-    if len(points) < 3 or np.ptp(x) == 0:
+    if len(x) < 3 or np.ptp(x) == 0:
         return lowest
     xn = (x - x.min()) / np.ptp(x)
     yn = (y - y.min()) / np.ptp(y)

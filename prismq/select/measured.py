@@ -144,3 +144,32 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
                               [HiddenStates(stream.head, blocks, hidden) for hidden in [final["base"], *flipped]],
                               blocks, chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
+
+
+@torch.no_grad()
+def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks: torch.Tensor,
+                  input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
+                  progress: bool = True) -> list[KLResult]:
+    """The KL statistics of whole assignments (rounded to nearest, like the flips) on token `blocks`, each a lane
+    of one streamed walk: every layer is read once, and each lane runs its own quantized copy of it."""
+    reference = stream.first_inputs(blocks, 1)
+    lanes = [reference for _ in assignments]
+    for index in tqdm(range(len(stream)), desc=f"measure {len(assignments)} candidate(s)", unit="layer",
+                      disable=not progress):
+        with stream.layer(index) as layer:
+            for number, assignment in enumerate(assignments):
+                copied = copy.deepcopy(layer)
+                modules = stream.layer_names(index, copied)
+                part = _layer_assignment(stream, assignment, index)
+                encoded = encode_model(modules, part, input_amax, stream.weight_dtype, stream.targets)
+                apply_fake_quant(modules, part, encoded, stream.weight_dtype, stream.targets)
+                lanes[number] = run_layer(copied, lanes[number])
+                del copied
+            reference = run_layer(layer, reference)
+
+    def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
+        return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
+
+    return evaluate_states(HiddenStates(stream.head, blocks, last(reference)),
+                           [HiddenStates(stream.head, blocks, last(lane)) for lane in lanes], blocks, chunk_size,
+                           progress)

@@ -142,10 +142,3 @@ def measured_costs(problem: Problem, choice: np.ndarray, measured: list[FlipMeas
         cost[u, k] = cost[u, choice[u]] + change
     finite = np.where(np.isinf(cost), np.inf, cost)
     return cost - np.minimum(finite.min(axis=1, keepdims=True), 0.0)  # a unit's constant shift changes no decision
-
-
-def resolve(problem: Problem, choice: np.ndarray, measured: list[FlipMeasure], budget: int) -> tuple[np.ndarray, float]:
-    """The knapsack re-solved under the same byte budget with measured costs: (new choice, the surrogate scale)."""
-    alpha = surrogate_scale(problem, choice, measured)
-    cost = measured_costs(problem, choice, measured, alpha)
-    return solve(cost, problem.size, budget, problem.params).choice, alpha

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from prismq.allocate.budget import Problem
 from prismq.allocate.knapsack import solve
+from prismq.allocate.pareto import budgets_from_bits
 from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json
 from prismq.config import QuantizeConfig
@@ -42,13 +43,17 @@ from prismq.model.checkpoint import SourceTensors
 from prismq.model.source import resolve_device
 from prismq.model.targets import model_targets
 from prismq.rounding.stage import assignment_fingerprint, largest_inputs
-from prismq.select.measured import Flip, measure_flips
+from prismq.select.frontier import (LADDER_BITS, MeasuredPoint, best_within, leave_one_out, measured_front,
+                                    plot_measured)
+from prismq.select.measured import Flip, measure_flips, measure_lanes
 from prismq.select.perturbed import FixedPoint, QuantizedWeights, fixed_point
-from prismq.select.scout import estimates, exchange_rate, flips_for, resolve, surrogate_error, uncertain_units
+from prismq.select.scout import (estimates, exchange_rate, flips_for, measured_costs, surrogate_error,
+                                 surrogate_scale, uncertain_units)
 
 logger = logging.getLogger(__name__)
 
 SELECTION = "selection"
+MEASURED_PLOT = "frontier_measured.png"
 RECOST_TOLERANCE = 0.01  # L2 stops once less than this share of the weights changed format in a step
 
 
@@ -66,6 +71,9 @@ class Selection(BaseModel):
     flips: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []  # units whose format differs from the knapsack's mix
     recost: dict[str, Any] | None = None  # the L2 iterations
+    frontier: list[dict[str, Any]] = []  # every candidate measured: name, bits, bytes, KL, stderr, on the front
+    knee: dict[str, Any] | None = None
+    chosen: str | None = None  # the candidate shipped: the lowest measured KL within the budget
 
 
 def _settings(config: QuantizeConfig) -> dict[str, Any]:
@@ -166,8 +174,28 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
                                                 "device": resolve_device(device).type})
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         measured = measure_flips(stream, start, flips, blocks, input_amax, state=state)
-    new_choice, alpha = resolve(problem, choice, measured.flips, budget)
-    assignment = problem.assignment(new_choice)
+        alpha = surrogate_scale(problem, choice, measured.flips)
+        cost = measured_costs(problem, choice, measured.flips, alpha)
+        candidates = _candidates(problem, cost, budget, allocation.assignment)
+        results = measure_lanes(stream, list(candidates.values()),
+                                blocks, _input_ranges(work, list(candidates.values())))
+    points = [MeasuredPoint(name, 8 * _size(problem, a) / problem.params, _size(problem, a), r.mean_kl,
+                            float(r.kl.double().std()) / r.kl.numel() ** 0.5)
+              for (name, a), r in zip(candidates.items(), results)]
+    front = measured_front(points)
+    loo = leave_one_out(np.array([points[i].bits for i in front]), np.array([points[i].mean_kl for i in front]))
+    knee = front[int(loo["knee"])]
+    best = best_within(points, budget)
+    assert best is not None  # the knapsack's own mix fits
+    predicted = [alpha * float(sum(problem.cost[u, k] for u, k in enumerate(_choice(problem, a))))
+                 for a in candidates.values()]
+    plot_measured(points, predicted, front, knee, work / MEASURED_PLOT)
+    assignment = candidates[points[best].name]
+    new_choice = _choice(problem, assignment)
+    logger.info("measured frontier: %s; knee %.3f bits/param%s; shipping candidate %r (%.3f bits/param, KL %.5f)",
+                ", ".join(f"{p.bits:.2f}:{p.mean_kl:.4f}" for p in points), points[knee].bits,
+                "" if loo["stable"] else " (moves when a point is left out)", points[best].name, points[best].bits,
+                points[best].mean_kl)
     knapsack = _choice(problem, allocation.assignment)
     changed = [{"unit": list(problem.units[u]), "from": problem.formats[knapsack[u]],
                 "to": problem.formats[new_choice[u]]} for u in np.flatnonzero(new_choice != knapsack)]
@@ -182,7 +210,33 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
         surrogate_error=surrogate_error(problem, choice, measured.flips, alpha) ** 0.5,
         flips=[{**_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl), "estimate": float(e)}
                for m, e in zip(measured.flips, estimates(problem, choice, measured.flips, alpha))],
-        changed=changed, recost=_recost_record(recost))
+        changed=changed, recost=_recost_record(recost),
+        frontier=[{**vars(p), "on_front": i in front, "predicted": predicted[i]} for i, p in enumerate(points)],
+        knee={"name": points[knee].name, "bits": points[knee].bits, "stable": loo["stable"],
+              "moved_to": [points[front[int(j)]].name for j in loo["moved_to"]]},  # type: ignore[union-attr]
+        chosen=points[best].name)
+
+
+def _size(problem: Problem, assignment: dict[str, str]) -> int:
+    """Bytes of an assignment's allocated weights."""
+    choice = _choice(problem, assignment)
+    return int(problem.size[np.arange(len(choice)), choice].sum())
+
+
+def _candidates(problem: Problem, cost: np.ndarray, budget: int, knapsack: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The validated frontier's candidates: the knapsack's solution on the estimated costs at the target budget and
+    at each feasible rung of the ladder, and the surrogate knapsack's own mix; duplicates measured once."""
+    smallest = int(np.where(np.isinf(cost), np.iinfo(np.int64).max, problem.size).min(axis=1).sum())
+    budgets = {"target": budget, **{f"{bits:g} bits": b for bits, b in
+                                    zip(LADDER_BITS, budgets_from_bits(LADDER_BITS, problem.params)) if b >= smallest}}
+    found: dict[str, dict[str, str]] = {}
+    for name, size in budgets.items():
+        assignment = problem.assignment(solve(cost, problem.size, size, problem.params).choice)
+        if assignment not in found.values():
+            found[name] = assignment
+    if knapsack not in found.values():
+        found["knapsack mix"] = knapsack
+    return found
 
 
 def _recost_record(recost: FixedPoint | None) -> dict[str, Any] | None:
