@@ -130,8 +130,8 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
                       + ", ".join(f"{m} {kl:.5f}" for m, kl in rounding["mean_kl"].items()) + "."]
         if rounding["output_error_vs_rtn_geomean"] is not None:
             lines += [f"Per-Linear output error on the calibration inputs relative to round-to-nearest (geomean): "
-                      f"{rounding['output_error_vs_rtn_geomean']:.3f}; Linears where GPTQ did not beat round-to-nearest "
-                      f"and kept it: {rounding['rtn_kept']}."]
+                      f"{rounding['output_error_vs_rtn_geomean']:.3f}; Linears where GPTQ did not beat "
+                      f"round-to-nearest and kept it: {rounding['rtn_kept']}."]
         lines += [""]
     lines += _selection_lines(s.get("selection") or {})
     if s.get("comparison"):
