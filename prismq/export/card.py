@@ -62,6 +62,12 @@ def model_card(summary: dict[str, Any], assignment: dict[str, str], frontier: di
                      f"alternatives), {selection['units_changed']} changed from the surrogate's knapsack"
                      if selection["mode"] == "measured" else " (the knapsack on predicted costs)")
                   + f"; shipped: {selection.get('shipped', 'mix')}; rounding: {rounding.get('chosen', 'n/a')}.", ""]
+    measured = selection.get("frontier") or []
+    if measured:
+        lines += ["## Measured frontier (selection text, round-to-nearest weights)", "",
+                  "| candidate | bits/param | mean KL | on the measured front |", "|---|---|---|---|",
+                  *(f"| {p['name']} | {p['bits']:.3f} | {p['mean_kl']:.5f} | {'yes' if p['on_front'] else ''} |"
+                    for p in sorted(measured, key=lambda p: p["bits"])), ""]
     if frontier and frontier.get("points"):
         points = [p for k, p in enumerate(frontier["points"])
                   if k == 0 or p["bits_per_param"] != frontier["points"][k - 1]["bits_per_param"]]
