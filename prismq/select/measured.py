@@ -32,7 +32,8 @@ from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_st
 from prismq.model.fake_quant import apply_fake_quant
 
 logger = logging.getLogger(__name__)
-FLIPS = "flips"  # the walk's snapshot: every lane's hidden states before its next layer
+FLIPS = "flips"  # the flips walk's snapshot: every lane's hidden states before its next layer
+CANDIDATES = "candidates"  # the frontier walk's snapshot
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,23 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
 @torch.no_grad()
 def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks: torch.Tensor,
                   input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
-                  progress: bool = True) -> list[KLResult]:
+                  progress: bool = True, state: WalkState | None = None) -> list[KLResult]:
     """The KL statistics of whole assignments (rounded to nearest, like the flips) on token `blocks`, each a lane
-    of one streamed walk: every layer is read once, and each lane runs its own quantized copy of it."""
+    of one streamed walk: every layer is read once, and each lane runs its own quantized copy of it. `state`: the
+    lanes' hidden states are saved there after each layer, and a rerun with the same state resumes there."""
     reference = stream.first_inputs(blocks, 1)
     lanes = [reference for _ in assignments]
-    for index in tqdm(range(len(stream)), desc=f"measure {len(assignments)} candidate(s)", unit="layer",
-                      disable=not progress):
+    saved = state.load(CANDIDATES) if state is not None else None
+    start = 0 if saved is None else saved[1]["layer"]
+    if saved is not None:
+        def restored(prefix: str) -> list[LayerInput]:
+            hidden = unpack(saved[0], prefix, stream.device, stream.dtype)
+            return [(h, kwargs) for h, (_, kwargs) in zip(hidden, reference)]
+
+        lanes = [restored(f"lane{number}") for number in range(len(assignments))]
+        reference = restored("reference")
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
+                      desc=f"measure {len(assignments)} candidate(s)", unit="layer", disable=not progress):
         with stream.layer(index) as layer:
             for number, assignment in enumerate(assignments):
                 copied = copy.deepcopy(layer)
@@ -166,6 +177,11 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
                 lanes[number] = run_layer(copied, lanes[number])
                 del copied
             reference = run_layer(layer, reference)
+        if state is not None:
+            tensors = pack("reference", [h for h, _ in reference])
+            for number, lane in enumerate(lanes):
+                tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
+            state.save(CANDIDATES, tensors, layer=index + 1)
 
     def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
         return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]

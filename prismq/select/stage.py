@@ -177,8 +177,8 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
         alpha = surrogate_scale(problem, choice, measured.flips)
         cost = measured_costs(problem, choice, measured.flips, alpha)
         candidates = _candidates(problem, cost, budget, allocation.assignment)
-        results = measure_lanes(stream, list(candidates.values()),
-                                blocks, _input_ranges(work, list(candidates.values())))
+        results = measure_lanes(stream, list(candidates.values()), blocks,
+                                _input_ranges(work, list(candidates.values())), state=state)
     points = [MeasuredPoint(name, 8 * _size(problem, a) / problem.params, _size(problem, a), r.mean_kl,
                             float(r.kl.double().std()) / r.kl.numel() ** 0.5)
               for (name, a), r in zip(candidates.items(), results)]
