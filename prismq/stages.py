@@ -51,8 +51,8 @@ def stage_probe(config: MeasureConfig) -> Path:
     write_tensors(work / "calibration", "blocks", {"tokens": splits.calibration}, {"split": "calibration"})
     device = resolve_device(config.device)
     dtype = resolve_compute_dtype(config.compute_dtype, device, model_dtype(model_dir))
-    return run_probe(model_dir, work, splits.calibration, device=device, sample_rows=config.sample_rows, seed=config.seed,
-                     dtype=dtype, max_memory=config.max_memory)
+    return run_probe(model_dir, work, splits.calibration, device=device, sample_rows=config.sample_rows,
+                     seed=config.seed, dtype=dtype, max_memory=config.max_memory)
 
 
 def run_model_dir(work_dir: Path) -> Path:

@@ -293,7 +293,7 @@ def test_a_calibration_text_of_one_document_cannot_give_a_selection_split(tmp_pa
     one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
     one.write_text(json.dumps({"text": "only one calibration document " * 40}) + "\n")
     other.write_text(json.dumps({"text": "the held-out text " * 40}) + "\n")
-    with pytest.raises(PrismqError, match="into calibration and selection text; give more documents or separate sources"):
+    with pytest.raises(PrismqError, match="into calibration and selection text; give more documents or separate"):
         text_splits(str(one), str(other), None, ByteTokenizer(), 1, 1, 1, 16)
     third = tmp_path / "third.jsonl"
     third.write_text(json.dumps({"text": "a selection text " * 40}) + "\n")
