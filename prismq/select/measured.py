@@ -136,14 +136,8 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             for number, hidden in lanes.items():
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
-    def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
-        return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
-
-    final = {"reference": last(reference), "base": last(base_lane)}
-    flipped = [last(lanes[number]) for number in range(len(flips))]
-    results = evaluate_states(HiddenStates(stream.head, blocks, final["reference"]),
-                              [HiddenStates(stream.head, blocks, hidden) for hidden in [final["base"], *flipped]],
-                              blocks, chunk_size, progress)
+    results = _kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(flips)))],
+                  chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
 
@@ -182,7 +176,12 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
             for number, lane in enumerate(lanes):
                 tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
             state.save(CANDIDATES, tensors, layer=index + 1)
+    return _kl(stream, blocks, reference, lanes, chunk_size, progress)
 
+
+def _kl(stream: LayerStream, blocks: torch.Tensor, reference: list[LayerInput], lanes: list[list[LayerInput]],
+        chunk_size: int, progress: bool) -> list[KLResult]:
+    """Each lane's KL statistics against the reference from their last decoder layer's outputs (final norm, head)."""
     def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
         return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
 

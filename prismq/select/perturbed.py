@@ -76,8 +76,7 @@ def changed_share(before: Mapping[str, str], after: Mapping[str, str], params: M
 
 
 def fixed_point(start: dict[str, str], step: Callable[[dict[str, str]], dict[str, str]], params: Mapping[str, int],
-                tolerance: float,
-                iterations: int) -> FixedPoint:
+                tolerance: float, iterations: int) -> FixedPoint:
     """Iterate `step(assignment) -> assignment` from `start` until the changed share is at most `tolerance`, an
     assignment repeats (cycle), or `iterations` steps were taken; the last assignment is the result."""
     result = FixedPoint([start])
