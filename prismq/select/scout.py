@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prismq.allocate.budget import Problem
-from prismq.allocate.knapsack import solve
+from prismq.allocate.knapsack import prepare, solve
 from prismq.select.measured import Flip, FlipMeasure
 
 NEIGHBOUR_BUDGET = 0.02  # the exchange rate is read between budgets this fraction apart
@@ -42,7 +42,7 @@ def exchange_rate(problem: Problem, budget: int) -> float:
     """The surrogate's marginal cost of a byte near `budget` (nats per byte, >= 0): the cost difference of the
     knapsack solved slightly below and slightly above it, over their byte difference."""
     low_budget = int(budget * (1 - NEIGHBOUR_BUDGET))
-    smallest = int(np.where(np.isinf(problem.cost), np.iinfo(np.int64).max, problem.size).min(axis=1).sum())
+    smallest = prepare(problem.cost, problem.size).min_size
     low = solve(problem.cost, problem.size, max(low_budget, smallest), problem.params)
     high = solve(problem.cost, problem.size, int(budget * (1 + NEIGHBOUR_BUDGET)), problem.params)
     if high.size <= low.size:

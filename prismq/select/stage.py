@@ -26,7 +26,7 @@ import torch
 from pydantic import BaseModel
 
 from prismq.allocate.budget import Problem
-from prismq.allocate.knapsack import solve
+from prismq.allocate.knapsack import prepare, solve
 from prismq.allocate.pareto import budgets_from_bits
 from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json
@@ -226,7 +226,7 @@ def _size(problem: Problem, assignment: dict[str, str]) -> int:
 def _candidates(problem: Problem, cost: np.ndarray, budget: int, knapsack: dict[str, str]) -> dict[str, dict[str, str]]:
     """The validated frontier's candidates: the knapsack's solution on the estimated costs at the target budget and
     at each feasible rung of the ladder, and the surrogate knapsack's own mix; duplicates measured once."""
-    smallest = int(np.where(np.isinf(cost), np.iinfo(np.int64).max, problem.size).min(axis=1).sum())
+    smallest = prepare(cost, problem.size).min_size
     budgets = {"target": budget, **{f"{bits:g} bits": b for bits, b in
                                     zip(LADDER_BITS, budgets_from_bits(LADDER_BITS, problem.params)) if b >= smallest}}
     found: dict[str, dict[str, str]] = {}
