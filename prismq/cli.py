@@ -130,6 +130,11 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
                      "and solving again (default 2; 0: none)")
     sub.add_argument("--recost-blocks", type=int, metavar="N",
                      help="calibration blocks each re-costing step probes (default 8)")
+    sub.add_argument("--polish-units", type=int, metavar="N",
+                     help="polish: the N units the surrogate is least sure of, each other format measured with the "
+                     "weights exactly as they ship, a move kept only if it lowers the selection KL (default 8; 0: no "
+                     "polish)")
+    sub.add_argument("--polish-rounds", type=int, metavar="N", help="polish: at most N moves kept (default 2)")
     sub.add_argument(
         "--force",
         nargs="+",

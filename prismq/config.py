@@ -92,6 +92,9 @@ class QuantizeConfig(BaseModel):
     select_recost: int = Field(2, ge=0, description="L2 steps: costs re-measured under the current assignment and "
                                "the knapsack solved again, until it settles (0: none)")
     recost_blocks: int = Field(8, gt=0, description="calibration blocks each L2 step probes (the first N)")
+    polish_units: int = Field(8, ge=0, description="decision units the polish tries in every other format, measured "
+                              "with the weights as they ship (0: no polish)")
+    polish_rounds: int = Field(2, ge=0, description="polish rounds: at most one move kept per round")
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
     work_dir: Path | None = None
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")

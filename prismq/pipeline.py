@@ -2,15 +2,18 @@
 
 probe (per-token Fisher, input statistics) -> cost (every (Linear, format) priced on the bytes that ship) ->
 allocate (a multiple-choice knapsack under the byte budget, or one format with --uniform; a predicted frontier over a
-sweep of budgets; the uniform baselines that fit the same budget) -> round (input ranges clipped on calibration
-data; weights rounded by rtn / gptq / gptq+sweep layer by layer, every candidate measured on held-out KL; a uniform
-baseline ships instead of the mix when it measures better) -> export (exactly the tensors that were measured) ->
-eval (held-out KL of the checkpoint read back layer by layer by compressed-tensors' own code) -> report.md +
-summary.json.
+sweep of budgets; the uniform baselines that fit the same budget) -> input ranges (static input scales clipped on
+calibration data, once, for every Linear some option could give one) -> select (SCOUT: L2 re-costing, L3 measured
+flips, the validated frontier; `prismq.select`) -> round (the selected mix rounded by rtn / gptq / gptq+sweep layer
+by layer, every candidate measured on the selection and report splits; an alternative of the same budget ships
+instead when it measures better) -> polish (moves measured on the weights exactly as they ship, kept only if they
+lower the selection KL) -> export (exactly the tensors that were measured) -> eval (report-split KL of the
+checkpoint read back layer by layer by compressed-tensors' own code) -> report.md + summary.json + the model card.
 
 Each stage writes a fingerprinted artifact in the work directory and resumes from it; every stage that runs the
 model streams it (`prismq.engine.stream`): decoder layers are read from disk one at a time, candidates are lanes of
-one walk, never model copies. `prismq allocate` and `prismq export` run the same list up to that stage.
+one walk, never model copies. `prismq allocate`, `prismq select` and `prismq export` run the same list up to that
+stage.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from prismq.allocate.stage import Allocation, offered_formats, stage_allocate
+from prismq.allocate.stage import Allocation, allocation_problem, offered_formats, stage_allocate
 from prismq.artifacts import read_json
 from prismq.config import MeasureConfig, QuantizeConfig
 from prismq.engine.memory import StageLog
@@ -100,20 +103,32 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
         return QuantizeResult(allocation)
 
     from prismq.export.stage import stage_eval, stage_export
+    from prismq.rounding.ranges import needing_ranges, stage_ranges
     from prismq.rounding.stage import stage_round
+    from prismq.select.polish_stage import stage_polish
     from prismq.select.stage import stage_select
 
     selection_split = selection_blocks(work)
+    calibration = calibration_blocks(work)
+    with log.stage("input ranges"):
+        needing = needing_ranges(allocation_problem(config, model_dir, rows),
+                                 [allocation.assignment, *(a for a, _ in allocation.baselines.values())])
+        input_amax = stage_ranges(work, model_dir, dtype, config.device, calibration[:config.rounding_blocks],
+                                  needing, config.max_memory_bytes)
     with log.stage("select"):
         selection = stage_select(work, config, allocation, model_dir, rows, dtype, config.device, selection_split,
-                                 calibration_blocks(work))
+                                 calibration, input_amax)
     if until == "select":
         logger.info("selection in %s: %d units changed", work / "selection.json", len(selection.changed))
         return QuantizeResult(allocation, selection)
     heldout = heldout_blocks(work)
     rounding = stage_round(work, config, allocation, model_dir, dtype, config.device,
-                           calibration_blocks(work)[:config.rounding_blocks], selection_split, heldout, log,
+                           calibration[:config.rounding_blocks], selection_split, heldout, log, input_amax,
                            mix=selection.assignment)
+    with log.stage("polish"):
+        polished = stage_polish(work, config, model_dir, rows, rounding, dtype, config.device, selection_split,
+                                calibration[:config.rounding_blocks], input_amax)
+    rounding = polished.shipped(rounding, input_amax)
     with log.stage("export"):
         result = stage_export(config, model_dir, rounding)
     with log.stage("eval (export)"):
@@ -129,7 +144,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                                                   else {})} for k, v in log.peak_host.items()},
                         "all_weights_params": result.linear_params + experts,
                         "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1),
-                        "routed_experts": _routed_experts(work)})
+                        "routed_experts": _routed_experts(work)},
+                       polished.model_dump(exclude={"assignment", "store"}))
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)
     frontier = json.loads((work / "frontier.json").read_text()) if (work / "frontier.json").exists() else None
@@ -183,7 +199,8 @@ def _comparison(allocation: Allocation, rounding: Any) -> list[str]:
 
 
 def _summary(config: QuantizeConfig, allocation: Allocation, selection: Any, rounding: Any, result: ExportResult,
-             evaluation: dict[str, Any], rows: list[CostRow], run: dict[str, Any]) -> dict[str, Any]:
+             evaluation: dict[str, Any], rows: list[CostRow], run: dict[str, Any],
+             polish: dict[str, Any] | None = None) -> dict[str, Any]:
     """summary.json's content: settings, budget, bytes, KL of the export, the alternatives, the selection, the
     rounding."""
     by_row = {(r.linear, r.format): r for r in rows}
@@ -209,7 +226,8 @@ def _summary(config: QuantizeConfig, allocation: Allocation, selection: Any, rou
                       "surrogate_scale": selection.surrogate_scale, "recost": selection.recost,
                       "frontier": selection.frontier, "knee": selection.knee, "chosen": selection.chosen,
                       "shipped": rounding.shipped,
-                      "mix_selection_kl": rounding.mix_eval, "mix_report_kl": rounding.mix_report},
+                      "mix_selection_kl": rounding.mix_eval, "mix_report_kl": rounding.mix_report,
+                      "polish": polish},
         "rounding": {"methods": rounding.methods, "chosen": rounding.chosen, "mean_kl": rounding.mean_kl,
                      "output_error_vs_rtn_geomean": rounding.output_error_vs_rtn_geomean,
                      "rtn_kept": rounding.rtn_kept},

@@ -75,6 +75,21 @@ def _selection_lines(selection: dict[str, Any]) -> list[str]:
                   "![measured frontier](frontier_measured.png)"]
     if selection.get("shipped") not in (None, "mix"):
         lines += [f"The round stage measured {selection['shipped']} better on the selection split and shipped it."]
+    return lines + [""] + _polish_lines(selection.get("polish") or {})
+
+
+def _polish_lines(polish: dict[str, Any]) -> list[str]:
+    """The report's lines on the polish (coordinate descent on the weights as they ship)."""
+    if polish.get("mode") != "polished":
+        return []
+    lines = ["### Polish (weights as they ship)", "",
+             f"Each other format of the units the surrogate is least sure of, rounded exactly as it would ship, "
+             f"measured on the selection split; a move (one flip, or two paying for each other's bytes) kept only "
+             f"if it lowered the measured KL within the budget. Selection-split mean KL "
+             f"{polish['start_kl']:.5f} -> {polish['final_kl']:.5f}; stopped: {polish['stopped']}.", ""]
+    kept = [r["kept"] for r in polish.get("rounds", []) if r.get("kept")]
+    lines += [f"- kept: {', '.join(f'{n} -> {f}' for n, f in k['changes'].items())} (KL {k['mean_kl']:.5f})"
+              for k in kept] or ["- no move kept"]
     return lines + [""]
 
 

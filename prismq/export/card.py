@@ -61,7 +61,8 @@ def model_card(summary: dict[str, Any], assignment: dict[str, str], frontier: di
                   + (f"; {selection['units_measured']} units measured end to end ({selection['flips_measured']} "
                      f"alternatives), {selection['units_changed']} changed from the surrogate's knapsack"
                      if selection["mode"] == "measured" else " (the knapsack on predicted costs)")
-                  + f"; shipped: {selection.get('shipped', 'mix')}; rounding: {rounding.get('chosen', 'n/a')}.", ""]
+                  + f"; shipped: {selection.get('shipped', 'mix')}; rounding: {rounding.get('chosen', 'n/a')}"
+                  + _polish_note(selection.get("polish") or {}) + ".", ""]
     measured = selection.get("frontier") or []
     if measured:
         lines += ["## Measured frontier (selection text, round-to-nearest weights)", "",
@@ -85,3 +86,12 @@ def write_model_card(out: Path, summary: dict[str, Any], assignment: dict[str, s
     path = Path(out) / CARD
     path.write_text(model_card(summary, assignment, frontier))
     return path
+
+
+def _polish_note(polish: dict[str, Any]) -> str:
+    """The card's clause on the polish: moves kept and the selection-text KL before and after."""
+    if polish.get("mode") != "polished":
+        return ""
+    kept = sum(1 for r in polish.get("rounds", []) if r.get("kept"))
+    return (f"; polish on the shipped weights: {kept} move(s) kept, selection-text mean KL "
+            f"{polish['start_kl']:.5f} -> {polish['final_kl']:.5f}")

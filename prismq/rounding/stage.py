@@ -1,10 +1,10 @@
 """The round stage: the chosen mix in, the exact tensors to ship and their measured KL out.
 
-Input ranges are clipped on the calibration blocks; the mix (the select stage's, else the knapsack's) is rounded by
-each method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the
-lowest KL on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when
-selection changed it, the uniform baselines) are rounded the same way in a second walk; if one measures lower
-selection KL than the mix, it ships instead (predictions can misrank; measured KL decides). Every lane is measured
+The mix (the select stage's, else the knapsack's) is rounded, with the ranges stage's static input ranges, by each
+method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the lowest KL
+on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when selection
+changed it, the uniform baselines) are rounded the same way in a second walk; if one measures lower selection KL
+than the mix, it ships instead (predictions can misrank; measured KL decides). Every lane is measured
 on the report (held-out) blocks too, for the report to state; no decision reads those numbers. Writes
 WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/, and the reference's
 final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning with the same inputs
@@ -30,13 +30,8 @@ from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
 from prismq.engine.memory import StageLog
 from prismq.engine.walkstate import WalkState
-from prismq.errors import PrismqError
-from prismq.formats import get_format
-from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
-from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
-from prismq.model.siblings import input_groups
 from prismq.model.source import resolve_device
-from prismq.rounding.clip import streamed_input_amax
+from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import METHODS, RoundedModel
@@ -83,28 +78,27 @@ def assignment_fingerprint(assignment: dict[str, str]) -> str:
 
 def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, dtype: torch.dtype,
                 device: str, calibration: torch.Tensor, selection: torch.Tensor, report: torch.Tensor,
-                log: StageLog, mix: dict[str, str] | None = None) -> Rounding:
-    """Run (or resume) the round stage for `mix` (default: the allocation's own; see the module docstring)."""
+                log: StageLog, input_amax: dict[str, torch.Tensor], mix: dict[str, str] | None = None) -> Rounding:
+    """Run (or resume) the round stage for `mix` (default: the allocation's own; see the module docstring);
+    `input_amax`: the ranges stage's static input ranges (`prismq.rounding.ranges`)."""
     mix = mix or allocation.assignment
+    alternatives = {**({KNAPSACK_MIX: allocation.assignment} if mix != allocation.assignment else {}),
+                    **{name: assignment for name, (assignment, _) in allocation.baselines.items()}}
+    input_amax = ranges_for(input_amax, [mix, *alternatives.values()])
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
               "mix": assignment_fingerprint(mix), "settings": _settings(config),
-              "dtype": str(dtype).removeprefix("torch.")}
+              "dtype": str(dtype).removeprefix("torch."), "ranges": ranges_fingerprint(input_amax)}
     done = read_current(work / "rounding.json", ROUNDING, expect)
     if done is not None:
         return Rounding.model_validate(done["rounding"])
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    alternatives = {**({KNAPSACK_MIX: allocation.assignment} if mix != allocation.assignment else {}),
-                    **{name: assignment for name, (assignment, _) in allocation.baselines.items()}}
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
                    "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
                    "device": resolve_device(device).type}
     states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
-              for walk in ("ranges", "methods", "baselines")}
+              for walk in ("methods", "baselines")}
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        with log.stage("input ranges"):
-            input_amax = _input_ranges(stream, calibration, [mix, *alternatives.values()], work,
-                                       states["ranges"])
         with log.stage("rounding + selection / report KL"):
             walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
                                spill_dir=work / "rounded" / "methods", state=states["methods"], report=report)
@@ -175,36 +169,3 @@ def _error_summary(rounded: RoundedModel) -> dict[str, Any]:
     geomean = float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-30))))) if ratios else None
     return {"output_error_vs_rtn_geomean": geomean,
             "rtn_kept": sum(1 for method, _, _ in rounded.details.values() if method == "rtn")}
-
-
-def _input_ranges(stream: LayerStream, calibration: torch.Tensor, assignments: list[dict[str, str]],
-                  work: Path, state: WalkState) -> dict[str, torch.Tensor]:
-    """Clipped input ranges for every Linear that any candidate assignment gives a static-input-scale format,
-    started from the per-token input maxima the probe recorded on the same blocks (when it did, in the same
-    arithmetic)."""
-    needing = {n: f for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
-    routed = {n: f for n, f in needing.items() if n in stream.targets and stream.targets[n].expert is not None}
-    linears = {n: f for n, f in needing.items() if n not in routed}
-    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
-    token_max = None
-    same_arithmetic = probed is not None and probed[1].get("dtype") == str(stream.dtype).removeprefix("torch.")
-    found = {n: input_statistic(probed[0], n, X_TOKEN_MAX) for n in needing} if probed is not None else {}
-    if probed is not None and same_arithmetic and all(value is not None for value in found.values()):
-        token_max = {n: value[:calibration.numel()] for n, value in found.items()}  # type: ignore[index]
-    ranges = streamed_input_amax(stream, calibration, linears, token_max=token_max, state=state) if linears else {}
-    if routed:  # not clipped: the largest routed input of the layer's experts (-1 marks tokens not routed)
-        if token_max is None:
-            raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima; rerun the "
-                              "probe (`prismq probe`) in this compute dtype")
-        ranges.update(largest_inputs({n: token_max[n] for n in routed}))
-    return ranges
-
-
-def largest_inputs(token_max: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unclipped input ranges from per-token input maxima: each target's largest input, shared by the targets that
-    share one input scale (`input_groups`: a layer's routed experts per projection kind)."""
-    ranges = {}
-    for group in input_groups(token_max):
-        largest = torch.stack([token_max[n].amax() for n in group]).amax().float()
-        ranges.update({n: largest.clamp(min=torch.finfo(torch.float32).tiny).clone() for n in group})
-    return ranges

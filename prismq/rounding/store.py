@@ -43,6 +43,16 @@ class EncodedStore(Mapping[str, Tensors]):
                               "rounding.json to redo the rounding")
         return cls(directory, fresh=False)
 
+    @classmethod
+    def overlay(cls, directory: Path, base: EncodedStore, tensors: Mapping[str, Tensors]) -> EncodedStore:
+        """A new store at `directory` holding `tensors` and, for every other Linear of `base`, the base's tensors
+        where they lie (its index points into the base's files; nothing is copied)."""
+        store = cls(directory)
+        store.location = {name: place for name, place in base.location.items() if name not in tensors}
+        store.pending = dict(tensors)
+        store.flush()
+        return store
+
     def _read_index(self) -> None:
         try:
             index = json.loads((self.directory / INDEX).read_text())
@@ -70,7 +80,8 @@ class EncodedStore(Mapping[str, Tensors]):
         for name, tensors in self.pending.items():
             self.location[name] = (path, tuple(tensors))
         self.pending = {}
-        index = {name: [file.name, list(suffixes)] for name, (file, suffixes) in self.location.items()}
+        index = {name: [os.path.relpath(file, self.directory), list(suffixes)]
+                 for name, (file, suffixes) in self.location.items()}
         partial = self.directory / f".{INDEX}.partial"
         partial.write_text(json.dumps(index) + "\n")
         os.replace(partial, self.directory / INDEX)  # a kill leaves the old index or the new one, never half

@@ -8,9 +8,9 @@ flip starting in that layer encodes only its own unit, in a copy of the layer. A
 vocabulary KL against the reference is taken position by position on the same blocks, and each flip is paired with
 the base: its cost is the mean of (KL(flip) - KL(base)) over every position, with that mean's standard error.
 
-Weights are rounded to nearest by the codecs (the exact bytes of round-to-nearest) and static input scales come
-from the probe's calibration maxima: the measurement ranks formats per unit; the chosen mix is then rounded as it
-ships (GPTQ, scale sweep, clipped ranges) and checked again by the round stage.
+Weights are rounded to nearest by the codecs (the exact bytes of round-to-nearest) and static input scales are the
+ranges stage's, the ones that ship: the measurement ranks formats per unit; the chosen mix is then rounded as it
+ships (GPTQ, scale sweep) and checked again by the round stage.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             for number, hidden in lanes.items():
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
-    results = _kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(flips)))],
+    results = lanes_kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(flips)))],
                   chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
@@ -176,10 +176,10 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
             for number, lane in enumerate(lanes):
                 tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
             state.save(CANDIDATES, tensors, layer=index + 1)
-    return _kl(stream, blocks, reference, lanes, chunk_size, progress)
+    return lanes_kl(stream, blocks, reference, lanes, chunk_size, progress)
 
 
-def _kl(stream: LayerStream, blocks: torch.Tensor, reference: list[LayerInput], lanes: list[list[LayerInput]],
+def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[LayerInput], lanes: list[list[LayerInput]],
         chunk_size: int, progress: bool) -> list[KLResult]:
     """Each lane's KL statistics against the reference from their last decoder layer's outputs (final norm, head)."""
     def last(inputs: list[LayerInput]) -> list[torch.Tensor]:

@@ -29,20 +29,17 @@ from prismq.allocate.budget import Problem
 from prismq.allocate.knapsack import prepare, solve
 from prismq.allocate.pareto import budgets_from_bits
 from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
-from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json
+from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, write_json
 from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
-from prismq.errors import PrismqError
-from prismq.formats import get_format
 from prismq.measure.cost import CostRow, measure_costs
-from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
 from prismq.measure.fisher_streamed import probe_streamed
-from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.source import resolve_device
 from prismq.model.targets import model_targets
-from prismq.rounding.stage import assignment_fingerprint, largest_inputs
+from prismq.rounding.ranges import ranges_fingerprint, ranges_for
+from prismq.rounding.stage import assignment_fingerprint
 from prismq.select.frontier import (LADDER_BITS, MeasuredPoint, best_within, leave_one_out, measured_front,
                                     plot_measured)
 from prismq.select.measured import Flip, measure_flips, measure_lanes
@@ -85,35 +82,25 @@ def _choice(problem: Problem, assignment: dict[str, str]) -> np.ndarray:
     return np.array([problem.formats.index(assignment[members[0]]) for members in problem.units])
 
 
-def _input_ranges(work: Path, assignments: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """Unclipped static input ranges from the probe's per-token maxima, for every target some assignment gives a
-    format with a static input scale."""
-    needing = {n for a in assignments for n, f in a.items() if get_format(f).needs_input_amax}
-    if not needing:
-        return {}
-    probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
-    found = {n: None if probed is None else input_statistic(probed[0], n, X_TOKEN_MAX) for n in needing}
-    missing = sorted(n for n, value in found.items() if value is None)
-    if missing:
-        raise PrismqError(f"the probe holds no input maxima for {missing[0]}: rerun `prismq probe`")
-    return largest_inputs({n: v for n, v in found.items() if v is not None})
-
-
 def stage_select(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
-                 dtype: torch.dtype, device: str, blocks: torch.Tensor, calibration: torch.Tensor) -> Selection:
+                 dtype: torch.dtype, device: str, blocks: torch.Tensor, calibration: torch.Tensor,
+                 input_amax: dict[str, torch.Tensor]) -> Selection:
     """Run (or resume) the select stage on the allocation (see the module docstring); `blocks` are the selection
-    split's, `calibration` the blocks L2 probes (the first `recost_blocks`)."""
+    split's, `calibration` the blocks L2 probes (the first `recost_blocks`), `input_amax` the ranges stage's static
+    input ranges (the ones that ship)."""
     calibration = calibration[:config.recost_blocks]
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
               "settings": _settings(config), "text": fingerprint_tokens(blocks),
-              "calibration": fingerprint_tokens(calibration), "dtype": str(dtype).removeprefix("torch.")}
+              "calibration": fingerprint_tokens(calibration), "dtype": str(dtype).removeprefix("torch."),
+              "ranges": ranges_fingerprint(input_amax)}
     done = read_current(work / "selection.json", SELECTION, expect)
     if done is not None:
         return Selection.model_validate(done["selection"])
     if config.uniform or config.selection == "surrogate" or config.select_units == 0:
         result = Selection(mode="surrogate", assignment=allocation.assignment)
     else:
-        result = _measured(work, config, allocation, model_dir, rows, dtype, device, blocks, calibration, expect)
+        result = _measured(work, config, allocation, model_dir, rows, dtype, device, blocks, calibration, expect,
+                           input_amax)
     write_json(work / "selection.json", SELECTION, {**expect, "selection": result.model_dump()})
     for walk in work.glob("selection*.walk"):
         WalkState(walk, expect).clear()
@@ -121,8 +108,8 @@ def stage_select(work: Path, config: QuantizeConfig, allocation: Allocation, mod
 
 
 def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[CostRow], dtype: torch.dtype,
-            device: str, calibration: torch.Tensor, start: dict[str, str], budget: int,
-            expect: dict[str, Any]) -> tuple[Problem, FixedPoint]:
+            device: str, calibration: torch.Tensor, start: dict[str, str], budget: int, expect: dict[str, Any],
+            input_amax: dict[str, torch.Tensor]) -> tuple[Problem, FixedPoint]:
     """L2: the knapsack re-solved on costs measured with the current assignment installed, to a fixed point;
     returns the problem priced under the last assignment solved and the iterations."""
     problem = allocation_problem(config, model_dir, rows)
@@ -134,7 +121,7 @@ def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[Cost
         key = assignment_fingerprint(assignment)
         state = WalkState(work / f"selection.recost-{key}.walk", walk_expect)
         with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-            probed = probe_streamed(QuantizedWeights(stream, assignment, _input_ranges(work, [assignment])),
+            probed = probe_streamed(QuantizedWeights(stream, assignment, ranges_for(input_amax, [assignment])),
                                     calibration, list(targets), seed=0, state=state)  # type: ignore[arg-type]
             with ExitStack() as files:
                 new_rows = measure_costs(SourceTensors(model_dir, files), probed, targets, problem.formats,
@@ -151,14 +138,15 @@ def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[Cost
 
 def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_dir: Path, rows: list[CostRow],
               dtype: torch.dtype, device: str, blocks: torch.Tensor, calibration: torch.Tensor,
-              expect: dict[str, Any]) -> Selection:
+              expect: dict[str, Any], input_amax: dict[str, torch.Tensor]) -> Selection:
     """L2, then L3: measure the uncertain units' flips and re-solve the knapsack with the measured costs."""
     problem = allocation_problem(config, model_dir, rows)
     budget = allocation_budget(config, model_dir, problem)
     recost = None
     start = allocation.assignment
     if config.select_recost:
-        problem, recost = _recost(work, config, model_dir, rows, dtype, device, calibration, start, budget, expect)
+        problem, recost = _recost(work, config, model_dir, rows, dtype, device, calibration, start, budget, expect,
+                                  input_amax)
         start = recost.assignments[-1]
     choice = _choice(problem, start)
     rate = exchange_rate(problem, budget)
@@ -167,18 +155,18 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
     if not flips:
         return Selection(mode="measured", assignment=start, recost=_recost_record(recost))
     flip_assignments = [{**start, **dict.fromkeys(f.unit, f.format)} for f in flips]
-    input_amax = _input_ranges(work, [start, *flip_assignments])
+    flip_ranges = ranges_for(input_amax, [start, *flip_assignments])
     logger.info("measuring %d flips of %d units end to end on %d selection blocks", len(flips), len(picked),
                 len(blocks))
     state = WalkState(work / "selection.walk", {**expect, "model": fingerprint_model(model_dir),
                                                 "device": resolve_device(device).type})
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        measured = measure_flips(stream, start, flips, blocks, input_amax, state=state)
+        measured = measure_flips(stream, start, flips, blocks, flip_ranges, state=state)
         alpha = surrogate_scale(problem, choice, measured.flips)
         cost = measured_costs(problem, choice, measured.flips, alpha)
         candidates = _candidates(problem, cost, budget, allocation.assignment)
         results = measure_lanes(stream, list(candidates.values()), blocks,
-                                _input_ranges(work, list(candidates.values())), state=state)
+                                ranges_for(input_amax, candidates.values()), state=state)
     points = [MeasuredPoint(name, 8 * _size(problem, a) / problem.params, _size(problem, a), r.mean_kl,
                             float(r.kl.double().std()) / r.kl.numel() ** 0.5)
               for (name, a), r in zip(candidates.items(), results)]
