@@ -161,9 +161,11 @@ def small_vocab_moe(default_model_dir: Path, tmp_path_factory) -> Path:
     return path
 
 
-def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monkeypatch) -> list[int]:
+def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monkeypatch,
+              settings: tuple[str, ...] = ()) -> list[int]:
     """`prismq quantize` on `model` into tmp_path/name (work directory beside it); the layers it read, in order.
-    With `kill_at`: the run is killed when it asks for its kill_at-th layer."""
+    With `kill_at`: the run is killed when it asks for its kill_at-th layer. `settings`: flags that replace the
+    default selection, polish, format and budget flags."""
     from prismq.cli import main
 
     calls: list[int] = []
@@ -179,9 +181,9 @@ def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monke
 
     monkeypatch.setattr(LayerStream, "layer", layer)
     args = ["quantize", str(model), "--out", str(tmp_path / name), "--overwrite", "--calib-blocks", "4",
-            "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2", "--select-units", "3",
-            "--select-recost", "1", "--polish-units", "3", "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "6",
-            "--rounding", "best", "--device", "cpu"]
+            "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2", "--rounding", "best",
+            "--device", "cpu", *(settings or ("--select-units", "3", "--select-recost", "1", "--polish-units", "3",
+                                              "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "6"))]
     if kill_at is None:
         assert main(args) == 0
     else:
@@ -214,3 +216,25 @@ def test_a_run_killed_in_any_walk_resumes_there_and_ships_the_same_checkpoint(mo
         evaluation = json.loads((tmp_path / f"{name}.work" / "eval.json").read_text())
         assert evaluation["mean_kl"] == expected_eval["mean_kl"]
         assert not list((tmp_path / f"{name}.work").rglob("*.walk"))  # walk states are gone once a stage is done
+
+
+def test_a_run_killed_among_several_uniform_baselines_resumes_each_lane_as_itself(small_vocab_llama: Path,
+                                                                                  tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """At a budget both uniform formats fit: the killed run computed the allocation, the rerun reads it back from
+    allocation.json; every baseline lane resumes as itself (regression: the lanes came back in another order and
+    each went on from the other's hidden states)."""
+    import json
+
+    settings = ("--selection", "surrogate", "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "9")
+    calls = _quantize(small_vocab_llama, tmp_path, "whole", None, monkeypatch, settings)
+    expected = json.loads((tmp_path / "whole.work" / "rounding.json").read_text())["rounding"]
+    assert set(expected["baseline_evals"]) == {"MXFP8", "NVFP4"}
+    for kill_at in range(1, len(calls)):
+        name = f"killed-{kill_at}"
+        _quantize(small_vocab_llama, tmp_path, name, kill_at, monkeypatch, settings)
+        _quantize(small_vocab_llama, tmp_path, name, None, monkeypatch, settings)
+        rounding = json.loads((tmp_path / f"{name}.work" / "rounding.json").read_text())["rounding"]
+        for split in ("baseline_evals", "baseline_reports"):
+            assert {n: r["mean_kl"] for n, r in rounding[split].items()} == \
+                {n: r["mean_kl"] for n, r in expected[split].items()}, (kill_at, split)

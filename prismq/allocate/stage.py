@@ -167,7 +167,7 @@ def _uniform_baselines(problem: Problem, budget: int,
     budget: what the mixed result must beat."""
     baselines = {}
     finite = ~np.isinf(problem.cost)
-    for k, name in enumerate(problem.formats):
+    for k, name in sorted(enumerate(problem.formats), key=lambda item: item[1]):  # the order JSON reads back
         if name not in [get_format(f).name for f in config.formats]:
             continue  # a fallback (BF16, a --force format) is not a baseline unless listed
         choice = np.where(finite[:, k], k, np.argmin(problem.cost, axis=1))

@@ -83,7 +83,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     `input_amax`: the ranges stage's static input ranges (`prismq.rounding.ranges`)."""
     mix = mix or allocation.assignment
     alternatives = {**({KNAPSACK_MIX: allocation.assignment} if mix != allocation.assignment else {}),
-                    **{name: assignment for name, (assignment, _) in allocation.baselines.items()}}
+                    **{name: allocation.baselines[name][0] for name in sorted(allocation.baselines)}}
     input_amax = ranges_for(input_amax, [mix, *alternatives.values()])
     expect = {"allocation": hashlib.sha256((work / "allocation.json").read_bytes()).hexdigest()[:16],
               "mix": assignment_fingerprint(mix), "settings": _settings(config),
@@ -95,7 +95,8 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
                    "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
-                   "device": resolve_device(device).type}
+                   "device": resolve_device(device).type,
+                   "lanes": [assignment_fingerprint(a) for a in alternatives.values()]}  # in the walk's lane order
     states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
               for walk in ("methods", "baselines")}
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
