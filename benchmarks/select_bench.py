@@ -7,9 +7,10 @@ selected mix, the knapsack's own mix and every uniform format that fits the same
 them all on the selection and report splits, so one run per budget gives the whole row.
 
 Per budget the table states bits per parameter and bytes of each, report-split mean KL, p99.9 KL and same-top-1,
-the polish's moves kept (the shipped export's KL is after the polish), the select and polish stages' seconds, the
-flips measured and their cost in full forwards (a flip at layer k of L re-runs L - k layers: (L - k) / L of a
-forward, plus its share of the head).
+the polish's moves kept (the shipped export's KL is after the polish), the select stage's seconds per level (L2,
+L3, the validated frontier with its number of candidates, each a full forward), the polish's seconds, and the flips
+measured with their cost in full forwards (a flip at layer k of L re-runs L - k layers: (L - k) / L of a forward,
+plus its share of the head).
 
 Run from the repo root:
     python benchmarks/select_bench.py [--bits 4.75,5.0,5.5,6.0,8.25] [--rounding gptq+sweep] [--work-dir DIR]
@@ -55,6 +56,7 @@ def _row(work: Path, bits: float, seconds: float) -> dict[str, Any]:
             "shipped": rounding["shipped"], "units_changed": len(selection["changed"]),
             "flips": len(selection["flips"]), "flip_forwards": round(forwards, 2),
             "select_seconds": summary["seconds"].get("select"), "run_seconds": round(seconds, 1),
+            "level_seconds": selection.get("seconds", {}), "frontier_candidates": len(selection.get("frontier", [])),
             "report": {name: {k: r[k] for k in ("mean_kl", "p999_kl", "same_top1", "tokens")}
                        for name, r in report.items()},
             "uniform_bits": {name: bits for name, (_, bits) in allocation["baselines"].items()},
@@ -97,17 +99,19 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print("| target bits | bpp | units changed | knapsack mix KL | selected mix KL | shipped | polish moves | "
           "shipped export KL | ratio to knapsack | best uniform (bpp) KL | selected p99.9 / same top-1 | "
-          "flips (forwards) | select s | polish s |")
+          "flips (forwards) | select s (L2 / L3 / frontier, candidates) | polish s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rep, best = r["report"], r["best_uniform"]
         uniform = (f"{best} ({r['uniform_bits'][best]:.3f}) {rep[best]['mean_kl']:.5f}" if best else "none fits")
+        levels = " / ".join(str(r["level_seconds"].get(level, "-")) for level in ("L2", "L3", "frontier"))
         print(f"| {r['target_bits']} | {r['bits_per_param']:.3f} | {r['units_changed']} | "
               f"{rep['knapsack mix']['mean_kl']:.5f} | {rep['selected']['mean_kl']:.5f} | {r['shipped']} | "
               f"{len(r['polish']['kept']) if r['polish'] else '-'} | {r['export_report_kl']:.5f} | "
               f"{r['export_report_kl'] / max(rep['knapsack mix']['mean_kl'], 1e-12):.3f} | {uniform} | "
               f"{rep['selected']['p999_kl']:.4f} / {rep['selected']['same_top1']:.2%} | "
-              f"{r['flips']} ({r['flip_forwards']}) | {r['select_seconds']} | {r['polish_seconds']} |")
+              f"{r['flips']} ({r['flip_forwards']}) | {r['select_seconds']} ({levels}, {r['frontier_candidates']}) | "
+              f"{r['polish_seconds']} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "work_dir": str(args.work_dir)},
                                      "rows": rows}, indent=1, default=str) + "\n")

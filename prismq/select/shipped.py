@@ -8,7 +8,7 @@ what a variant measures is what it ships. Rounded units go to a store keyed by (
 a later walk of the same base and the export take them from instead of rounding again.
 
 Lanes of one streamed walk: the unquantized reference and the base on the token blocks, the base's calibration
-hidden states (when the method reads them), and per variant a lane that starts at its first changed layer from the
+hidden states (when the method reads them, up to the last layer with a unit still to round), and per variant a lane that starts at its first changed layer from the
 base lane's hidden states there (tail replay). Each layer is read once; a variant changing a layer runs its own copy.
 """
 
@@ -98,12 +98,16 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             raise ValueError(f"variant {number} changes nothing or something outside the decoder layers")
         starts.setdefault(min(layers), []).append(number)  # type: ignore[type-var]
     reference = stream.first_inputs(blocks, 1)
-    calibrating = method != "rtn"
+    # the base's calibration hidden states are needed up to the last layer with a unit to round (by GPTQ) yet
+    to_round = [stream.layer_of(n) or 0 for variant in variants for n, f in variant.items()
+                if variant_key(n, f) not in store and get_format(f).scheme() is not None]
+    last_rounded = max(to_round, default=-1)
+    calibrating = method != "rtn" and last_rounded >= 0
     calib = stream.first_inputs(calibration, 4) if calibrating and calibration is not None else []
     if calibrating and not calib:
         raise ValueError("rounding by GPTQ needs the calibration blocks")
     lane_bytes = sum(h.numel() * h.element_size() for h, _ in [*reference, *calib])
-    if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(variants) + 2) * lane_bytes) < 3:
+    if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(variants) + 2) * lane_bytes) < 2:
         reference, calib = spill(reference), spill(calib)
     base_lane, lanes = reference, {}
     saved = state.load(VARIANTS) if state is not None else None
@@ -114,7 +118,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             return [(h, kwargs) for h, (_, kwargs) in zip(hidden, like)]
 
         reference, base_lane = restored("reference", reference), restored("base", reference)
-        calib = restored("calibration", calib) if calibrating else calib
+        calib = restored("calibration", calib) if calibrating and start <= last_rounded else []
         lanes = {number: restored(f"variant{number}", reference) for number in saved[1]["lanes"]}
     for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
                       desc=f"measure {len(variants)} variant(s) as shipped", unit="layer", disable=not progress):
@@ -141,13 +145,13 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             apply_fake_quant(modules, layer_base, {n: base_tensors[n] for n in layer_base}, stream.weight_dtype,
                              stream.targets)
             base_lane = run_layer(layer, base_lane)
-            calib = run_layer(layer, calib) if calibrating else calib
+            calib = run_layer(layer, calib) if calibrating and index < last_rounded else []
             lanes = {number: changed[number] if number in changed else run_layer(layer, hidden)
                      for number, hidden in lanes.items()}
         store.flush()
         if state is not None:
             tensors = {**pack("reference", [h for h, _ in reference]), **pack("base", [h for h, _ in base_lane])}
-            if calibrating:
+            if calib:
                 tensors.update(pack("calibration", [h for h, _ in calib]))
             for number, hidden in lanes.items():
                 tensors.update(pack(f"variant{number}", [h for h, _ in hidden]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class Selection(BaseModel):
     frontier: list[dict[str, Any]] = []  # every candidate measured: name, bits, bytes, KL, stderr, on the front
     knee: dict[str, Any] | None = None
     chosen: str | None = None  # the candidate shipped: the lowest measured KL within the budget
+    seconds: dict[str, float] = {}  # per level: L2 (re-costing), L3 (the flips walk), frontier (fit + candidates)
 
 
 def _settings(config: QuantizeConfig) -> dict[str, Any]:
@@ -144,6 +146,8 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
     budget = allocation_budget(config, model_dir, problem)
     recost = None
     start = allocation.assignment
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
     if config.select_recost:
         problem, recost = _recost(work, config, model_dir, rows, dtype, device, calibration, start, budget, expect,
                                   input_amax)
@@ -153,7 +157,8 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
     picked = uncertain_units(problem, choice, rate, config.select_units)
     flips = flips_for(problem, choice, [p.unit for p in picked])
     if not flips:
-        return Selection(mode="measured", assignment=start, recost=_recost_record(recost))
+        return Selection(mode="measured", assignment=start, recost=_recost_record(recost),
+                         seconds={"L2": round(time.perf_counter() - clock, 1)})
     flip_assignments = [{**start, **dict.fromkeys(f.unit, f.format)} for f in flips]
     flip_ranges = ranges_for(input_amax, [start, *flip_assignments])
     logger.info("measuring %d flips of %d units end to end on %d selection blocks", len(flips), len(picked),
@@ -161,12 +166,15 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
     state = WalkState(work / "selection.walk", {**expect, "model": fingerprint_model(model_dir),
                                                 "device": resolve_device(device).type})
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
+        seconds["L2"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
         measured = measure_flips(stream, start, flips, blocks, flip_ranges, state=state)
+        seconds["L3"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
         alpha = surrogate_scale(problem, choice, measured.flips)
         cost = measured_costs(problem, choice, measured.flips, alpha)
         candidates = _candidates(problem, cost, budget, allocation.assignment)
         results = measure_lanes(stream, list(candidates.values()), blocks,
                                 ranges_for(input_amax, candidates.values()), state=state)
+    seconds["frontier"] = round(time.perf_counter() - clock, 1)
     points = [MeasuredPoint(name, 8 * _size(problem, a) / problem.params, _size(problem, a), r.mean_kl,
                             float(r.kl.double().std()) / r.kl.numel() ** 0.5)
               for (name, a), r in zip(candidates.items(), results)]
@@ -191,7 +199,7 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
     index = {tuple(members): u for u, members in enumerate(problem.units)}
     size = problem.size[np.arange(len(new_choice)), new_choice].sum()
     return Selection(
-        mode="measured", assignment=assignment, bits_per_param=8 * float(size) / problem.params,
+        mode="measured", assignment=assignment, bits_per_param=8 * float(size) / problem.params, seconds=seconds,
         base_kl=measured.base.to_json(), surrogate_scale=alpha, exchange_rate=rate,
         units=[{"unit": list(problem.units[p.unit]), "margin": p.margin, "predicted_cost": p.cost,
                 "reason": p.reason} for p in picked],
