@@ -137,7 +137,7 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
     results = lanes_kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(flips)))],
-                  chunk_size, progress)
+                       chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
 
@@ -180,7 +180,7 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
 
 
 def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[LayerInput], lanes: list[list[LayerInput]],
-        chunk_size: int, progress: bool) -> list[KLResult]:
+             chunk_size: int, progress: bool) -> list[KLResult]:
     """Each lane's KL statistics against the reference from their last decoder layer's outputs (final norm, head)."""
     def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
         return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]

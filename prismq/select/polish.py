@@ -98,25 +98,24 @@ def polish(problem: Problem, assignment: dict[str, str], budget: int, unit_count
         proposed = moves(problem, choice, singles, budget)
         pairs = [move for move in proposed if len(move.flips) > 1][:MOVES_MEASURED]
         measured_pairs = evaluator.measure(f"round-{number}-moves", [m.changes() for m in pairs])[1:] if pairs else []
-        kl = {id(move): r.mean_kl for move, r in zip(pairs, measured_pairs)}
-        kl.update({id(move): s.mean_kl for move in proposed if len(move.flips) == 1
-                   for s in singles if s.flip == move.flips[0]})
-        tried = [m for m in proposed if id(m) in kl]
-        best = min(tried, key=lambda m: kl[id(m)], default=None)
+        single_kl = {s.flip: s.mean_kl for s in singles}  # a single flip's KL is already measured
+        tried = [(m, single_kl[m.flips[0]]) for m in proposed if len(m.flips) == 1]
+        tried += [(m, r.mean_kl) for m, r in zip(pairs, measured_pairs)]
         record = {"round": number, "base_kl": base.mean_kl,
                   "flips": [{"unit": list(s.flip.unit), "to": s.flip.format, "delta_kl": s.delta_kl,
                              "stderr": s.stderr} for s in singles],
                   "moves": [{"changes": m.changes(), "bytes_delta": m.bytes_delta, "expected": m.expected,
-                             "mean_kl": kl[id(m)]} for m in tried],
+                             "mean_kl": kl} for m, kl in tried],
                   "kept": None}
         log.rounds.append(record)
-        if best is None or not kl[id(best)] < base.mean_kl:
+        best, best_kl = min(tried, key=lambda t: t[1], default=(None, float("inf")))
+        if best is None or not best_kl < base.mean_kl:
             log.stopped = "no move measured a lower KL within the budget"
             break
-        record["kept"] = {"changes": best.changes(), "mean_kl": kl[id(best)]}
+        record["kept"] = {"changes": best.changes(), "mean_kl": best_kl}
         assignment = {**assignment, **best.changes()}
         evaluator.accept(best.changes())
-        log.final_kl = kl[id(best)]
+        log.final_kl = best_kl
     else:
         log.stopped = f"{rounds} round(s) done"
     return assignment, log
