@@ -14,7 +14,8 @@ plus its share of the head).
 
 Run from the repo root:
     python benchmarks/select_bench.py [--bits 4.75,5.0,5.5,6.0,8.25] [--rounding gptq+sweep] [--work-dir DIR]
-        [--calib FILE] [--heldout FILE] [--device cpu]
+        [--calib FILE] [--heldout FILE] [--device cpu] [--model MODEL | --synthetic LAYERS,HIDDEN,INTERMEDIATE]
+        [--extra "more quantize flags"]
 Writes benchmarks/results/select_bench.json and prints a markdown table.
 """
 
@@ -83,16 +84,31 @@ def main() -> None:
     parser.add_argument("--calib", default=str(DATA / "wikitext-2-valid-tokenized.txt"))
     parser.add_argument("--heldout", default=str(DATA / "wikitext-2-raw-test.txt"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="MODEL to quantize (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--synthetic", metavar="LAYERS,HIDDEN,INTERMEDIATE",
+                        help="quantize a Llama-shaped model of random bf16 weights of these sizes instead (written "
+                        "beside the work directory by streaming_memory.write_synthetic)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory of --synthetic (default: the embedded "
+                        "model's)")
     parser.add_argument("--extra", default="", help="more quantize flags, space-separated")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "select_bench.json")
     args = parser.parse_args()
+    model = [args.model] if args.model else []
+    if args.synthetic:
+        from streaming_memory import write_synthetic  # this script's folder is on sys.path
+
+        layers, hidden, intermediate = (int(v) for v in args.synthetic.split(","))
+        path = args.work_dir.parent / f"synthetic-{layers}x{hidden}x{intermediate}"
+        if not (path / "config.json").exists():
+            write_synthetic(path, layers, hidden, intermediate, args.tokenizer)
+        model = [str(path)]
     rows = []
     for bits in (float(b) for b in args.bits.split(",")):
         out = args.work_dir.parent / f"out-{bits}"
         started = time.perf_counter()
         code = prismq_main(["quantize", "--target-bits", str(bits), "--work-dir", str(args.work_dir), "--out",
                             str(out), "--overwrite", "--rounding", args.rounding, "--calib", args.calib,
-                            "--heldout", args.heldout, "--device", args.device, *args.extra.split()])
+                            "--heldout", args.heldout, "--device", args.device, *model, *args.extra.split()])
         if code != 0:
             sys.exit(f"quantize --target-bits {bits} failed ({code})")
         rows.append(_row(args.work_dir, bits, time.perf_counter() - started))
