@@ -12,6 +12,12 @@ L3, the validated frontier with its number of candidates, each a full forward), 
 measured with their cost in full forwards (a flip at layer k of L re-runs L - k layers: (L - k) / L of a forward,
 plus its share of the head).
 
+With `--extra "--select-units N"` for N at least the number of decision units, L3 measures every unit's every
+other format, and the last column states what those measurements promise at best: the mix of least summed measured
+change in the base's bytes (the allocator's exact knapsack on measured costs), as the selection-split KL it would
+have if single flips added up, and that KL over the base's. Being a minimum over noisy estimates it is optimistic;
+a budget where even it is far from a target ratio cannot reach that ratio by re-selecting among these formats.
+
 Run from the repo root:
     python benchmarks/select_bench.py [--bits 4.75,5.0,5.5,6.0,8.25] [--rounding gptq+sweep] [--work-dir DIR]
         [--calib FILE] [--heldout FILE] [--device cpu] [--model MODEL | --synthetic LAYERS,HIDDEN,INTERMEDIATE]
@@ -29,10 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 DATA = REPO_ROOT.parent / "shared" / "data"
 
+from prismq.allocate.knapsack import solve  # noqa: E402
 from prismq.cli import main as prismq_main  # noqa: E402
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -62,7 +70,33 @@ def _row(work: Path, bits: float, seconds: float) -> dict[str, Any]:
                        for name, r in report.items()},
             "uniform_bits": {name: bits for name, (_, bits) in allocation["baselines"].items()},
             "best_uniform": best_uniform, "export_report_kl": summary["eval"]["mean_kl"],
-            "polish": _polish(work), "polish_seconds": summary["seconds"].get("polish")}
+            "polish": _polish(work), "polish_seconds": summary["seconds"].get("polish"),
+            "additive_best": _additive_best(selection)}
+
+
+def _additive_best(selection: dict[str, Any]) -> dict[str, float] | None:
+    """What L3's own single-flip measurements promise at best, when they cover every unit (`--select-units` at least
+    the number of units): the mix of least summed measured change within the base's bytes, solved exactly as the
+    allocator does, as (its selection-split KL if flips added up, that KL over the base's). An optimistic bound on
+    what any re-selection from these measurements can reach: the minimum over noisy estimates is biased low."""
+    options: dict[tuple[str, ...], dict[str, tuple[float, int]]] = {}
+    for flip in selection["flips"]:
+        unit = tuple(flip["unit"])
+        options.setdefault(unit, {flip["from"]: (0.0, 0)})[flip["to"]] = (flip["measured_delta_kl"],
+                                                                         flip["bytes_delta"])
+    if len(options) < len(selection["units"]):
+        return None
+    formats = sorted({f for unit in options.values() for f in unit})
+    cost = np.full((len(options), len(formats)), np.inf)
+    size = np.zeros((len(options), len(formats)), dtype=np.int64)
+    for u, unit in enumerate(options.values()):
+        low = min(b for _, b in unit.values())  # sizes relative to the unit's smallest option: all non-negative
+        for name, (delta, extra) in unit.items():
+            cost[u, formats.index(name)], size[u, formats.index(name)] = delta, extra - low
+    room = int(-sum(min(b for _, b in unit.values()) for unit in options.values()))
+    best = solve(cost, size, room)
+    base = selection["base_kl"]["mean_kl"]
+    return {"kl": base + best.cost, "ratio": (base + best.cost) / base}
 
 
 def _polish(work: Path) -> dict[str, Any] | None:
@@ -74,6 +108,11 @@ def _polish(work: Path) -> dict[str, Any] | None:
     return {"mode": polish["mode"], "start_kl": polish["start_kl"], "final_kl": polish["final_kl"],
             "kept": [r["kept"] for r in polish["rounds"] if r["kept"]], "stopped": polish["stopped"],
             "flips": sum(len(r["flips"]) for r in polish["rounds"])}
+
+
+def _ratio(best: dict[str, float] | None) -> str:
+    """The additive best as 'KL (ratio)', or '-' when the flips did not cover every unit."""
+    return f"{best['kl']:.5f} ({best['ratio']:.3f})" if best else "-"
 
 
 def main() -> None:
@@ -115,8 +154,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print("| target bits | bpp | units changed | knapsack mix KL | selected mix KL | shipped | polish moves | "
           "shipped export KL | ratio to knapsack | best uniform (bpp) KL | selected p99.9 / same top-1 | "
-          "flips (forwards) | select s (L2 / L3 / frontier, candidates) | polish s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "flips (forwards) | select s (L2 / L3 / frontier, candidates) | polish s | flips' additive best / base |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rep, best = r["report"], r["best_uniform"]
         uniform = (f"{best} ({r['uniform_bits'][best]:.3f}) {rep[best]['mean_kl']:.5f}" if best else "none fits")
@@ -127,7 +166,7 @@ def main() -> None:
               f"{r['export_report_kl'] / max(rep['knapsack mix']['mean_kl'], 1e-12):.3f} | {uniform} | "
               f"{rep['selected']['p999_kl']:.4f} / {rep['selected']['same_top1']:.2%} | "
               f"{r['flips']} ({r['flip_forwards']}) | {r['select_seconds']} ({levels}, {r['frontier_candidates']}) | "
-              f"{r['polish_seconds']} |")
+              f"{r['polish_seconds']} | {_ratio(r['additive_best'])} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "work_dir": str(args.work_dir)},
                                      "rows": rows}, indent=1, default=str) + "\n")
