@@ -112,8 +112,8 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
     budget.add_argument("--uniform", metavar="FORMAT", help="one format for every Linear (a baseline)")
     sub.add_argument("--rounding", choices=["rtn", "gptq", "gptq+sweep", "best"],
                      help="how weights are rounded to the format's codes: rtn (round to nearest), gptq (GPTQ on "
-                     "calibration inputs, layer by layer), gptq+sweep (GPTQ with a per-group scale search); "
-                     "best (default): build all three and ship the one with the lowest held-out KL")
+                     "calibration inputs, layer by layer), gptq+sweep (default: GPTQ with a per-group scale "
+                     "search); best: build all three and ship the one with the lowest selection-split KL")
     sub.add_argument("--calib", metavar="FILE|DATASET", help="calibration text (default: text shipped with prismq)")
     sub.add_argument("--heldout", metavar="FILE|DATASET", help="held-out text whose KL the report states, disjoint "
                      "from the others (default: split from --calib); no decision is made on it")

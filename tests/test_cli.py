@@ -97,7 +97,7 @@ def test_uniform_runs_pipeline_with_defaults(fake_pipeline):
     assert config.model is None
     assert config.out == Path("out/x")
     assert config.formats == ["NVFP4", "MXFP8", "BF16"]
-    assert (config.rounding, config.device, config.overwrite) == ("best", "auto", False)
+    assert (config.rounding, config.device, config.overwrite) == ("gptq+sweep", "auto", False)
     assert (config.gptq_act_order, config.gptq_damping, config.gptq_block_size) == (True, [0.01], 128)
     assert config.compute_dtype == "auto"
     assert config.max_shard_bytes == 5 * 10**9

@@ -181,7 +181,7 @@ def _quantize(model: Path, tmp_path: Path, name: str, kill_at: int | None, monke
 
     monkeypatch.setattr(LayerStream, "layer", layer)
     args = ["quantize", str(model), "--out", str(tmp_path / name), "--overwrite", "--calib-blocks", "4",
-            "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2", "--rounding", "best",
+            "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2",
             "--device", "cpu", *(settings or ("--select-units", "3", "--select-recost", "1", "--polish-units", "3",
                                               "--formats", "NVFP4,MXFP8,BF16", "--target-bits", "6"))]
     if kill_at is None:

@@ -15,7 +15,7 @@ from prismq.errors import PrismqError
 from prismq.measure.kl import evaluate_candidates
 from prismq.model.source import load_model
 from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
-from prismq.rounding.lanes import round_lanes
+from prismq.rounding.lanes import _by_layer, round_lanes, shared_prefixes
 from prismq.rounding.sequential import round_model
 
 
@@ -84,6 +84,26 @@ def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path, tmp
         spilled = again.rounded[0].encoded[name]
         assert all(torch.equal(_tensor_bits(t), _tensor_bits(spilled[k])) for k, t in tensors.items())
     assert walk.kl[0].mean_kl > 0
+
+
+def test_a_lane_sharing_its_first_layers_ships_what_it_ships_walked_alone(tiny_llama_dir: Path) -> None:
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    first = {n: "NVFP4" for n in names}
+    second = {**first, "model.layers.1.mlp.down_proj": "MXFP8"}  # differs from the first on layer 1 only
+    amax = {n: torch.tensor(3.0) for n in names}
+    g = torch.Generator().manual_seed(5)
+    calibration, heldout = torch.randint(0, 512, (4, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
+    candidates = [(first, "gptq+sweep"), (second, "gptq+sweep"), (second, "gptq")]
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        groups = [_by_layer(stream, a) for a, _ in candidates]
+        assert shared_prefixes(candidates, groups, len(stream)) == [(-1, 0), (0, 1), (-1, 0)]
+        together = round_lanes(stream, candidates, calibration, heldout, amax, progress=False)
+        alone = round_lanes(stream, candidates[1:2], calibration, heldout, amax, progress=False)
+    assert together.kl[1].mean_kl == alone.kl[0].mean_kl != together.kl[0].mean_kl
+    assert together.rounded[1].details == alone.rounded[0].details
+    for name, tensors in alone.rounded[0].encoded.items():
+        assert all(torch.equal(_tensor_bits(t), _tensor_bits(together.rounded[1].encoded[name][k]))
+                   for k, t in tensors.items())
 
 
 def test_streamed_input_ranges_equal_the_whole_model_ones(tiny_llama_dir: Path) -> None:

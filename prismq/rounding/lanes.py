@@ -1,11 +1,12 @@
 """Round several candidates in one walk of the streamed layer stack, and measure them on held-out text as they go.
 
-A candidate ("lane") is an assignment rounded by one method (`--rounding best` builds rtn, gptq and gptq+sweep of the
-same assignment; the uniform baselines are other assignments). Each decoder layer is read from disk once; every lane
-gets its own copy of it, rounds it on the lane's own calibration hidden states (the outputs of the lane's already
-rounded layers, exactly as `round_model` does on a whole model), then advances its calibration and held-out hidden
-states through it. The unquantized reference advances its held-out hidden states through the layer as read. Memory:
-one layer per lane at a time plus each lane's hidden states, never a model copy.
+A candidate ("lane") is an assignment rounded by one method (`--rounding best` builds rtn, gptq and gptq+sweep of
+the same assignment; the uniform baselines are other assignments). Each decoder layer is read from disk once; every
+lane gets its own copy of it, rounds it on the lane's own calibration hidden states (the outputs of the lane's
+already rounded layers, exactly as `round_model` does on a whole model), then advances its calibration and held-out
+hidden states through it; a lane equal to an earlier one on the first layers (same method and formats) takes that
+lane's results there (`shared_prefixes`). The unquantized reference advances its held-out hidden states through the
+layer as read. Memory: one layer per lane at a time plus each lane's hidden states, never a model copy.
 
 At the end the held-out hidden states of every lane go through the final norm and the output head, chunk by chunk,
 and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`).
@@ -117,24 +118,29 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
         for lane in lanes:
             lane.calibration, lane.heldout = spill(lane.calibration), spill(lane.heldout)
         hidden_bytes = 0
+    prefixes = shared_prefixes(candidates, groups, len(stream))
     share = stream.layer_copies(reserved=hidden_bytes) > len(lanes)  # else each lane reads the layer itself
     for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
                       desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
+        computing = [k for k, (_, until) in enumerate(prefixes) if index >= until]
         if share:
             with stream.layer(index) as original:
                 if reference is not None:
                     reference = run_layer(original, reference)
-                for number, (lane, layer_groups) in enumerate(zip(lanes, groups)):
-                    layer = original if number == len(lanes) - 1 else copy.deepcopy(original)
-                    _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
+                for k in computing:
+                    layer = original if k == computing[-1] else copy.deepcopy(original)
+                    _advance(stream, index, layer, lanes[k], groups[k].get(index, []), input_amax, settings)
                     del layer
         else:
             if reference is not None:
                 with stream.layer(index) as original:
                     reference = run_layer(original, reference)
-            for lane, layer_groups in zip(lanes, groups):
+            for k in computing:
                 with stream.layer(index) as layer:
-                    _advance(stream, index, layer, lane, layer_groups.get(index, []), input_amax, settings)
+                    _advance(stream, index, layer, lanes[k], groups[k].get(index, []), input_amax, settings)
+        for k, (leader, until) in enumerate(prefixes):
+            if index < until:
+                _follow(lanes[k], lanes[leader], groups[k].get(index, []))
         if state is not None:
             _save(state, index + 1, lanes, reference)
     _encode_outside(stream, lanes)
@@ -152,6 +158,42 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
 
     return LaneResults([lane.rounded for lane in lanes], measure(heldout, slice(0, split)), reference_hidden,
                        [] if report is None else measure(report, slice(split, None)))
+
+
+def shared_prefixes(candidates: list[tuple[dict[str, str], Method]], groups: list[dict[int, list[list[str]]]],
+                    layers: int) -> list[tuple[int, int]]:
+    """Per lane, an earlier lane it equals on the first decoder layers (same method, same formats in each) and how
+    many layers that is, (-1, 0) when none: on those layers it takes that lane's hidden states and tensors instead of
+    computing them again, since the same arithmetic on the same inputs gives the same bits. A selected mix and the
+    knapsack's own differ from the first changed unit on; everything before it is rounded once."""
+
+    def formats(lane: int, index: int) -> list[tuple[tuple[str, ...], str]]:
+        return sorted((tuple(g), candidates[lane][0][g[0]]) for g in groups[lane].get(index, []))
+
+    prefixes = []
+    for lane, (_, method) in enumerate(candidates):
+        best = (-1, 0)
+        for earlier in range(lane):
+            if candidates[earlier][1] != method:
+                continue
+            count = 0
+            while count < layers and formats(earlier, count) == formats(lane, count):
+                count += 1
+            if count > best[1]:
+                best = (earlier, count)
+        prefixes.append(best)
+    return prefixes
+
+
+def _follow(lane: Lane, leader: Lane, groups: list[list[str]]) -> None:
+    """The lane takes the leader's results for the layer just walked (equal by `shared_prefixes`)."""
+    lane.calibration, lane.heldout = leader.calibration, leader.heldout
+    names = [name for group in groups for name in group]
+    lane.rounded.encoded.update({name: leader.rounded.encoded[name] for name in names})
+    details = leader.rounded.details
+    lane.rounded.details.update({name: details[name] for name in names if name in details})
+    if isinstance(lane.rounded.encoded, EncodedStore):
+        lane.rounded.encoded.flush()
 
 
 def _save(state: WalkState, layer: int, lanes: list[Lane], reference: list[LayerInput] | None) -> None:

@@ -1,14 +1,15 @@
 """The round stage: the chosen mix in, the exact tensors to ship and their measured KL out.
 
 The mix (the select stage's, else the knapsack's) is rounded, with the ranges stage's static input ranges, by each
-method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the lowest KL
-on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when selection
-changed it, the uniform baselines) are rounded the same way in a second walk; if one measures lower selection KL
-than the mix, it ships instead (predictions can misrank; measured KL decides). Every lane is measured
-on the report (held-out) blocks too, for the report to state; no decision reads those numbers. Writes
-WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/, and the reference's
-final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning with the same inputs
-and settings reuses all of it.
+method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the
+lowest KL on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when
+selection changed it, the uniform baselines) are rounded the same way: lanes of the same walk with one method (where
+they equal the mix, on the layers before their first difference, computed once), a second walk after the methods'
+with several; if one measures lower selection KL than the mix, it ships instead (predictions can misrank; measured
+KL decides). Every lane is measured on the report (held-out) blocks too, for the report to state; no decision reads
+those numbers. Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/,
+and the reference's final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning
+with the same inputs and settings reuses all of it.
 """
 
 from __future__ import annotations
@@ -96,32 +97,41 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
                    "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
                    "device": resolve_device(device).type,
-                   "lanes": [assignment_fingerprint(a) for a in alternatives.values()]}  # in the walk's lane order
+                   "lanes": [assignment_fingerprint(a) for a in alternatives.values()],  # in the walk's lane order
+                   "alternatives walk": "methods" if len(methods) == 1 else "baselines"}
     states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
               for walk in ("methods", "baselines")}
+    # One method: the alternatives are lanes of the same walk (sharing the mix's layers up to their first difference);
+    # several: a second walk rounds them with the method the first one measured best.
+    together = [(a, methods[0]) for a in alternatives.values()] if len(methods) == 1 else []
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         with log.stage("rounding + selection / report KL"):
-            walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
-                               spill_dir=work / "rounded" / "methods", state=states["methods"], report=report)
+            walk = round_lanes(stream, [*((mix, m) for m in methods), *together], calibration, selection,
+                               input_amax, settings, spill_dir=work / "rounded" / "methods",
+                               state=states["methods"], report=report)
             kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
             chosen = min(kls, key=kls.__getitem__)
             if len(methods) > 1:
                 logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
                             ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-            baseline_walk = None
-            if alternatives:
+            alternative_kl = (walk.kl[len(methods):], walk.report_kl[len(methods):])
+            alternative_stores = [work / "rounded" / "methods" / f"candidate-{len(methods) + k}"
+                                  for k in range(len(together))]
+            if alternatives and not together:
                 baseline_walk = round_lanes(stream, [(a, chosen) for a in alternatives.values()], calibration,
                                             selection, input_amax, settings, reference_hidden=walk.reference_hidden,
                                             spill_dir=work / "rounded" / "baselines", state=states["baselines"],
                                             report=report)
+                alternative_kl = (baseline_walk.kl, baseline_walk.report_kl)
+                alternative_stores = [work / "rounded" / "baselines" / f"candidate-{k}"
+                                      for k in range(len(alternatives))]
         reference_report = torch.stack(walk.reference_hidden[len(selection):]).cpu()
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
                       reference_expect(model_dir, report, dtype))
     index = methods.index(chosen)
     mix_eval, mix_report = walk.kl[index].to_json(), walk.report_kl[index].to_json()
-    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, baseline_walk.kl)} if baseline_walk else {}
-    baseline_reports = ({name: r.to_json() for name, r in zip(alternatives, baseline_walk.report_kl)}
-                        if baseline_walk else {})
+    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, alternative_kl[0])}
+    baseline_reports = {name: r.to_json() for name, r in zip(alternatives, alternative_kl[1])}
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
     if better is not None:
@@ -129,7 +139,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
                     "shipping %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"], shipped)
     rounded = walk.rounded[index]
     store = (work / "rounded" / "methods" / f"candidate-{index}" if shipped == "mix"
-             else work / "rounded" / "baselines" / f"candidate-{list(alternatives).index(shipped)}")
+             else alternative_stores[list(alternatives).index(shipped)])
     result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
                       **_error_summary(rounded), input_amax={n: float(v) for n, v in input_amax.items()},
                       mix_eval=mix_eval, baseline_evals=baseline_evals, mix_report=mix_report,
