@@ -84,8 +84,8 @@ def _additive_best(selection: dict[str, Any]) -> dict[str, float] | None:
         unit = tuple(flip["unit"])
         options.setdefault(unit, {flip["from"]: (0.0, 0)})[flip["to"]] = (flip["measured_delta_kl"],
                                                                          flip["bytes_delta"])
-    if len(options) < len(selection["units"]):
-        return None
+    if len(selection["units"]) < (selection.get("decision_units") or len(options) + 1):
+        return None  # L3 left units unmeasured
     formats = sorted({f for unit in options.values() for f in unit})
     cost = np.full((len(options), len(formats)), np.inf)
     size = np.zeros((len(options), len(formats)), dtype=np.int64)

@@ -65,7 +65,8 @@ class Selection(BaseModel):
     surrogate_scale: float | None = None
     surrogate_error: float | None = None  # tau: the rescaled surrogate's error on a flip, nats
     exchange_rate: float | None = None  # predicted nats per byte at the budget
-    units: list[dict[str, Any]] = []
+    units: list[dict[str, Any]] = []  # the units L3 measured
+    decision_units: int | None = None  # every decision unit of the allocation problem
     flips: list[dict[str, Any]] = []
     changed: list[dict[str, Any]] = []  # units whose format differs from the knapsack's mix
     recost: dict[str, Any] | None = None  # the L2 iterations
@@ -202,7 +203,7 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
         mode="measured", assignment=assignment, bits_per_param=8 * float(size) / problem.params, seconds=seconds,
         base_kl=measured.base.to_json(), surrogate_scale=alpha, exchange_rate=rate,
         units=[{"unit": list(problem.units[p.unit]), "margin": p.margin, "predicted_cost": p.cost,
-                "reason": p.reason} for p in picked],
+                "reason": p.reason} for p in picked], decision_units=len(problem.units),
         surrogate_error=surrogate_error(problem, choice, measured.flips, alpha) ** 0.5,
         flips=[{**_flip_record(problem, choice, index, m.flip, m.delta_kl, m.stderr, m.mean_kl), "estimate": float(e)}
                for m, e in zip(measured.flips, estimates(problem, choice, measured.flips, alpha))],
