@@ -135,6 +135,9 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
                      "weights exactly as they ship, a move kept only if it lowers the selection KL (default 8; 0: no "
                      "polish)")
     sub.add_argument("--polish-rounds", type=int, metavar="N", help="polish: at most N moves kept (default 2)")
+    sub.add_argument("--polish-margin", type=float, metavar="Z",
+                     help="polish: a move is kept only if it lowers the selection-split KL by more than Z standard "
+                     "errors of its paired change (default 2; 0: any lower KL)")
     sub.add_argument(
         "--force",
         nargs="+",

@@ -96,6 +96,8 @@ class QuantizeConfig(BaseModel):
     polish_units: int = Field(8, ge=0, description="decision units the polish tries in every other format, measured "
                               "with the weights as they ship (0: no polish)")
     polish_rounds: int = Field(2, ge=0, description="polish rounds: at most one move kept per round")
+    polish_margin: float = Field(2.0, ge=0, description="a polish move is kept only if it lowers the selection-split "
+                                 "KL by more than this many standard errors of the paired change")
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
     work_dir: Path | None = None
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")

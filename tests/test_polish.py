@@ -87,6 +87,36 @@ def test_the_polish_never_raises_its_evaluators_kl_and_keeps_the_budget(budget: 
         assert polished == {"a": "A", "b": "B", "c": "A"}
 
 
+class _Noisy(_Additive):
+    """The made-up KL of `_Additive` plus, for every assignment other than the first, +-0.1 alternating over the
+    8 positions: each move's paired change keeps its mean but gets a standard error of about 0.038."""
+
+    def kl(self, assignment: dict[str, str]) -> KLResult:
+        result = super().kl(assignment)
+        if not hasattr(self, "start"):
+            self.start = dict(assignment)
+        if assignment == self.start:
+            return result
+        noise = 0.1 * torch.tensor([1.0, -1.0]).repeat(4).reshape(2, 4).double()
+        return kl_result(result.kl + noise, torch.ones(2, 4), torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("margin", [0.0, 2.0])
+def test_the_polish_keeps_only_moves_whose_gain_exceeds_the_margin(margin: float) -> None:
+    """Room for one upgrade; only b's pays. Lowering the KL by 0.1 (about 2.6 standard errors of its paired change)
+    it is kept under a margin of 2; lowering it by 0.05 (1.3 standard errors), only without a margin."""
+    start = {"a": "B", "b": "A", "c": "A"}  # 40 bytes; one upgrade fits a budget of 50
+    for gain, kept in ((0.1, True), (0.05, margin == 0)):
+        problem = _problem()
+        problem.cost[1, 0], problem.cost[2, 0] = gain, 0.0  # c's upgrade gains nothing
+        evaluator = _Noisy(problem, start)
+        evaluator.kl(start)
+        polished, log = polish(problem, start, 50, unit_count=3, rounds=1, evaluator=evaluator, margin=margin)
+        assert polished == ({**start, "b": "B"} if kept else start)
+        (move,) = [m for m in log.rounds[0]["moves"] if m["changes"] == {"b": "B"}]
+        assert move["delta_kl"] == pytest.approx(-gain) and move["stderr"] == pytest.approx(0.1 / 7 ** 0.5)
+
+
 def test_a_variant_measured_as_shipped_equals_rounding_it_from_scratch(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Base: an assignment rounded by GPTQ + sweep in a round-stage walk. A variant changing units of the last
     layer rounds them on the base's hidden states there, which are those a walk rounding the changed assignment

@@ -105,6 +105,7 @@ def stage_polish(work: Path, config: QuantizeConfig, model_dir: Path, rows: list
     budget = allocation_budget(config, model_dir, problem) if not config.uniform else 0
     expect = {"rounding": hashlib.sha256((work / "rounding.json").read_bytes()).hexdigest()[:16],
               "settings": {"polish_units": config.polish_units, "polish_rounds": config.polish_rounds,
+                           "polish_margin": config.polish_margin,
                            "selection": config.selection, "budget": budget, "formats": problem.formats,
                            "force": config.force},
               "text": fingerprint_tokens(blocks), "calibration": fingerprint_tokens(calibration),
@@ -119,7 +120,7 @@ def stage_polish(work: Path, config: QuantizeConfig, model_dir: Path, rows: list
                                {**expect, "model": fingerprint_model(model_dir),
                                 "device": resolve_device(device).type})
         assignment, log = polish(problem, rounding.assignment, budget, config.polish_units, config.polish_rounds,
-                                 evaluator)
+                                 evaluator, config.polish_margin)
         store = rounding.store
         if assignment != rounding.assignment:
             changed = {n for n in assignment if assignment[n] != rounding.assignment[n]}
