@@ -88,13 +88,15 @@ def test_the_polish_never_raises_its_evaluators_kl_and_keeps_the_budget(budget: 
 
 
 class _Noisy(_Additive):
-    """The made-up KL of `_Additive` plus, for every assignment other than the first, +-0.1 alternating over the
-    8 positions: each move's paired change keeps its mean but gets a standard error of about 0.038."""
+    """The made-up KL of `_Additive` plus, for every assignment other than the starting one, +-0.1 alternating over
+    the 8 positions: each move's paired change keeps its mean but gets a standard error of about 0.038."""
+
+    def __init__(self, problem: Problem, assignment: dict[str, str]) -> None:
+        super().__init__(problem, assignment)
+        self.start = dict(assignment)
 
     def kl(self, assignment: dict[str, str]) -> KLResult:
         result = super().kl(assignment)
-        if not hasattr(self, "start"):
-            self.start = dict(assignment)
         if assignment == self.start:
             return result
         noise = 0.1 * torch.tensor([1.0, -1.0]).repeat(4).reshape(2, 4).double()
@@ -110,7 +112,6 @@ def test_the_polish_keeps_only_moves_whose_gain_exceeds_the_margin(margin: float
         problem = _problem()
         problem.cost[1, 0], problem.cost[2, 0] = gain, 0.0  # c's upgrade gains nothing
         evaluator = _Noisy(problem, start)
-        evaluator.kl(start)
         polished, log = polish(problem, start, 50, unit_count=3, rounds=1, evaluator=evaluator, margin=margin)
         assert polished == ({**start, "b": "B"} if kept else start)
         (move,) = [m for m in log.rounds[0]["moves"] if m["changes"] == {"b": "B"}]

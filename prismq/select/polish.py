@@ -105,7 +105,7 @@ def polish(problem: Problem, assignment: dict[str, str], budget: int, unit_count
         measured_pairs = evaluator.measure(f"round-{number}-moves", [m.changes() for m in pairs])[1:] if pairs else []
         single = {s.flip: s for s in singles}  # a single flip is already measured
         tried = [(m, single[m.flips[0]]) for m in proposed if len(m.flips) == 1]
-        tried += [(m, paired(m.flips[0], r, base)) for m, r in zip(pairs, measured_pairs)]
+        tried += [(m, paired(m.flips[0], r, base)) for m, r in zip(pairs, measured_pairs)]  # (label: 1st flip)
         record = {"round": number, "base_kl": base.mean_kl,
                   "flips": [{"unit": list(s.flip.unit), "to": s.flip.format, "delta_kl": s.delta_kl,
                              "stderr": s.stderr} for s in singles],
@@ -114,11 +114,11 @@ def polish(problem: Problem, assignment: dict[str, str], budget: int, unit_count
                   "kept": None}
         log.rounds.append(record)
         significant = [(m, r) for m, r in tried if r.mean_kl < base.mean_kl and r.delta_kl < -margin * r.stderr]
-        best, best_measure = min(significant, key=lambda t: t[1].mean_kl, default=(None, None))
-        if best is None or best_measure is None:
+        if not significant:
             log.stopped = ("no move measured a lower KL within the budget" if margin == 0 else
                            f"no move measured a KL lower by more than {margin:g} standard errors within the budget")
             break
+        best, best_measure = min(significant, key=lambda t: t[1].mean_kl)
         best_kl = best_measure.mean_kl
         record["kept"] = {"changes": best.changes(), "mean_kl": best_kl}
         assignment = {**assignment, **best.changes()}
