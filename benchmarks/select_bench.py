@@ -16,7 +16,9 @@ With `--extra "--select-units N"` for N at least the number of decision units, L
 other format, and the last column states what those measurements promise at best: the mix of least summed measured
 change in the base's bytes (the allocator's exact knapsack on measured costs), as the selection-split KL it would
 have if single flips added up, and that KL over the base's. Being a minimum over noisy estimates it is optimistic;
-a budget where even it is far from a target ratio cannot reach that ratio by re-selecting among these formats.
+a budget where even it is far from a target ratio cannot reach that ratio by re-selecting among these formats. The
+JSON also gives the correlation of the surrogate's predicted changes with the measured ones over the flips
+(`surrogate_correlation`).
 
 Run from the repo root:
     python benchmarks/select_bench.py [--bits 4.75,5.0,5.5,6.0,8.25] [--rounding gptq+sweep] [--work-dir DIR]
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 DATA = REPO_ROOT.parent / "shared" / "data"
@@ -71,7 +74,14 @@ def _row(work: Path, bits: float, seconds: float) -> dict[str, Any]:
             "uniform_bits": {name: bits for name, (_, bits) in allocation["baselines"].items()},
             "best_uniform": best_uniform, "export_report_kl": summary["eval"]["mean_kl"],
             "polish": _polish(work), "polish_seconds": summary["seconds"].get("polish"),
-            "additive_best": _additive_best(selection)}
+            "additive_best": _additive_best(selection), "surrogate_correlation": _correlation(selection["flips"])}
+
+
+def _correlation(flips: list[dict[str, Any]]) -> float | None:
+    """Pearson correlation of the surrogate's predicted change with the measured one over L3's flips."""
+    if len(flips) < 3:
+        return None
+    return float(np.corrcoef([f["predicted_delta"] for f in flips], [f["measured_delta_kl"] for f in flips])[0, 1])
 
 
 def _additive_best(selection: dict[str, Any]) -> dict[str, float] | None:
@@ -84,8 +94,8 @@ def _additive_best(selection: dict[str, Any]) -> dict[str, float] | None:
         unit = tuple(flip["unit"])
         options.setdefault(unit, {flip["from"]: (0.0, 0)})[flip["to"]] = (flip["measured_delta_kl"],
                                                                          flip["bytes_delta"])
-    if len(selection["units"]) < (selection.get("decision_units") or len(options) + 1):
-        return None  # L3 left units unmeasured
+    if not selection.get("decision_units") or len(selection["units"]) < selection["decision_units"]:
+        return None  # L3 left units unmeasured (or the run predates the count)
     formats = sorted({f for unit in options.values() for f in unit})
     cost = np.full((len(options), len(formats)), np.inf)
     size = np.zeros((len(options), len(formats)), dtype=np.int64)
