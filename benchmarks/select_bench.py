@@ -3,8 +3,9 @@
 Why: the select stage exists to beat the knapsack's mix chosen on predicted costs; this measures by how much, on
 the report split no decision saw, and what it costs. For each --target-bits value, `prismq quantize` runs with the
 default selection into one shared work directory (probe and cost are measured once). The round stage rounds the
-selected mix, the knapsack's own mix and every uniform format that fits the same bytes the same way and measures
-them all on the selection and report splits, so one run per budget gives the whole row.
+selected mix and measures the knapsack's own mix and every uniform format that fits the same bytes as variants of
+it (the units where they differ rounded by the same method on the mix's calibration inputs, the rest the mix's
+tensors), all on the selection and report splits, so one run per budget gives the whole row.
 
 Per budget the table states bits per parameter and bytes of each, report-split mean KL, p99.9 KL and same-top-1,
 the polish's moves kept (the shipped export's KL is after the polish), the select stage's seconds per level (L2,

@@ -16,10 +16,10 @@ from prismq.engine.stream import LayerStream
 from prismq.measure.kl import KLResult, kl_result
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
-from prismq.rounding.store import EncodedStore
+from prismq.rounding.store import EncodedStore, variant_key
 from prismq.select.measured import Flip, FlipMeasure
 from prismq.select.polish import moves, polish
-from prismq.select.shipped import measure_variants, variant_key
+from prismq.select.shipped import measure_variants
 from test_select import _assignment
 
 

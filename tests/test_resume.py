@@ -84,24 +84,28 @@ def test_a_killed_rounding_walk_resumes_after_its_last_finished_layer(tiny_llama
     assignment = {n: "NVFP4" for n in names}
     assignment["model.layers.1.mlp.down_proj"] = "MXFP8"
     candidates = [(assignment, "rtn"), (assignment, "gptq")]
+    # variants of the gptq lane branching off at layer 0 and at layer 1 (after the first kill: not yet branched)
+    variants = [(1, {**assignment, f"model.layers.{i}.self_attn.o_proj": "MXFP8"}) for i in (0, 1)]
     amax = {n: torch.tensor(3.0) for n in names}
     calibration, heldout = _texts()
     with streamed(tiny_llama_dir) as (stream, calls):
         whole = round_lanes(stream, candidates, calibration, heldout, amax, progress=False,
-                            spill_dir=tmp_path / "whole")
+                            spill_dir=tmp_path / "whole", variants=variants)
     state = WalkState(tmp_path / "walk", {"run": 1})
     with streamed(tiny_llama_dir, kill_at) as (stream, _), pytest.raises(Killed):
         round_lanes(stream, candidates, calibration, heldout, amax, progress=False, spill_dir=tmp_path / "resumed",
-                    state=state)
+                    state=state, variants=variants)
         raise Killed  # killed during the final KL: nothing left to read
     with streamed(tiny_llama_dir) as (stream, resumed_calls):
         resumed = round_lanes(stream, candidates, calibration, heldout, amax, progress=False,
-                              spill_dir=tmp_path / "resumed", state=state)
+                              spill_dir=tmp_path / "resumed", state=state, variants=variants)
     assert resumed_calls == calls[kill_at:]
     assert [r.mean_kl for r in resumed.kl] == [r.mean_kl for r in whole.kl]
-    for ours, theirs in zip(resumed.rounded, whole.rounded):
-        assert ours.details == theirs.details and set(ours.encoded) == set(theirs.encoded) == set(assignment)
-        for name in assignment:
+    assert len({r.mean_kl for r in whole.kl}) == 4
+    for number, (ours, theirs) in enumerate(zip(resumed.rounded, whole.rounded)):
+        expected = set(assignment) if number < 2 else {f"model.layers.{number - 2}.self_attn.o_proj"}
+        assert ours.details == theirs.details and set(ours.encoded) == set(theirs.encoded) == expected
+        for name in expected:
             assert all(torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t,
                                    v.view(torch.uint8) if v.dtype.itemsize == 1 else v)
                        for t, v in zip(ours.encoded[name].values(), theirs.encoded[name].values())), name

@@ -13,9 +13,10 @@ from conftest import build_tiny_llama
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.errors import PrismqError
 from prismq.measure.kl import evaluate_candidates
+from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.source import load_model
 from prismq.rounding.clip import calibrated_input_amax, streamed_input_amax
-from prismq.rounding.lanes import _by_layer, round_lanes, shared_prefixes
+from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import round_model
 
 
@@ -86,24 +87,36 @@ def test_round_lanes_equal_whole_model_rounding_and_kl(tiny_llama_dir: Path, tmp
     assert walk.kl[0].mean_kl > 0
 
 
-def test_a_lane_sharing_its_first_layers_ships_what_it_ships_walked_alone(tiny_llama_dir: Path) -> None:
+def test_a_variant_ships_the_lanes_tensors_with_its_own_and_measures_them(tiny_llama_dir: Path) -> None:
     names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    first = {n: "NVFP4" for n in names}
-    second = {**first, "model.layers.1.mlp.down_proj": "MXFP8"}  # differs from the first on layer 1 only
+    base = {n: "NVFP4" for n in names}
+    late = {**base, "model.layers.1.mlp.down_proj": "MXFP8"}  # differs from the base on layer 1 only
+    early = {**late, **{f"model.layers.0.self_attn.{p}_proj": "BF16" for p in "qkv"}}
     amax = {n: torch.tensor(3.0) for n in names}
     g = torch.Generator().manual_seed(5)
     calibration, heldout = torch.randint(0, 512, (4, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
-    candidates = [(first, "gptq+sweep"), (second, "gptq+sweep"), (second, "gptq")]
+    variants = [(0, late), (0, early), (0, base), (1, late)]
     with LayerStream(tiny_llama_dir, torch.float32) as stream:
-        groups = [_by_layer(stream, a) for a, _ in candidates]
-        assert shared_prefixes(candidates, groups, len(stream)) == [(-1, 0), (0, 1), (-1, 0)]
-        together = round_lanes(stream, candidates, calibration, heldout, amax, progress=False)
-        alone = round_lanes(stream, candidates[1:2], calibration, heldout, amax, progress=False)
-    assert together.kl[1].mean_kl == alone.kl[0].mean_kl != together.kl[0].mean_kl
-    assert together.rounded[1].details == alone.rounded[0].details
-    for name, tensors in alone.rounded[0].encoded.items():
-        assert all(torch.equal(_tensor_bits(t), _tensor_bits(together.rounded[1].encoded[name][k]))
-                   for k, t in tensors.items())
+        walk = round_lanes(stream, [(base, "gptq+sweep"), (base, "rtn")], calibration, heldout, amax,
+                           progress=False, variants=variants)
+        alone = round_lanes(stream, [(late, "gptq+sweep")], calibration, heldout, amax, progress=False)
+    down = "model.layers.1.mlp.down_proj"
+    assert set(walk.rounded[2].encoded) == set(walk.rounded[5].encoded) == {down}
+    assert set(walk.rounded[3].encoded) == {down, *(f"model.layers.0.self_attn.{p}_proj" for p in "qkv")}
+    assert not walk.rounded[4].encoded
+    # the first changed layer sees the inputs a walk of the variant alone sees: the same tensors there
+    assert all(torch.equal(_tensor_bits(t), _tensor_bits(alone.rounded[0].encoded[down][k]))
+               for k, t in walk.rounded[2].encoded[down].items())
+    models = []
+    for number, (lane, assignment) in enumerate(variants):
+        tensors = {**{n: walk.rounded[lane].encoded[n] for n in names}, **walk.rounded[2 + number].encoded}
+        model = load_model(tiny_llama_dir, torch.float32)
+        apply_fake_quant(model, assignment, tensors, torch.bfloat16)
+        models.append(model)
+    expected = evaluate_candidates(load_model(tiny_llama_dir, torch.float32), models, heldout, progress=False)
+    assert [r.mean_kl for r in walk.kl[2:]] == [r.mean_kl for r in expected]
+    assert walk.kl[4].mean_kl == walk.kl[0].mean_kl != walk.kl[2].mean_kl
+    assert walk.kl[5].mean_kl != walk.kl[2].mean_kl  # the rtn lane's variant is rounded to nearest
 
 
 def test_streamed_input_ranges_equal_the_whole_model_ones(tiny_llama_dir: Path) -> None:

@@ -53,8 +53,9 @@ def model_card(summary: dict[str, Any], assignment: dict[str, str], frontier: di
     reports = {(name if name == "knapsack mix" else f"uniform {name}"): r
                for name, r in (summary.get("alternatives_report") or {}).items()}
     if reports:
-        lines += ["The alternatives of the same budget, rounded the same way "
-                  f"({rounding.get('chosen', 'n/a')}), on the same report tokens:", "", *_kl_table(reports), ""]
+        lines += ["The alternatives of the same budget, as variants of the mix (the units where they differ "
+                  f"rounded by {rounding.get('chosen', 'n/a')} on the mix's calibration inputs, the rest with the "
+                  "mix's tensors), on the same report tokens:", "", *_kl_table(reports), ""]
     if selection:
         lines += ["## How the mix was chosen", "",
                   f"Selection: {selection['mode']}"

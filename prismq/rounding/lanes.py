@@ -1,25 +1,33 @@
 """Round several candidates in one walk of the streamed layer stack, and measure them on held-out text as they go.
 
 A candidate ("lane") is an assignment rounded by one method (`--rounding best` builds rtn, gptq and gptq+sweep of
-the same assignment; the uniform baselines are other assignments). Each decoder layer is read from disk once; every
-lane gets its own copy of it, rounds it on the lane's own calibration hidden states (the outputs of the lane's
-already rounded layers, exactly as `round_model` does on a whole model), then advances its calibration and held-out
-hidden states through it; a lane equal to an earlier one on the first layers (same method and formats) takes that
-lane's results there (`shared_prefixes`). The unquantized reference advances its held-out hidden states through the
-layer as read. Memory: one layer per lane at a time plus each lane's hidden states, never a model copy.
+the same assignment). Each decoder layer is read from disk once; every lane gets its own copy of it, rounds it on the
+lane's own calibration hidden states (the outputs of the lane's already rounded layers, exactly as `round_model` does
+on a whole model), then advances its calibration and held-out hidden states through it. The unquantized reference
+advances its held-out hidden states through the layer as read. Memory: a few copies of one layer plus each lane's
+hidden states, never a model copy.
 
-At the end the held-out hidden states of every lane go through the final norm and the output head, chunk by chunk,
-and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`).
+A variant of a lane (the alternatives the round stage measures: the knapsack's own mix, uniform formats) differs
+from it on some units. Those are rounded like the lane's own, by the same method on the lane's calibration hidden
+states and the same Hessians (no calibration pass of its own), every other target keeps the lane's tensors, and its
+held-out hidden states branch off the lane's at its first changed layer (tail replay). What a variant measures is
+what it would ship: the lane's tensors with its own in place.
+
+At the end the held-out hidden states of every lane and variant go through the final norm and the output head,
+chunk by chunk, and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from prismq.engine.layer_inputs import LayerInput
@@ -28,10 +36,11 @@ from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_states
+from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
-from prismq.rounding.store import EncodedStore
+from prismq.rounding.store import EncodedStore, variant_key
 
 logger = logging.getLogger(__name__)
 LANES = "lanes"  # the walk's snapshot: hidden states and details before its next layer
@@ -49,10 +58,22 @@ class Lane:
 
 
 @dataclass
+class Variant:
+    """A lane's variant walking the stack (see the module docstring): the units it changes per decoder layer, its
+    held-out hidden states once it has branched off (None before its first changed layer) and its own tensors."""
+
+    lane: int
+    changes: dict[int, dict[str, str]]  # decoder layer -> target name -> format, where it differs from the lane
+    heldout: list[LayerInput] | None = None
+    rounded: RoundedModel = field(default_factory=lambda: RoundedModel({}))
+
+
+@dataclass
 class LaneResults:
     """The exact tensors each lane ships and its held-out KL against the reference (on the held-out blocks, and
-    apart on the report blocks when given), in the order given; the reference's final hidden states per block
-    (held-out then report), for later comparisons against the same text."""
+    apart on the report blocks when given), lanes first, then variants in the order given (a variant's `rounded`
+    holds only the targets it changes: the lane's tensors ship for the rest); the reference's final hidden states
+    per block (held-out then report), for later comparisons against the same text."""
 
     rounded: list[RoundedModel]
     kl: list[KLResult]
@@ -73,18 +94,34 @@ def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list
     return by_layer
 
 
+def _changes(stream: LayerStream, lane: dict[str, str], variant: dict[str, str]) -> dict[int, dict[str, str]]:
+    """Where `variant` differs from its lane's assignment, per decoder layer (both assign the same targets)."""
+    if variant.keys() != lane.keys():
+        raise PrismqError("a variant must assign the same targets as its lane")
+    changes: dict[int, dict[str, str]] = {}
+    for name, fmt in variant.items():
+        if fmt != lane[name]:
+            index = stream.layer_of(name)
+            if index is None:
+                raise PrismqError(f"{name}: a variant can change only targets inside the decoder layers")
+            changes.setdefault(index, {})[name] = fmt
+    return changes
+
+
 @torch.no_grad()
 def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Method]],
                 calibration: torch.Tensor | None,
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, report: torch.Tensor | None = None) -> LaneResults:
+                progress: bool = True, report: torch.Tensor | None = None,
+                variants: list[tuple[int, dict[str, str]]] | None = None) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
     blocks in batches of `batch_size`, None when every method is rtn; held-out blocks one at a time, as the KL
-    evaluator runs them).
+    evaluator runs them). `variants`: (lane index, assignment) pairs, each rounded and measured as a variant of that
+    lane (see the module docstring).
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory. `state` (with `spill_dir`): the walk saves its hidden states after every layer there, and a
@@ -104,51 +141,55 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
         raise PrismqError("a resumable rounding walk needs a spill directory for its tensors")
     saved = state.load(LANES) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]
-    lanes = [Lane(assignment, method, first_calibration, first_heldout,
-                  RoundedModel({} if spill_dir is None else
-                               EncodedStore(Path(spill_dir) / f"candidate-{k}", fresh=saved is None)))
+
+    def store(name: str) -> RoundedModel:
+        return RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / name, fresh=saved is None))
+
+    lanes = [Lane(assignment, method, first_calibration, first_heldout, store(f"candidate-{k}"))
              for k, (assignment, method) in enumerate(candidates)]
+    branches = [Variant(k, _changes(stream, candidates[k][0], assignment), rounded=store(f"variant-{j}"))
+                for j, (k, assignment) in enumerate(variants or [])]
     reference = None if reference_hidden is not None else first_heldout
     if saved is not None:
-        reference = _restore(saved, lanes, reference, stream)
+        reference = _restore(saved, lanes, branches, reference, stream)
     hidden_bytes = sum(h.numel() * h.element_size() for lane in lanes for h, _ in [*lane.calibration, *lane.heldout])
+    hidden_bytes += len(branches) * sum(h.numel() * h.element_size() for h, _ in first_heldout)
     if stream.device.type != "cpu" and stream.layer_copies(reserved=hidden_bytes) < 1:
         logger.info("the candidates' hidden states (%.2f GB) do not fit on %s beside a layer: kept in host memory",
                     hidden_bytes / 1e9, stream.device)
         for lane in lanes:
             lane.calibration, lane.heldout = spill(lane.calibration), spill(lane.heldout)
+        for branch in branches:
+            branch.heldout = None if branch.heldout is None else spill(branch.heldout)
         hidden_bytes = 0
-    prefixes = shared_prefixes(candidates, groups, len(stream))
-    share = stream.layer_copies(reserved=hidden_bytes) > len(lanes)  # else each lane reads the layer itself
-    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
-                      desc=f"round {len(lanes)} candidate(s)", unit="layer", disable=not progress):
-        computing = [k for k, (_, until) in enumerate(prefixes) if index >= until]
-        if share:
-            with stream.layer(index) as original:
-                if reference is not None:
-                    reference = run_layer(original, reference)
-                for k in computing:
-                    layer = original if k == computing[-1] else copy.deepcopy(original)
-                    _advance(stream, index, layer, lanes[k], groups[k].get(index, []), input_amax, settings)
-                    del layer
-        else:
+    share = stream.layer_copies(reserved=hidden_bytes) > 2  # the layer as read, a lane's copy, a variant's
+    desc = f"round {len(lanes)} candidate(s)" + (f" + {len(branches)} variant(s)" if branches else "")
+    for index in tqdm(range(start, len(stream)), initial=start, total=len(stream), desc=desc, unit="layer",
+                      disable=not progress):
+        with ExitStack() as files:
+            original = files.enter_context(stream.layer(index)) if share else None
+
+            def as_read(original: nn.Module | None = original, index: int = index) -> AbstractContextManager:
+                """A copy of the layer as read: from the one held, else read again."""
+                return nullcontext(copy.deepcopy(original)) if original is not None else stream.layer(index)
+
             if reference is not None:
-                with stream.layer(index) as original:
-                    reference = run_layer(original, reference)
-            for k in computing:
-                with stream.layer(index) as layer:
-                    _advance(stream, index, layer, lanes[k], groups[k].get(index, []), input_amax, settings)
-        for k, (leader, until) in enumerate(prefixes):
-            if index < until:
-                _follow(lanes[k], lanes[leader], groups[k].get(index, []))
+                with nullcontext(original) if original is not None else stream.layer(index) as layer:
+                    reference = run_layer(layer, reference)
+            for k, lane in enumerate(lanes):
+                with as_read() as layer:
+                    _advance(stream, index, layer, lane, groups[k].get(index, []),
+                             [b for b in branches if b.lane == k], input_amax, settings, as_read)
         if state is not None:
-            _save(state, index + 1, lanes, reference)
+            _save(state, index + 1, lanes, branches, reference)
     _encode_outside(stream, lanes)
     if reference is not None:
         reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
     assert reference_hidden is not None
-    candidates_hidden = [[stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in lane.heldout]
-                         for lane in lanes]
+    walked = [lane.heldout for lane in lanes]
+    walked += [lanes[b.lane].heldout if b.heldout is None else b.heldout for b in branches]
+    candidates_hidden = [[stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
+                         for inputs in walked]
     split = len(heldout)
 
     def measure(blocks: torch.Tensor, part: slice) -> list[KLResult]:
@@ -156,63 +197,34 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                                [HiddenStates(stream.head, blocks, hidden[part]) for hidden in candidates_hidden],
                                blocks, chunk_size, progress)
 
-    return LaneResults([lane.rounded for lane in lanes], measure(heldout, slice(0, split)), reference_hidden,
+    return LaneResults([lane.rounded for lane in lanes] + [b.rounded for b in branches],
+                       measure(heldout, slice(0, split)), reference_hidden,
                        [] if report is None else measure(report, slice(split, None)))
 
 
-def shared_prefixes(candidates: list[tuple[dict[str, str], Method]], groups: list[dict[int, list[list[str]]]],
-                    layers: int) -> list[tuple[int, int]]:
-    """Per lane, an earlier lane it equals on the first decoder layers (same method, same formats in each) and how
-    many layers that is, (-1, 0) when none: on those layers it takes that lane's hidden states and tensors instead of
-    computing them again, since the same arithmetic on the same inputs gives the same bits. A selected mix and the
-    knapsack's own differ from the first changed unit on; everything before it is rounded once."""
-
-    def formats(lane: int, index: int) -> list[tuple[tuple[str, ...], str]]:
-        return sorted((tuple(g), candidates[lane][0][g[0]]) for g in groups[lane].get(index, []))
-
-    prefixes = []
-    for lane, (_, method) in enumerate(candidates):
-        best = (-1, 0)
-        for earlier in range(lane):
-            if candidates[earlier][1] != method:
-                continue
-            count = 0
-            while count < layers and formats(earlier, count) == formats(lane, count):
-                count += 1
-            if count > best[1]:
-                best = (earlier, count)
-        prefixes.append(best)
-    return prefixes
-
-
-def _follow(lane: Lane, leader: Lane, groups: list[list[str]]) -> None:
-    """The lane takes the leader's results for the layer just walked (equal by `shared_prefixes`)."""
-    lane.calibration, lane.heldout = leader.calibration, leader.heldout
-    names = [name for group in groups for name in group]
-    lane.rounded.encoded.update({name: leader.rounded.encoded[name] for name in names})
-    details = leader.rounded.details
-    lane.rounded.details.update({name: details[name] for name in names if name in details})
-    if isinstance(lane.rounded.encoded, EncodedStore):
-        lane.rounded.encoded.flush()
-
-
-def _save(state: WalkState, layer: int, lanes: list[Lane], reference: list[LayerInput] | None) -> None:
+def _save(state: WalkState, layer: int, lanes: list[Lane], branches: list[Variant],
+          reference: list[LayerInput] | None) -> None:
     """Snapshot the walk before decoder layer `layer`: every lane's hidden states and GPTQ details (its tensors so
-    far are already in its store), and the reference's held-out hidden states."""
+    far are already in its store), the variants' held-out hidden states once branched off, and the reference's
+    held-out hidden states."""
     tensors: dict[str, torch.Tensor] = {}
     for number, lane in enumerate(lanes):
         if lane.method != "rtn":  # round-to-nearest never advances its calibration inputs
             tensors.update(pack(f"lane{number}.calibration", [h for h, _ in lane.calibration]))
         tensors.update(pack(f"lane{number}.heldout", [h for h, _ in lane.heldout]))
+    for number, branch in enumerate(branches):
+        if branch.heldout is not None:
+            tensors.update(pack(f"variant{number}.heldout", [h for h, _ in branch.heldout]))
     if reference is not None:
         tensors.update(pack("reference", [h for h, _ in reference]))
-    state.save(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes])
+    state.save(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes],
+               branched=[n for n, b in enumerate(branches) if b.heldout is not None])
 
 
-def _restore(saved: tuple, lanes: list[Lane], reference: list[LayerInput] | None,
+def _restore(saved: tuple, lanes: list[Lane], branches: list[Variant], reference: list[LayerInput] | None,
              stream: LayerStream) -> list[LayerInput] | None:
-    """Put a snapshot's hidden states and details back into the lanes (their keyword arguments are the first
-    layer's, recomputed); returns the reference's hidden states."""
+    """Put a snapshot's hidden states and details back into the lanes and variants (their keyword arguments are
+    the first layer's, recomputed); returns the reference's hidden states."""
     stored, meta = saved
 
     def restored(prefix: str, inputs: list[LayerInput]) -> list[LayerInput]:
@@ -224,15 +236,45 @@ def _restore(saved: tuple, lanes: list[Lane], reference: list[LayerInput] | None
             lane.calibration = restored(f"lane{number}.calibration", lane.calibration)
         lane.heldout = restored(f"lane{number}.heldout", lane.heldout)
         lane.rounded.details = {name: tuple(value) for name, value in details.items()}
+    for number in meta.get("branched", []):
+        branches[number].heldout = restored(f"variant{number}.heldout", lanes[0].heldout)
     return None if reference is None else restored("reference", reference)
 
 
-def _advance(stream: LayerStream, index: int, layer: torch.nn.Module, lane: Lane, groups: list[list[str]],
-             input_amax: dict[str, torch.Tensor], settings: GPTQSettings) -> None:
-    """Round the lane's copy of layer `index` and move the lane's hidden states through it."""
+def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, groups: list[list[str]],
+             branches: list[Variant], input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
+             as_read: Callable[[], AbstractContextManager]) -> None:
+    """Round the lane's copy of layer `index` (and its variants' changes there, on the same Hessians) and move the
+    lane's and its variants' hidden states through it."""
+    for branch in branches:
+        if branch.heldout is None and index == min(branch.changes, default=-1):
+            branch.heldout = lane.heldout  # the variant branches off here
+    others: dict[str, set[str]] = {}
+    for branch in branches:
+        for name, fmt in branch.changes.get(index, {}).items():
+            others.setdefault(name, set()).add(fmt)
+    extra = {}
     if groups:
-        round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method, lane.calibration,
-                    input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets)
+        extra = round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method,
+                            lane.calibration, input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets,
+                            others=others)
+    here = {name: lane.assignment[name] for group in groups for name in group}
+    for branch in branches:
+        if branch.heldout is None:
+            continue
+        changed = branch.changes.get(index)
+        if not changed:
+            branch.heldout = run_layer(layer, branch.heldout)
+            continue
+        branch.rounded.encoded.update({name: extra[variant_key(name, fmt)] for name, fmt in changed.items()})
+        tensors = {name: branch.rounded.encoded[name] if name in changed else lane.rounded.encoded[name]
+                   for name in here}
+        with as_read() as copied:
+            apply_fake_quant(stream.layer_names(index, copied), {**here, **changed}, tensors, stream.weight_dtype,
+                             stream.targets)
+            branch.heldout = run_layer(copied, branch.heldout)
+        if isinstance(branch.rounded.encoded, EncodedStore):
+            branch.rounded.encoded.flush()
     if lane.method != "rtn":  # round-to-nearest never looks at its inputs
         lane.calibration = run_layer(layer, lane.calibration)
     lane.heldout = run_layer(layer, lane.heldout)

@@ -16,7 +16,7 @@ lm_head is kept BF16) are rounded to nearest, with a warning.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +35,7 @@ from prismq.model.siblings import sibling_groups
 from prismq.model.experts import ExpertCall, ExpertCalls, parameters_of
 from prismq.model.targets import Target, targets_named
 from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
-from prismq.rounding.store import EncodedStore
+from prismq.rounding.store import EncodedStore, variant_key
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
@@ -160,31 +160,44 @@ def _expert_chunks(groups: list[list[str]], known: Mapping[str, Target], budget:
 def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[list[str]], assignment: dict[str, str],
                 method: Method, inputs: list[LayerInput], input_amax: dict[str, torch.Tensor],
                 settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel,
-                targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES) -> None:
+                targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES,
+                others: Mapping[str, Collection[str]] | None = None) -> dict[str, Tensors]:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
     `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
 
-    `targets`: the model's targets (routed experts need them). Every Hessian is taken on the layer as read (the
-    layer is fake-quantized once all its groups are encoded); routed experts' Hessians, one per expert over its
-    routed tokens, are taken a chunk of experts at a time, at most `hessian_bytes` of them at once."""
+    `others`: more formats to encode some of the groups' members in (name -> formats; a group's members alike),
+    with the same method on the same Hessians, for variants of this assignment; their tensors are returned, keyed
+    by `variant_key`, and not installed. `targets`: the model's targets (routed experts need them). Every Hessian
+    is taken on the layer as read (the layer is fake-quantized once all its groups are encoded); routed experts'
+    Hessians, one per expert over its routed tokens, are taken a chunk of experts at a time, at most
+    `hessian_bytes` of them at once."""
     settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
+    others = others or {}
     known = targets_named([name for group in groups for name in group], modules, targets)
-    to_gptq = [g for g in groups if method != "rtn" and get_format(assignment[g[0]]).scheme() is not None]
+
+    def formats_of(group: list[str]) -> list[str]:
+        return [assignment[group[0]], *sorted(others.get(group[0], ()))]
+
+    to_gptq = [g for g in groups if method != "rtn" and any(get_format(f).scheme() is not None for f in formats_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
     hessians = input_hessians(layer, {g[0]: modules[known[g[0]].module] for g in dense}, inputs) if dense else {}
     layer_assignment: dict[str, str] = {}
     layer_encoded: dict[str, Tensors] = {}
+    variants: dict[str, Tensors] = {}
 
     def encode(group: list[str], hessian: torch.Tensor | None) -> None:
-        format_name = assignment[group[0]]
         weights = {name: known[name].weight(modules, weight_dtype) for name in group}
-        rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
-        tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
-        if rounding is not None:
-            result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
-        layer_assignment.update(dict.fromkeys(group, format_name))
-        layer_encoded.update(tensors)
+        for number, format_name in enumerate(formats_of(group)):
+            rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
+            tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
+            if number:
+                variants.update({variant_key(name, format_name): tensors[name] for name in group})
+                continue
+            if rounding is not None and rounding.rounded:
+                result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
+            layer_assignment.update(dict.fromkeys(group, format_name))
+            layer_encoded.update(tensors)
 
     for group in groups:
         if group not in routed:
@@ -195,6 +208,7 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
             encode(group, chunk_hessians.pop(group[0]))
     apply_fake_quant(modules, layer_assignment, layer_encoded, weight_dtype, targets)
     result.encoded.update(layer_encoded)
+    return variants
 
 
 @torch.no_grad()

@@ -3,10 +3,12 @@
 The mix (the select stage's, else the knapsack's) is rounded, with the ranges stage's static input ranges, by each
 method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the
 lowest KL on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when
-selection changed it, the uniform baselines) are rounded the same way: lanes of the same walk with one method (where
-they equal the mix, on the layers before their first difference, computed once), a second walk after the methods'
-with several; if one measures lower selection KL than the mix, it ships instead (predictions can misrank; measured
-KL decides). Every lane is measured on the report (held-out) blocks too, for the report to state; no decision reads
+selection changed it, the uniform baselines) are variants of each method's lane in the same walk: the units where
+an alternative differs from the mix are rounded by that method on the lane's calibration hidden states and Hessians,
+every other unit keeps the mix's tensors (the mix's upgrades are a few percent of the weights, so this costs a
+fraction of a lane), and its held-out hidden states branch off the lane's at its first difference. If one measures
+lower selection KL than the mix, it ships instead, exactly as measured (predictions can misrank; measured KL
+decides). Every lane and variant is measured on the report (held-out) blocks too, for the report to state; no decision reads
 those numbers. Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/,
 and the reference's final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning
 with the same inputs and settings reuses all of it.
@@ -36,6 +38,7 @@ from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import METHODS, RoundedModel
+from prismq.rounding.store import EncodedStore
 
 logger = logging.getLogger(__name__)
 
@@ -94,60 +97,51 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
         return Rounding.model_validate(done["rounding"])
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
+    # every alternative is a variant of each method's lane: the units where it differs are rounded on that lane's
+    # calibration hidden states and Hessians, the rest keep the lane's tensors
+    variants = [(k, a) for k in range(len(methods)) for a in alternatives.values()]
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
                    "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
                    "device": resolve_device(device).type,
-                   "lanes": [assignment_fingerprint(a) for a in alternatives.values()],  # in the walk's lane order
-                   "alternatives walk": "methods" if len(methods) == 1 else "baselines"}
-    states = {walk: WalkState(work / "rounded" / f"{walk}.walk", walk_expect)
-              for walk in ("methods", "baselines")}
-    # One method: the alternatives are lanes of the same walk (sharing the mix's layers up to their first difference);
-    # several: a second walk rounds them with the method the first one measured best.
-    together = [(a, methods[0]) for a in alternatives.values()] if len(methods) == 1 else []
+                   "variants": [assignment_fingerprint(a) for a in alternatives.values()]}  # in the walk's order
+    state = WalkState(work / "rounded" / "lanes.walk", walk_expect)
+    spill_dir = work / "rounded" / "lanes"
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         with log.stage("rounding + selection / report KL"):
-            walk = round_lanes(stream, [*((mix, m) for m in methods), *together], calibration, selection,
-                               input_amax, settings, spill_dir=work / "rounded" / "methods",
-                               state=states["methods"], report=report)
-            kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
-            chosen = min(kls, key=kls.__getitem__)
-            if len(methods) > 1:
-                logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
-                            ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-            alternative_kl = (walk.kl[len(methods):], walk.report_kl[len(methods):])
-            alternative_stores = [work / "rounded" / "methods" / f"candidate-{len(methods) + k}"
-                                  for k in range(len(together))]
-            if alternatives and not together:
-                baseline_walk = round_lanes(stream, [(a, chosen) for a in alternatives.values()], calibration,
-                                            selection, input_amax, settings, reference_hidden=walk.reference_hidden,
-                                            spill_dir=work / "rounded" / "baselines", state=states["baselines"],
-                                            report=report)
-                alternative_kl = (baseline_walk.kl, baseline_walk.report_kl)
-                alternative_stores = [work / "rounded" / "baselines" / f"candidate-{k}"
-                                      for k in range(len(alternatives))]
+            walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
+                               spill_dir=spill_dir, state=state, report=report, variants=variants)
         reference_report = torch.stack(walk.reference_hidden[len(selection):]).cpu()
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
                       reference_expect(model_dir, report, dtype))
+    kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
+    chosen = min(kls, key=kls.__getitem__)
+    if len(methods) > 1:
+        logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
+                    ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
     index = methods.index(chosen)
+    first = index * len(alternatives)  # the chosen lane's variants, in the order of `alternatives`
+    ours = slice(len(methods) + first, len(methods) + first + len(alternatives))
     mix_eval, mix_report = walk.kl[index].to_json(), walk.report_kl[index].to_json()
-    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, alternative_kl[0])}
-    baseline_reports = {name: r.to_json() for name, r in zip(alternatives, alternative_kl[1])}
+    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, walk.kl[ours])}
+    baseline_reports = {name: r.to_json() for name, r in zip(alternatives, walk.report_kl[ours])}
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
+    store = spill_dir / f"candidate-{index}"
     if better is not None:
         logger.info("the mix measured worse on the selection split (mean KL %.5f) than %s in the same bytes (%.5f): "
                     "shipping %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"], shipped)
+        own = walk.rounded[ours][list(alternatives).index(shipped)].encoded
+        store = work / "rounded" / "alternative"
+        EncodedStore.overlay(store, EncodedStore.reopen(spill_dir / f"candidate-{index}"),
+                             {name: own[name] for name in own})
     rounded = walk.rounded[index]
-    store = (work / "rounded" / "methods" / f"candidate-{index}" if shipped == "mix"
-             else alternative_stores[list(alternatives).index(shipped)])
     result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
                       **_error_summary(rounded), input_amax={n: float(v) for n, v in input_amax.items()},
                       mix_eval=mix_eval, baseline_evals=baseline_evals, mix_report=mix_report,
                       baseline_reports=baseline_reports, shipped=shipped,
                       assignment=mix if shipped == "mix" else alternatives[shipped], store=str(store))
     write_json(work / "rounding.json", ROUNDING, {**expect, "rounding": result.model_dump()})
-    for state in states.values():
-        state.clear()
+    state.clear()
     return result
 
 

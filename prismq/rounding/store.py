@@ -17,6 +17,11 @@ from prismq.model.checkpoint import TensorFile
 INDEX = "index.json"
 
 
+def variant_key(name: str, fmt: str) -> str:
+    """The store key of a target's tensors in a format other than its assignment's (a variant's)."""
+    return f"{name}|{fmt}"
+
+
 class EncodedStore(Mapping[str, Tensors]):
     """Linear name -> its shipped tensors (suffix -> tensor). `update` adds tensors, `flush` moves what was added
     since the last flush into one safetensors file of `directory` (created empty: an earlier walk's files there

@@ -30,15 +30,10 @@ from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import Method, RoundedModel, round_layer
-from prismq.rounding.store import EncodedStore
+from prismq.rounding.store import EncodedStore, variant_key
 from prismq.select.measured import lanes_kl
 
 VARIANTS = "variants"  # the walk's snapshot: every lane's hidden states before its next layer
-
-
-def variant_key(name: str, fmt: str) -> str:
-    """The store key of a target's tensors in a format other than the base's."""
-    return f"{name}|{fmt}"
 
 
 class Overlay(Mapping[str, Tensors]):
