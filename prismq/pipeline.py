@@ -74,9 +74,9 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
             raise PrismqError("--out is required: where to write the checkpoint")
         if Path(config.out).exists() and not config.overwrite:
             raise PrismqError(f"output {config.out} already exists (pass --overwrite to replace it)")
-    formats, fallback = offered_formats(config)
     work = work_dir_of(config)
     model_dir = resolve_model(config.model)
+    formats, fallback = offered_formats(config, model_dir)
     checked = check_model(model_dir, formats)  # before any compute: a checkpoint we cannot serve fails here
     if checked.problems:
         raise PrismqError(f"{model_dir}: {checked.problems[0]}" + (f" (and {len(checked.problems) - 1} more; "

@@ -73,8 +73,7 @@ def test_a_natively_quantized_source_is_refused_in_one_line(tmp_path: Path, caps
 
     model_dir = tiny_moe("qwen3_moe", tmp_path / "fp8")
     config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}  # as DeepSeek and MiniMax ship theirs
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}  # per-tensor FP8
     (model_dir / "config.json").write_text(json.dumps(config))
     assert main(["check", str(model_dir)]) == 1
     assert "problem: its weights are quantized (quant_method 'fp8')" in capsys.readouterr().out

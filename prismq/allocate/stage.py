@@ -24,7 +24,7 @@ from prismq.config import QuantizeConfig
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.cost import CostRow
-from prismq.model.checkpoint import SourceTensors
+from prismq.model.checkpoint import SourceTensors, source_formats
 from prismq.model.targets import model_targets
 from prismq.model.units import model_units
 
@@ -44,10 +44,13 @@ class Allocation(BaseModel):
     baselines: dict[str, tuple[dict[str, str], float]] = {}
 
 
-def offered_formats(config: QuantizeConfig) -> tuple[list[str], list[str]]:
-    """The formats offered to every unit (--formats, or the --uniform format) and the fallbacks offered only where
-    needed: BF16 (shapes no listed format takes, pinned routers) and --force formats not listed (their units only)."""
-    names = list(dict.fromkeys(get_format(f).name for f in ([config.uniform] if config.uniform else config.formats)))
+def offered_formats(config: QuantizeConfig, model_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """The formats offered to every unit (--formats and the formats keeping `model_dir`'s own bytes where it has
+    some, or the --uniform format) and the fallbacks offered only where needed: BF16 (shapes no listed format
+    takes, pinned routers) and --force formats not listed (their units only)."""
+    listed = [config.uniform] if config.uniform else [*config.formats, *(source_formats(model_dir) if model_dir
+                                                                           else [])]
+    names = list(dict.fromkeys(get_format(f).name for f in listed))
     forced = [get_format(rule.rpartition("=")[2]).name for rule in config.force]
     fallback = [f for f in dict.fromkeys([*forced, "BF16"]) if f not in names]
     for name in [*names, *fallback]:
@@ -94,7 +97,7 @@ def stage_allocate(work: Path, config: QuantizeConfig, model_dir: Path, rows: li
 def allocation_problem(config: QuantizeConfig, model_dir: Path, rows: list[CostRow]) -> Problem:
     """The knapsack's inputs: the model's decision units, the formats offered to each (pins and --force rules
     applied), their summed predicted costs and bytes."""
-    formats, fallback = offered_formats(config)
+    formats, fallback = offered_formats(config, model_dir)
     units = model_units(model_dir)
     pins = [(re.compile(f"^{re.escape(m)}$"), u.pinned) for u in units if u.pinned for m in u.members]
     return build_problem(rows, [list(u.members) for u in units], formats, pins + config.force_rules(), fallback)

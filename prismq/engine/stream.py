@@ -62,6 +62,8 @@ class LayerStream:
             unsupported = unsupported_quantization(self.quantization)
             if unsupported:
                 raise PrismqError(f"{model_dir}: {unsupported}")
+            if self.source.block is not None:  # block FP8: its weights read dequantized (SourceTensors)
+                self.quantization = None
             with torch.device("meta"):  # an export is decompressed in its stored dtype, then cast (load_layer)
                 built = self.weight_dtype if self.quantization is not None else self.dtype
                 self.model = AutoModelForCausalLM.from_config(
@@ -277,16 +279,22 @@ class LayerStream:
     def _load_compressed(self, module: nn.Module, prefix: str) -> None:
         """Materialize a layer of a compressed-tensors checkpoint with that library's own code, as transformers
         loads one: its on-disk layout (compress_module on the meta layer), the stored tensors, decompress_module;
-        then cast from the stored dtype to the compute dtype (the library's activation quantization stays)."""
+        then cast from the stored dtype to the compute dtype (the library's activation quantization stays).
+        Block scales are held in float32, as stored and as vLLM holds them (the library would round them to the
+        model dtype), and the weight they decode to in the model dtype, as every other decoded weight."""
         from compressed_tensors.compressors import compress_module, decompress_module
         from compressed_tensors.quantization.utils import is_module_quantized
 
         quantized = [m for m in module.modules() if is_module_quantized(m)]
         for sub in quantized:
             compress_module(sub)
+            weights = sub.quantization_scheme.weights
+            if weights is not None and weights.strategy == "block":
+                sub.weight_scale = nn.Parameter(sub.weight_scale.to(torch.float32), requires_grad=False)
         self._load(module, prefix)
         for sub in quantized:
             decompress_module(sub)
+            sub.weight.data = sub.weight.data.to(self.weight_dtype)
         cast_stored(module, self.weight_dtype, self.dtype)
 
     def layer_of(self, name: str) -> int | None:

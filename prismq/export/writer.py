@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.errors import PrismqError
-from prismq.export.encode import encode_group
+from prismq.export.encode import encode_group, source_block_scales
 from prismq.export.qconfig import quantization_config
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
@@ -57,7 +57,8 @@ def _group_tensors(group: list[str], assignment: dict[str, str], source: SourceT
                 raise PrismqError(f"{name}: pre-encoded tensors {got} do not match what {fmt.name} ships: {expected}")
     if all(name in encoded for name in group):
         return {name: encoded[name] for name in group}
-    fresh = encode_group(fmt.name, {name: targets[name].read(source) for name in group}, input_amax)
+    fresh = encode_group(fmt.name, {name: targets[name].read(source) for name in group}, input_amax,
+                         block_scales=source_block_scales(fmt.name, {n: targets[n] for n in group}, source))
     return {name: encoded.get(name, fresh[name]) for name in group}
 
 

@@ -43,6 +43,8 @@ class Format(ABC):
     vllm_since: str | None = None  # first stock vLLM release that serves it; None: no runtime serves it yet
     quantizes_activations: bool = False
     needs_input_amax: bool = False  # a static input scale is shipped, calibrated from the input's absmax
+    rounds_weights: bool = True  # its codes are chosen by a rounding method (RTN, GPTQ, the sweep); False: fixed
+    keeps_source: bool = False  # ships the source checkpoint's own block-FP8 bytes (encode needs `block_scales`)
 
     @property
     def exportable(self) -> bool:
@@ -80,13 +82,14 @@ class Format(ABC):
     # --- codec -----------------------------------------------------------------------------------------------
     def encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
                input_amax: torch.Tensor | None = None, name: str = "weight",
-               rounding: Rounding | None = None) -> Tensors:
+               rounding: Rounding | None = None, block_scales: torch.Tensor | None = None) -> Tensors:
         """The exact tensors that ship for `weight`, keyed by suffix.
 
         shared_amax: absolute maximum over all fused siblings (formats with a tensor-wide scale use it so that
         siblings share one global scale). input_amax: calibrated absolute maximum of the Linear's input (formats
         with a static input scale need it). name: used in error messages. rounding: how codes and scales are chosen
-        on the format's grid (GPTQ, the scale sweep); default round-to-nearest.
+        on the format's grid (GPTQ, the scale sweep); default round-to-nearest. block_scales: the scales a block-FP8
+        source stores for the weight (`keeps_source` formats ship them; the others ignore them).
         """
         self.check(weight, name)
         grid = self.grid(weight, shared_amax)

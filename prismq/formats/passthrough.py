@@ -13,13 +13,14 @@ class Passthrough(Format):
     name = "BF16"
     summary = "unquantized: the weight ships in the model dtype (bf16); module listed in `ignore`"
     vllm_since = "0.13.0"
+    rounds_weights = False
 
     def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:
         return {"weight": (dtype, tuple(shape))}
 
     def encode(self, weight: torch.Tensor, *, shared_amax: torch.Tensor | None = None,
                input_amax: torch.Tensor | None = None, name: str = "weight",
-               rounding: Rounding | None = None) -> Tensors:
+               rounding: Rounding | None = None, block_scales: torch.Tensor | None = None) -> Tensors:
         self.check(weight, name)
         return {"weight": weight}
 

@@ -7,6 +7,7 @@ import torch
 from prismq.errors import PrismqError
 from prismq.formats.base import Format
 from prismq.formats.fp8 import FP8
+from prismq.formats.fp8_source import FP8Source
 from prismq.formats.integer import IntegerGroup
 from prismq.formats.mx import mx_formats
 from prismq.formats.nvfp4 import NVFP4
@@ -15,7 +16,7 @@ from prismq.formats.passthrough import Passthrough
 
 def _build() -> dict[str, Format]:
     formats: list[Format] = [NVFP4(activations=True), NVFP4(activations=False), *mx_formats(), FP8(),
-                             IntegerGroup(8), IntegerGroup(4), Passthrough()]
+                             FP8Source(), IntegerGroup(8), IntegerGroup(4), Passthrough()]
     return {f.name: f for f in formats}
 
 

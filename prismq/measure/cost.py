@@ -125,8 +125,9 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
         weight_amax = torch.stack([targets[n].read(source).abs().amax() for n in group]).amax()
         joint_amax.update(dict.fromkeys(group, weight_amax))
         experts = targets[group[0]].expert is not None
+        block_fp8 = all(targets[n].key in source.scales for n in group)
         legal_for_group.update(dict.fromkeys(group, formats_legal_for([targets[n].shape for n in group], formats,
-                                                                      experts)))
+                                                                      experts, block_fp8)))
     for group in input_groups(linears):
         input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
         joint_input.update(dict.fromkeys(group, input_amax))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from prismq.errors import PrismqError
-from prismq.model.checkpoint import SourceTensors
+from prismq.model.checkpoint import SourceTensors, source_formats
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import meta_model, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
@@ -74,14 +74,17 @@ def _passthrough_parts(names: list[str]) -> dict[str, list[str]]:
 
 
 def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
-    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` (see the module
-    docstring); reading problems are in the report, an unbuildable architecture is an error."""
+    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` and those keeping
+    its own bytes (FP8_SOURCE for a block-FP8 checkpoint; see the module docstring); reading problems are in the
+    report, an unbuildable architecture is an error."""
     model_dir = Path(model_dir)
     model = meta_model(model_dir)
     config = model.config
     model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type"))
+    formats = list(dict.fromkeys([*formats, *source_formats(model_dir)]))
     with ExitStack() as stack:
-        keys = set(SourceTensors(model_dir, stack).location)
+        source = SourceTensors(model_dir, stack)
+        keys, block_fp8_keys = set(source.location), set(source.scales)
     layout = CheckpointLayout(model, keys)
     report = CheckReport(model_type, [])
     quantization = getattr(config, "quantization_config", None)
@@ -132,8 +135,9 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
     members = Counter(member for unit in units for member in unit.members)
     report.problems += [f"{name} is in {count} decision units" for name, count in members.items() if count != 1]
     report.problems += [f"{name} is in no decision unit" for name in targets if name not in members]
+    block_fp8 = {name for name, target in targets.items() if target.key in block_fp8_keys}
     for unit in units:
-        offered = legal_formats(unit, formats)
+        offered = legal_formats(unit, formats, block_fp8)
         report.units.append((unit, offered))
         if unit.pinned:
             report.kept[f"{unit.name.rsplit('.', 1)[-1]} (vLLM builds it unquantized)"] += unit.params

@@ -67,13 +67,18 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def unsupported_quantization(quantization: dict | None) -> str | None:
-    """Why a checkpoint's `quantization_config` cannot be read (None: it can: none, or compressed-tensors, which
-    prismq decompresses with that library). Natively quantized sources (block FP8 as DeepSeek and MiniMax ship,
-    MXFP4, GPTQ, AWQ, ...) are not read yet."""
+    """Why a checkpoint's `quantization_config` cannot be read (None: it can: none, compressed-tensors, which
+    prismq decompresses with that library, or block FP8 as DeepSeek and MiniMax ship it, read dequantized:
+    `prismq.model.checkpoint`). Other natively quantized sources (per-tensor FP8, MXFP4, GPTQ, AWQ, ...) are not
+    read yet."""
     if quantization is None:
         return None
     method = str(quantization.get("quant_method", "unknown"))
     if method == "compressed-tensors":
         return None
-    return (f"its weights are quantized (quant_method {method!r}); prismq reads bf16/fp16/fp32 checkpoints and "
-            "compressed-tensors exports only for now (dequantize it to bf16 first)")
+    if method == "fp8" and quantization.get("weight_block_size") is not None:
+        if str(quantization.get("fmt", "e4m3")) != "e4m3":
+            return f"its block-FP8 weights are {quantization.get('fmt')!r}; prismq reads E4M3 block FP8 only"
+        return None
+    return (f"its weights are quantized (quant_method {method!r}); prismq reads bf16/fp16/fp32 checkpoints, block "
+            "FP8 and compressed-tensors exports only for now (dequantize it to bf16 first)")

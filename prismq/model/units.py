@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,8 @@ RUNTIME_FORMAT = "BF16"
 # them. Left out: MXFP4A16 and MXFP8A16, whose activations that path quantizes anyway (MXFP4 W4A4 on GPUs with
 # CUTLASS MXFP4 kernels, MXFP8 always), and the research formats. On Hopper, NVFP4 and MXFP4 experts run on Marlin
 # with bf16 activations: better than measured, never worse.
-MOE_FORMATS = frozenset({"NVFP4", "NVFP4A16", "MXFP4", "MXFP8", "FP8", "INT4_W4A16", "INT8_W8A16", "BF16"})
+MOE_FORMATS = frozenset({"NVFP4", "NVFP4A16", "MXFP4", "MXFP8", "FP8", "FP8_SOURCE", "INT4_W4A16", "INT8_W8A16",
+                         "BF16"})
 
 
 @dataclass(frozen=True)
@@ -93,26 +94,30 @@ def _unquantized(name: str) -> bool:
     return leaf in UNQUANTIZED_LEAVES or parent.rpartition(".")[2] == "router"
 
 
-def legal_formats(unit: Unit, formats: list[str]) -> list[str]:
+def legal_formats(unit: Unit, formats: list[str], block_fp8: Collection[str] = ()) -> list[str]:
     """The formats of `formats` (canonical names, first-seen order) legal for every member's shape (and, for routed
-    experts, served by vLLM's MoE path: `MOE_FORMATS`).
+    experts, served by vLLM's MoE path: `MOE_FORMATS`; FP8_SOURCE where every member is in `block_fp8`, the
+    targets a block-FP8 source stores so).
 
     A pinned unit offers its pinned format alone, whatever `formats` says: the runtime accepts nothing else, and
     keeping the model dtype is always possible."""
     if unit.pinned is not None:
         return [get_format(unit.pinned).name]
-    return formats_legal_for(unit.shapes, formats, experts=bool(EXPERT.match(unit.members[0])))
+    return formats_legal_for(unit.shapes, formats, experts=bool(EXPERT.match(unit.members[0])),
+                             block_fp8=all(member in block_fp8 for member in unit.members))
 
 
-def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str], experts: bool = False) -> list[str]:
+def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str], experts: bool = False,
+                      block_fp8: bool = False) -> list[str]:
     """The formats (canonical names, first-seen order) every one of `shapes` can take: fused siblings take one
     format, so one member's shape that a format cannot take rules it out for all. `experts`: the shapes are routed
-    experts', which take only `MOE_FORMATS`."""
+    experts', which take only `MOE_FORMATS`; `block_fp8`: all of them are stored in block FP8 by the source, the
+    only weights FP8_SOURCE can keep."""
     shapes = list(shapes)
     offered: list[str] = []
     for name in formats:
         fmt = get_format(name)
-        if experts and fmt.name not in MOE_FORMATS:
+        if experts and fmt.name not in MOE_FORMATS or fmt.keeps_source and not block_fp8:
             continue
         if fmt.name not in offered and all(fmt.legal(shape) for shape in shapes):
             offered.append(fmt.name)

@@ -257,7 +257,7 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
     if groups:
         extra = round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method,
                             lane.calibration, input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets,
-                            others=others)
+                            others=others, source=stream.source)
     here = {name: lane.assignment[name] for group in groups for name in group}
     for branch in branches:
         if branch.heldout is None:

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from prismq.engine.layer_inputs import LayerInput, first_layer_inputs, per_layer_arguments
 from prismq.engine.stream import decoder_layers, run_layer
 from prismq.errors import PrismqError
-from prismq.export.encode import encode_group, encode_model
+from prismq.export.encode import encode_group, encode_model, source_block_scales
 from prismq.formats import Tensors, get_format
 from prismq.formats.base import Grid
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.model.experts import ExpertCall, ExpertCalls, parameters_of
@@ -161,13 +162,15 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
                 method: Method, inputs: list[LayerInput], input_amax: dict[str, torch.Tensor],
                 settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel,
                 targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES,
-                others: Mapping[str, Collection[str]] | None = None) -> dict[str, Tensors]:
+                others: Mapping[str, Collection[str]] | None = None,
+                source: SourceTensors | None = None) -> dict[str, Tensors]:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
     `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
 
     `others`: more formats to encode some of the groups' members in (name -> formats; a group's members alike),
     with the same method on the same Hessians, for variants of this assignment; their tensors are returned, keyed
-    by `variant_key`, and not installed. `targets`: the model's targets (routed experts need them). Every Hessian
+    by `variant_key`, and not installed. `targets`: the model's targets (routed experts need them); `source`: the
+    checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every Hessian
     is taken on the layer as read (the layer is fake-quantized once all its groups are encoded); routed experts'
     Hessians, one per expert over its routed tokens, are taken a chunk of experts at a time, at most
     `hessian_bytes` of them at once."""
@@ -178,7 +181,7 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     def formats_of(group: list[str]) -> list[str]:
         return [assignment[group[0]], *sorted(others.get(group[0], ()))]
 
-    to_gptq = [g for g in groups if method != "rtn" and any(get_format(f).scheme() is not None for f in formats_of(g))]
+    to_gptq = [g for g in groups if method != "rtn" and any(get_format(f).rounds_weights for f in formats_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
     hessians = input_hessians(layer, {g[0]: modules[known[g[0]].module] for g in dense}, inputs) if dense else {}
@@ -190,7 +193,8 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
         weights = {name: known[name].weight(modules, weight_dtype) for name in group}
         for number, format_name in enumerate(formats_of(group)):
             rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
-            tensors = encode_group(format_name, weights, input_amax, rounding=rounding)
+            tensors = encode_group(format_name, weights, input_amax, rounding=rounding,
+                                   block_scales=source_block_scales(format_name, known, source))
             if number:
                 variants.update({variant_key(name, format_name): tensors[name] for name in group})
                 continue

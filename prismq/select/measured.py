@@ -113,14 +113,15 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             modules = stream.layer_names(index, layer)
             reference = run_layer(layer, reference)
             layer_base = _layer_assignment(stream, base, index)
-            encoded = encode_model(modules, layer_base, input_amax, stream.weight_dtype, stream.targets)
+            encoded = encode_model(modules, layer_base, input_amax, stream.weight_dtype, stream.targets,
+                                     stream.source)
             started = {}
             for number in starts.get(index, []):
                 flip = flips[number]
                 changed = {**layer_base, **dict.fromkeys(flip.unit, flip.format)}
                 changed = {n: f for n, f in changed.items() if get_format(f).scheme() is not None}
                 own = encode_model(modules, {n: changed[n] for n in flip.unit if n in changed}, input_amax,
-                                   stream.weight_dtype, stream.targets)
+                                   stream.weight_dtype, stream.targets, stream.source)
                 copied = copy.deepcopy(layer)
                 apply_fake_quant(stream.layer_names(index, copied), changed,
                                  {**{n: t for n, t in encoded.items() if n not in flip.unit}, **own},
@@ -166,7 +167,8 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
                 copied = copy.deepcopy(layer)
                 modules = stream.layer_names(index, copied)
                 part = _layer_assignment(stream, assignment, index)
-                encoded = encode_model(modules, part, input_amax, stream.weight_dtype, stream.targets)
+                encoded = encode_model(modules, part, input_amax, stream.weight_dtype, stream.targets,
+                                     stream.source)
                 apply_fake_quant(modules, part, encoded, stream.weight_dtype, stream.targets)
                 lanes[number] = run_layer(copied, lanes[number])
                 del copied

@@ -53,7 +53,8 @@ class QuantizedWeights:
         with stream.layer(index) as layer:
             modules = stream.layer_names(index, layer)
             part = {n: f for n, f in self._assignment.items() if stream.layer_of(n) == index}
-            encoded = encode_model(modules, part, self._input_amax, stream.weight_dtype, stream.targets)
+            encoded = encode_model(modules, part, self._input_amax, stream.weight_dtype, stream.targets,
+                                   stream.source)
             for handle in apply_fake_quant(modules, part, encoded, stream.weight_dtype, stream.targets):
                 handle.remove()  # weights only: the probe records each input before activation quantization
             yield layer

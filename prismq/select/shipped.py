@@ -64,13 +64,13 @@ def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed:
         scratch = copy.deepcopy(layer)
         modules = stream.layer_names(index, scratch)
         assignment = {**base, **dict.fromkeys(names, fmt)}
-        if get_format(fmt).scheme() is None:  # kept in the model dtype: nothing to round
+        if not get_format(fmt).rounds_weights:  # kept as read (BF16) or as stored (FP8_SOURCE): nothing to round
             tensors = encode_model(modules, dict.fromkeys(names, fmt), input_amax, stream.weight_dtype,
-                                   stream.targets)
+                                   stream.targets, stream.source)
         else:
             rounded = RoundedModel({})
             round_layer(scratch, modules, sibling_groups(names), assignment, method, calibration, input_amax,
-                        settings, stream.weight_dtype, rounded, stream.targets)
+                        settings, stream.weight_dtype, rounded, stream.targets, source=stream.source)
             tensors = rounded.encoded
         store.update({variant_key(n, fmt): tensors[n] for n in names})
         del scratch
@@ -95,7 +95,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
     reference = stream.first_inputs(blocks, 1)
     # the base's calibration hidden states are needed up to the last layer with a unit to round (by GPTQ) yet
     to_round = [stream.layer_of(n) or 0 for variant in variants for n, f in variant.items()
-                if variant_key(n, f) not in store and get_format(f).scheme() is not None]
+                if variant_key(n, f) not in store and get_format(f).rounds_weights]
     last_rounded = max(to_round, default=-1)
     calibrating = method != "rtn" and last_rounded >= 0
     calib = stream.first_inputs(calibration, 4) if calibrating and calibration is not None else []
