@@ -112,6 +112,33 @@ def test_activation_clipping_picks_the_lowest_error_candidate_and_keeps_outlier_
     assert float(kept) == 1e6
 
 
+def test_routed_experts_share_one_clipped_range_per_layer_and_kind_chosen_on_their_samples() -> None:
+    """A layer's experts of one projection kind share one range: candidates from every routed token's maximum
+    (tokens not routed, -1, ignored), the one whose NVFP4 quantization of the experts' input samples errs least."""
+    from prismq.rounding.ranges import clipped_routed_inputs
+
+    g = torch.Generator().manual_seed(0)
+    stem = "model.layers.0.mlp.experts"
+    names = [f"{stem}.{e}.{p}" for e in range(3) for p in ("gate_proj", "down_proj")]
+    token_max = {n: torch.rand(512, generator=g) * 4 + 1 for n in names}
+    token_max[f"{stem}.2.gate_proj"][::2] = -1.0  # tokens expert 2 did not receive
+    token_max[f"{stem}.1.down_proj"][7] = 1e5  # an outlier no sample holds: clipping it wins
+    samples = {n: torch.randn(64, 64, generator=g) for n in names}
+    ranges = clipped_routed_inputs(token_max, samples, dict.fromkeys(names, "NVFP4"), torch.float32)
+    for kind in ("gate_proj", "down_proj"):
+        members = [n for n in names if n.endswith(kind)]
+        assert len({float(ranges[n]) for n in members}) == 1
+        routed = torch.cat([token_max[n][token_max[n] >= 0] for n in members])
+        candidates = [routed.max(), *torch.quantile(routed, torch.tensor([0.9999, 0.999, 0.99]))]
+        errors = [sum(quantization_error(samples[n], c) for n in members) for c in candidates]
+        assert float(ranges[members[0]]) == pytest.approx(float(candidates[errors.index(min(errors))]))
+    assert float(ranges[f"{stem}.0.down_proj"]) < 1e5
+    unused = clipped_routed_inputs({"m.experts.0.up_proj": torch.full((8,), -1.0)},
+                                   {"m.experts.0.up_proj": torch.zeros(8, 64)}, {"m.experts.0.up_proj": "NVFP4"},
+                                   torch.float32)
+    assert float(unused["m.experts.0.up_proj"]) == torch.finfo(torch.float32).tiny
+
+
 def test_activation_clipping_is_shared_by_fused_siblings() -> None:
     model = build_tiny_llama()
     calibration = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -60,24 +60,29 @@ def _maxima_hook(store: list[torch.Tensor]):
     return hook
 
 
-def _candidates(maxima: list[torch.Tensor]) -> torch.Tensor:
+def candidates_from(maxima: list[torch.Tensor]) -> torch.Tensor:
     """Clip candidates from per-token maxima: the absolute maximum first, then the CLIP_QUANTILES quantiles."""
     values = torch.cat(maxima)
     quantiles = torch.quantile(values, torch.tensor(CLIP_QUANTILES)) if values.numel() > 1 else values[:0]
     return torch.cat([values.max().reshape(1), quantiles]).clamp(min=torch.finfo(torch.float32).tiny)
 
 
+def candidate_errors(x: torch.Tensor, candidates: torch.Tensor, fmt_name: str) -> torch.Tensor:
+    """Per candidate range, the summed squared error of quantizing inputs `x` [..., in] as the runtime would under
+    that range's static input scale (float64, on the CPU)."""
+    fmt = get_format(fmt_name)
+    x = x.reshape(-1, x.shape[-1])
+    gs = fmt.input_scale(candidates.to(x.dtype))
+    assert gs is not None, f"{fmt.name} has no static input scale to clip"
+    gs = gs.to(x.device).reshape(-1, 1, 1)
+    quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
+    return (quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu()
+
+
 def _score_hook(candidates: torch.Tensor, fmt_name: str, errors: torch.Tensor):
     """A pre-hook adding, per candidate, the squared error of quantizing the module's input as the runtime would."""
-    fmt = get_format(fmt_name)
-
     def hook(_module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
-        gs = fmt.input_scale(candidates.to(x.dtype))
-        assert gs is not None, f"{fmt.name} has no static input scale to clip"
-        gs = gs.to(x.device).reshape(-1, 1, 1)
-        quantized = fmt.qdq_activation(x.unsqueeze(0).expand(len(gs), -1, -1), gs)
-        errors.add_((quantized.float() - x.float()).square().sum(dim=(1, 2)).double().cpu())
+        errors.add_(candidate_errors(args[0].detach(), candidates, fmt_name))
     return hook
 
 
@@ -107,7 +112,7 @@ def calibrated_input_amax(model: nn.Module, blocks: torch.Tensor, assignment: di
     token_max: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
     _run(model, blocks, {name: _maxima_hook(store) for name, store in token_max.items()}, "calibrate input ranges",
          progress)
-    candidates = {name: _candidates(maxima) for name, maxima in token_max.items()}
+    candidates = {name: candidates_from(maxima) for name, maxima in token_max.items()}
     errors = {name: torch.zeros(len(c), dtype=torch.float64) for name, c in candidates.items()}
     hooks = {g[0]: _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]]) for g in groups}
     _run(model, blocks[_scored(len(blocks))], hooks, "choose input clipping", progress)
@@ -131,7 +136,7 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
     scored = _scored(len(blocks))
     candidates: dict[str, torch.Tensor] = {}
     if token_max is not None:
-        candidates = {g[0]: _candidates([token_max[g[0]].float()]) for g in groups}
+        candidates = {g[0]: candidates_from([token_max[g[0]].float()]) for g in groups}
     inputs = stream.first_inputs(blocks if token_max is None else blocks[scored], 1)
     errors: dict[str, torch.Tensor] = {}
     saved = state.load(RANGES) if state is not None else None
@@ -153,7 +158,7 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
             if token_max is None:
                 maxima: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
                 outputs = _hooked(layer, inputs, {modules[n]: _maxima_hook(store) for n, store in maxima.items()})
-                candidates.update({name: _candidates(values) for name, values in maxima.items()})
+                candidates.update({name: candidates_from(values) for name, values in maxima.items()})
                 inputs_to_score = [inputs[i] for i in scored]
             else:
                 inputs_to_score = inputs

@@ -4,8 +4,10 @@ Selection (L2's re-pricing, L3's flips, the validated frontier) and rounding all
 ranges, so what selection measures is what ships. They are computed for every target that some offered option
 could give a static-input-scale format, before anything is selected: a Linear's clipped range depends only on the
 unquantized model's inputs on the calibration blocks (`clip.streamed_input_amax`), never on the other units'
-formats, so one set serves every candidate. Routed experts take their layer's largest routed input per projection
-kind (not clipped). Written to WORK/input_ranges.safetensors; a killed walk resumes from WORK/ranges.walk.
+formats, so one set serves every candidate. Routed experts share one range per layer and projection kind
+(`input_groups`), clipped the same way from the probe's records: candidates from the routed tokens' per-token
+maxima, scored on the experts' input samples (a uniform sample of each expert's routed inputs; no walk). Written to
+WORK/input_ranges.safetensors; a killed walk resumes from WORK/ranges.walk.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
 from prismq.errors import PrismqError
 from prismq.formats import get_format
-from prismq.measure.fisher import X_TOKEN_MAX, input_statistic
+from prismq.measure.fisher import X_SAMPLE, X_TOKEN_MAX, input_statistic
 from prismq.measure.probe_stage import PROBE_KIND, PROBE_STEM
 from prismq.model.siblings import input_groups
 from prismq.model.source import resolve_device
-from prismq.rounding.clip import streamed_input_amax
+from prismq.rounding.clip import candidate_errors, candidates_from, streamed_input_amax
 
 RANGES_STEM = "input_ranges"
 RANGES_KIND = "input_ranges"
@@ -68,8 +70,8 @@ def stage_ranges(work: Path, model_dir: Path, dtype: torch.dtype, device: str, c
 
 def _ranges(stream: LayerStream, calibration: torch.Tensor, needing: dict[str, str], work: Path,
             state: WalkState) -> dict[str, torch.Tensor]:
-    """Clipped ranges for the Linears, the largest routed input for the routed experts; the clipping starts from
-    the per-token input maxima the probe recorded on the same blocks when it did, in the same arithmetic."""
+    """Clipped ranges for the Linears and the routed experts; the clipping starts from the per-token input maxima
+    the probe recorded on the same blocks when it did, in the same arithmetic."""
     routed = {n: f for n, f in needing.items() if n in stream.targets and stream.targets[n].expert is not None}
     linears = {n: f for n, f in needing.items() if n not in routed}
     probed = read_tensors(work / PROBE_STEM, PROBE_KIND)
@@ -79,21 +81,32 @@ def _ranges(stream: LayerStream, calibration: torch.Tensor, needing: dict[str, s
     if probed is not None and same_arithmetic and all(value is not None for value in found.values()):
         token_max = {n: value[:calibration.numel()] for n, value in found.items()}  # type: ignore[index]
     ranges = streamed_input_amax(stream, calibration, linears, token_max=token_max, state=state) if linears else {}
-    if routed:  # not clipped: the largest routed input of the layer's experts (-1 marks tokens not routed)
-        if token_max is None:
-            raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima; rerun the "
-                              "probe (`prismq probe`) in this compute dtype")
-        ranges.update(largest_inputs({n: token_max[n] for n in routed}))
+    if routed:
+        samples = {n: input_statistic(probed[0], n, X_SAMPLE) for n in routed} if probed is not None else {}
+        if token_max is None or any(sample is None for sample in samples.values()):
+            raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima and input "
+                              "samples; rerun the probe (`prismq probe`) in this compute dtype")
+        ranges.update(clipped_routed_inputs({n: token_max[n] for n in routed}, samples, routed,  # type: ignore[arg-type]
+                                            stream.dtype))
     return ranges
 
 
-def largest_inputs(token_max: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unclipped input ranges from per-token input maxima: each target's largest input, shared by the targets that
-    share one input scale (`input_groups`: a layer's routed experts per projection kind)."""
+def clipped_routed_inputs(token_max: dict[str, torch.Tensor], samples: dict[str, torch.Tensor],
+                          formats: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Clipped input ranges of routed experts, one per group sharing an input scale (`input_groups`: a layer's
+    experts per projection kind): the clip candidates of `clip` (the largest input, then quantiles of the per-token
+    maxima) over every token routed to a member (-1 marks tokens that were not), each scored by the squared error
+    of quantizing the members' input samples (in `dtype`) as the runtime would; the lowest wins, ties keep the
+    largest input; a group no token reached gets the smallest positive range (nothing to calibrate it on)."""
     ranges = {}
     for group in input_groups(token_max):
-        largest = torch.stack([token_max[n].amax() for n in group]).amax().float()
-        ranges.update({n: largest.clamp(min=torch.finfo(torch.float32).tiny).clone() for n in group})
+        routed = torch.cat([token_max[n][token_max[n] >= 0] for n in group])
+        if not routed.numel():
+            ranges.update({n: torch.tensor(torch.finfo(torch.float32).tiny) for n in group})
+            continue
+        candidates = candidates_from([routed])
+        errors = sum(candidate_errors(samples[n].to(dtype), candidates, formats[n]) for n in group)
+        ranges.update({n: candidates[int(torch.argmin(errors))].clone() for n in group})  # type: ignore[arg-type]
     return ranges
 
 
