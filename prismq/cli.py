@@ -286,10 +286,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from prismq.config import QuantizeConfig
     from prismq.formats import get_format
     from prismq.model.check import check_model
+    from prismq.model.checkpoint import source_formats
     from prismq.model.source import resolve_model
 
     formats = args.formats.split(",") if args.formats else QuantizeConfig.model_fields["formats"].default_factory()
-    report = check_model(resolve_model(args.model), [get_format(f).name for f in formats])
+    model_dir = resolve_model(args.model)
+    offered = dict.fromkeys([*(get_format(f).name for f in formats), *source_formats(model_dir)])
+    report = check_model(model_dir, list(offered))
     print(report.table())
     return EXIT_ERROR if report.problems else 0
 

@@ -202,7 +202,7 @@ def test_fp8_source_ships_the_sources_bytes_as_compressed_tensors_compresses_and
     # the same codes (compressed-tensors adds its zero point, writing the source's -0 codes as +0: same values)
     assert torch.equal(theirs["weight"].float(), codes.float())
     assert torch.equal(compressor.decompress(dict(tensors), scheme)["weight"].to(torch.bfloat16), read)
-    assert torch.equal(fmt.decode(tensors), read) and torch.equal(fmt.qdq(read), read)
+    assert torch.equal(fmt.decode(tensors), read)
     out = torch.full((256, 384), float("nan"))
     fmt.decode_into(tensors, out, torch.bfloat16)
     assert torch.equal(out, read.float())
@@ -299,3 +299,39 @@ def test_fp8_source_routed_experts_ship_as_stored_and_read_back_as_measured(defa
     work = Path(f"{out}.work")
     measured = json.loads((work / "rounding.json").read_text())["rounding"]["mix_report"]["mean_kl"]
     assert 0 < json.loads((work / "eval.json").read_text())["mean_kl"] == pytest.approx(measured, rel=1e-6)
+
+
+def test_fp8_source_on_a_model_not_stored_in_block_fp8_is_refused_before_any_work(tiny_llama_dir: Path,
+                                                                                  tmp_path: Path, capsys) -> None:
+    from prismq.cli import main
+
+    for flags in (["--uniform", "FP8_SOURCE"], ["--target-bits", "6", "--force", "q_proj=FP8_SOURCE"]):
+        assert main(["quantize", str(tiny_llama_dir), "--out", str(tmp_path / "out"), *flags]) == 1
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("prismq: error: FP8_SOURCE keeps a block-FP8 checkpoint's own bytes"), error
+        assert not (tmp_path / "out.work" / "probe.json").exists()
+
+
+def test_an_fp8_tensor_without_its_scales_is_a_clear_error(fp8_llama: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(fp8_llama, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.v_proj.weight_scale_inv"]
+    save_file(tensors, broken / "model.safetensors")
+    with ExitStack() as stack, pytest.raises(PrismqError, match="v_proj.weight is stored in FP8 without"):
+        SourceTensors(broken, stack)
+
+
+def test_an_in_memory_model_fake_quantized_with_fp8_source_keeps_the_source_weights(fp8_llama: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The whole-model path (`load_quantized`, for scripts) ships FP8_SOURCE's bytes too: the weights it installs
+    are the source's, read dequantized."""
+    from prismq.measure.evaluate import load_quantized
+
+    names = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    (tmp_path / "assignment.json").write_text(json.dumps({"assignment": dict.fromkeys(names, "FP8_SOURCE")}))
+    model = load_quantized(str(tmp_path / "assignment.json"), fp8_llama, "cpu", progress=False)
+    with ExitStack() as stack:
+        source = SourceTensors(fp8_llama, stack)
+        for name in names:
+            assert torch.equal(model.get_submodule(name).weight, source.get(f"{name}.weight")), name

@@ -130,7 +130,8 @@ def test_routed_experts_share_one_clipped_range_per_layer_and_kind_chosen_on_the
         assert len({float(ranges[n]) for n in members}) == 1
         routed = torch.cat([token_max[n][token_max[n] >= 0] for n in members])
         candidates = [routed.max(), *torch.quantile(routed, torch.tensor([0.9999, 0.999, 0.99]))]
-        errors = [sum(quantization_error(samples[n], c) for n in members) for c in candidates]
+        routed_share = {n: float((token_max[n] >= 0).sum()) / 64 for n in members}  # tokens per sample row
+        errors = [sum(quantization_error(samples[n], c) * routed_share[n] for n in members) for c in candidates]
         assert float(ranges[members[0]]) == pytest.approx(float(candidates[errors.index(min(errors))]))
     assert float(ranges[f"{stem}.0.down_proj"]) < 1e5
     unused = clipped_routed_inputs({"m.experts.0.up_proj": torch.full((8,), -1.0)},

@@ -63,7 +63,8 @@ def build_problem(rows: list[CostRow], units: list[list[str]], formats: list[str
                 raise PrismqError(f"--force {pin} ({members[0]}) is not among --formats {','.join(names)}")
             k = names.index(pin)
             if np.isinf(full[k]):
-                raise PrismqError(f"--force {pin}: {members[0]} cannot take it (its shape is not legal for {pin})")
+                raise PrismqError(f"--force {pin}: {members[0]} cannot take it (its shape is not legal for {pin}, or "
+                                  f"{pin} keeps source bytes it does not have)")
             cost[u] = np.where(np.arange(len(names)) == k, full, np.inf)
     offered = ~np.isinf(cost)
     if not offered.any(axis=1).all():

@@ -51,6 +51,10 @@ def offered_formats(config: QuantizeConfig, model_dir: Path | None = None) -> tu
     listed = [config.uniform] if config.uniform else [*config.formats, *(source_formats(model_dir) if model_dir
                                                                            else [])]
     names = list(dict.fromkeys(get_format(f).name for f in listed))
+    keeping = [f for f in [*names, *(rule.rpartition("=")[2] for rule in config.force)] if get_format(f).keeps_source]
+    if keeping and model_dir is not None and get_format(keeping[0]).name not in source_formats(model_dir):
+        raise PrismqError(f"{get_format(keeping[0]).name} keeps a block-FP8 checkpoint's own bytes (in 128 x 128 "
+                          f"blocks); {model_dir} is not one")
     forced = [get_format(rule.rpartition("=")[2]).name for rule in config.force]
     fallback = [f for f in dict.fromkeys([*forced, "BF16"]) if f not in names]
     for name in [*names, *fallback]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from prismq.formats import get_format
 from prismq.engine.stream import LayerStream, final_hidden_states
 from prismq.measure.kl import HiddenStates, KLResult, evaluate_states
 from prismq.model.assignment import check_assignment
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.linears import model_dtype
 from prismq.model.targets import model_targets
 from prismq.model.precision import device_description, dtype_name, resolve_compute_dtype
@@ -72,13 +74,14 @@ def default_calibration_blocks(model_dir: Path) -> torch.Tensor:
 
 def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dict[str, torch.Tensor],
                    calibration: torch.Tensor | None = None, progress: bool = True,
-                   rounding: str = "rtn", weight_dtype: torch.dtype | None = None) -> nn.Module:
+                   rounding: str = "rtn", weight_dtype: torch.dtype | None = None,
+                   source: SourceTensors | None = None) -> nn.Module:
     """Fake-quantize `model` in place to what the export of `assignment` with `rounding` computes, and return it.
 
     Input ranges missing for formats with a static input scale are calibrated (and clipped) on `calibration`
     first, on the unquantized model, as `prismq quantize` does; GPTQ rounds on the same blocks. Without
     calibration blocks either is an error. weight_dtype: the checkpoint's dtype, which the codecs see (None: the
-    model's own)."""
+    model's own); source: the model's checkpoint (its block-FP8 scales, which FP8_SOURCE ships)."""
     check_assignment(assignment, {n: tuple(m.weight.shape) for n, m in model.named_modules()
                                   if isinstance(m, nn.Linear)}, export=False)
     missing = {n: f for n, f in assignment.items() if get_format(f).needs_input_amax and n not in input_amax}
@@ -89,7 +92,7 @@ def fake_quantized(model: nn.Module, assignment: dict[str, str], input_amax: dic
     if missing:
         input_amax = {**calibrated_input_amax(model, calibration, missing, progress=progress), **input_amax}
     round_model(model, assignment, rounding, calibration, input_amax, progress=progress,  # type: ignore[arg-type]
-                weight_dtype=weight_dtype)
+                weight_dtype=weight_dtype, source=source)
     return model
 
 
@@ -113,7 +116,9 @@ def load_quantized(spec: str, reference_dir: Path, device: str, progress: bool =
                                          for n, f in assignment.items())
         if needs and calibration is None:
             calibration = default_calibration_blocks(reference_dir)
-        return fake_quantized(model, assignment, amax, calibration, progress, rounding, model_dtype(reference_dir))
+        with ExitStack() as stack:
+            return fake_quantized(model, assignment, amax, calibration, progress, rounding, model_dtype(reference_dir),
+                                  SourceTensors(reference_dir, stack))
     raise PrismqError(f"--quantized must be an exported checkpoint directory or an assignment .json file: {spec}")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from prismq.errors import PrismqError
-from prismq.model.checkpoint import SourceTensors, source_formats
+from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import meta_model, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
@@ -74,14 +74,12 @@ def _passthrough_parts(names: list[str]) -> dict[str, list[str]]:
 
 
 def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
-    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` and those keeping
-    its own bytes (FP8_SOURCE for a block-FP8 checkpoint; see the module docstring); reading problems are in the
-    report, an unbuildable architecture is an error."""
+    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` (see the module
+    docstring); reading problems are in the report, an unbuildable architecture is an error."""
     model_dir = Path(model_dir)
     model = meta_model(model_dir)
     config = model.config
     model_type = str(json.loads((model_dir / "config.json").read_text()).get("model_type"))
-    formats = list(dict.fromkeys([*formats, *source_formats(model_dir)]))
     with ExitStack() as stack:
         source = SourceTensors(model_dir, stack)
         keys, block_fp8_keys = set(source.location), set(source.scales)

@@ -8,9 +8,11 @@ tensor's dtype, shape and byte range, then the bytes.
 A natively block-FP8 checkpoint (DeepSeek V3, MiniMax M2, Qwen3-FP8: `quant_method` "fp8" with a
 `weight_block_size`) stores a weight as E4M3 codes `NAME.weight` and one float scale per block of rows and columns
 `NAME.weight_scale_inv` (the multiplier, despite its name). Such a weight is read dequantized, as transformers
-dequantizes it: `(codes * scale).to(model dtype)`, each element under the scale of its block (the last block of a
-dimension that is not a multiple of the block size is partial). Every stage sees that weight; the scale tensors are
-not names of their own, and `block_scales` gives them to formats that keep the source's bytes.
+dequantizes it: `(codes * scale).to(model dtype)`, each element under the scale of its block. The last block of a
+dimension that is not a multiple of the block size is partial and takes its block's scale, as DeepSeek's reference
+dequantization does (transformers refuses such shapes, e.g. DeepSeek V3's 576-row kv_a_proj_with_mqa). Every stage
+sees that weight; the scale tensors are not names of their own, and `block_scales` gives them to formats that keep
+the source's bytes.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class SourceTensors:
                 raise PrismqError(f"{model_dir}: {name}_scale_inv has shape {list(scales.shape)}, expected "
                                   f"{list(expected)} for {list(weight.shape)} in blocks of {list(self.block)}")
             self.scales[name] = scales
+        unscaled = next((n for n, e in self.location.items() if e.dtype.itemsize == 1 and e.dtype.is_floating_point
+                         and n not in self.scales), None)
+        if unscaled is not None:
+            raise PrismqError(f"{model_dir}: {unscaled} is stored in FP8 without a {unscaled}_scale_inv beside it")
 
     def names(self) -> list[str]:
         """All tensor names, in file order (each file's tensors by offset)."""

@@ -34,6 +34,7 @@ from prismq.rounding.clip import candidate_errors, candidates_from, streamed_inp
 
 RANGES_STEM = "input_ranges"
 RANGES_KIND = "input_ranges"
+CLIPPING = "linears and routed experts"  # what is clipped: ranges computed before routed experts were are stale
 
 
 def needing_ranges(problem: Problem, assignments: Iterable[dict[str, str]] = ()) -> dict[str, str]:
@@ -54,7 +55,7 @@ def stage_ranges(work: Path, model_dir: Path, dtype: torch.dtype, device: str, c
     if not needing:
         return {}
     expect = {"model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
-              "dtype": str(dtype).removeprefix("torch."), "device": resolve_device(device).type,
+              "clipped": CLIPPING, "dtype": str(dtype).removeprefix("torch."), "device": resolve_device(device).type,
               "targets": hashlib.sha256(json.dumps(sorted(needing.items())).encode()).hexdigest()[:16]}
     stored = read_tensors(work / RANGES_STEM, RANGES_KIND, expect)
     if stored is not None:
@@ -86,8 +87,8 @@ def _ranges(stream: LayerStream, calibration: torch.Tensor, needing: dict[str, s
         if token_max is None or any(sample is None for sample in samples.values()):
             raise PrismqError("routed experts' input ranges are read from the probe's per-token maxima and input "
                               "samples; rerun the probe (`prismq probe`) in this compute dtype")
-        ranges.update(clipped_routed_inputs({n: token_max[n] for n in routed}, samples, routed,  # type: ignore[arg-type]
-                                            stream.dtype))
+        routed_max = {n: token_max[n] for n in routed}
+        ranges.update(clipped_routed_inputs(routed_max, samples, routed, stream.dtype))  # type: ignore[arg-type]
     return ranges
 
 
@@ -96,8 +97,9 @@ def clipped_routed_inputs(token_max: dict[str, torch.Tensor], samples: dict[str,
     """Clipped input ranges of routed experts, one per group sharing an input scale (`input_groups`: a layer's
     experts per projection kind): the clip candidates of `clip` (the largest input, then quantiles of the per-token
     maxima) over every token routed to a member (-1 marks tokens that were not), each scored by the squared error
-    of quantizing the members' input samples (in `dtype`) as the runtime would; the lowest wins, ties keep the
-    largest input; a group no token reached gets the smallest positive range (nothing to calibrate it on)."""
+    of quantizing the members' input samples (in `dtype`) as the runtime would, each sample weighted by the tokens
+    it stands for (an expert's routed tokens over its sample rows: a rarely routed expert repeats its few rows);
+    the lowest wins, ties keep the largest input; a group no token reached gets the smallest positive range."""
     ranges = {}
     for group in input_groups(token_max):
         routed = torch.cat([token_max[n][token_max[n] >= 0] for n in group])
@@ -105,7 +107,8 @@ def clipped_routed_inputs(token_max: dict[str, torch.Tensor], samples: dict[str,
             ranges.update({n: torch.tensor(torch.finfo(torch.float32).tiny) for n in group})
             continue
         candidates = candidates_from([routed])
-        errors = sum(candidate_errors(samples[n].to(dtype), candidates, formats[n]) for n in group)
+        errors = sum(candidate_errors(samples[n].to(dtype), candidates, formats[n])
+                     * (float((token_max[n] >= 0).sum()) / max(len(samples[n]), 1)) for n in group)
         ranges.update({n: candidates[int(torch.argmin(errors))].clone() for n in group})  # type: ignore[arg-type]
     return ranges
 

@@ -194,7 +194,8 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
         for number, format_name in enumerate(formats_of(group)):
             rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
             tensors = encode_group(format_name, weights, input_amax, rounding=rounding,
-                                   block_scales=source_block_scales(format_name, known, source))
+                                   block_scales=source_block_scales(format_name, {n: known[n] for n in group},
+                                                                    source))
             if number:
                 variants.update({variant_key(name, format_name): tensors[name] for name in group})
                 continue
@@ -218,17 +219,19 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
 @torch.no_grad()
 def round_model(model: nn.Module, assignment: dict[str, str], method: Method, calibration: torch.Tensor,
                 input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None, batch_size: int = 4,
-                progress: bool = True, weight_dtype: torch.dtype | None = None) -> RoundedModel:
+                progress: bool = True, weight_dtype: torch.dtype | None = None,
+                source: SourceTensors | None = None) -> RoundedModel:
     """Encode every Linear of `assignment` with `method` and leave `model` computing what the export computes
     (decoded weights, quantized activations); returns the exact tensors to ship, per Linear.
 
     weight_dtype: the checkpoint's dtype, in which the codecs see the weights (None: the model's own dtype); the
-    model may compute in another (float32 on CPUs without native bf16)."""
+    model may compute in another (float32 on CPUs without native bf16). source: the checkpoint, whose block-FP8
+    scales FP8_SOURCE ships."""
     if method not in METHODS:
         raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
     groups_to_round = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).scheme() is not None]
     if method == "rtn" or not groups_to_round:  # nothing for GPTQ to do
-        encoded = encode_model(model, assignment, input_amax, weight_dtype)
+        encoded = encode_model(model, assignment, input_amax, weight_dtype, source=source)
         apply_fake_quant(model, assignment, encoded, weight_dtype)
         return RoundedModel(encoded)
     settings = settings or GPTQSettings()
@@ -252,16 +255,16 @@ def round_model(model: nn.Module, assignment: dict[str, str], method: Method, ca
         for index, layer in enumerate(tqdm(layers, desc=f"round ({method})", unit="layer", disable=not progress)):
             if by_layer.get(index):
                 round_layer(layer, modules, by_layer[index], assignment, method, inputs, input_amax, settings,
-                            weight_dtype, result)
+                            weight_dtype, result, source=source)
             inputs = run_layer(layer, inputs)
     finally:
         for hook in hooks:
             hook.remove()
     if outside:
-        rest = encode_model(model, outside, input_amax, weight_dtype)
+        rest = encode_model(model, outside, input_amax, weight_dtype, source=source)
         apply_fake_quant(model, outside, rest, weight_dtype)
         result.encoded.update(rest)
     encoded = result.encoded
     passthrough = {n: f for n, f in assignment.items() if n not in encoded}
-    encoded.update(encode_model(model, passthrough, input_amax, weight_dtype))
+    encoded.update(encode_model(model, passthrough, input_amax, weight_dtype, source=source))
     return result

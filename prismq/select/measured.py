@@ -114,7 +114,7 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             reference = run_layer(layer, reference)
             layer_base = _layer_assignment(stream, base, index)
             encoded = encode_model(modules, layer_base, input_amax, stream.weight_dtype, stream.targets,
-                                     stream.source)
+                                   stream.source)
             started = {}
             for number in starts.get(index, []):
                 flip = flips[number]
@@ -168,7 +168,7 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
                 modules = stream.layer_names(index, copied)
                 part = _layer_assignment(stream, assignment, index)
                 encoded = encode_model(modules, part, input_amax, stream.weight_dtype, stream.targets,
-                                     stream.source)
+                                       stream.source)
                 apply_fake_quant(modules, part, encoded, stream.weight_dtype, stream.targets)
                 lanes[number] = run_layer(copied, lanes[number])
                 del copied
