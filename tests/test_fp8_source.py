@@ -246,7 +246,9 @@ def test_fp8_source_exports_the_sources_bytes_and_reads_back_as_measured(fp8_lla
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     fp8_llama = model
     assert main(["check", str(fp8_llama)]) == 0
-    assert "NVFP4,MXFP8,BF16,FP8_SOURCE" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "NVFP4,MXFP8,BF16,FP8_SOURCE" in report
+    assert "MTP head" in report and "1 of them stored in block FP8, written dequantized" in report
     out = tmp_path / "out"
     assert main(["quantize", str(fp8_llama), "--out", str(out), "--uniform", "FP8_SOURCE", "--calib-blocks", "4",
                  "--calib-seqlen", "32", "--heldout-blocks", "2", "--device", "cpu"]) == 0

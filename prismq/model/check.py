@@ -5,7 +5,7 @@ every parameter of the model is found among the checkpoint's tensors (directly, 
 a fused expert parameter, `prismq.model.layout`); every quantization target lies in exactly one decision unit; each
 unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts a
 checkpoint stores fused); and checkpoint tensors the model does not load (MTP heads, vision towers of a text-only
-class), which the exporter passes through byte for byte.
+class), which the exporter passes through byte for byte (those a block-FP8 checkpoint stores in FP8: dequantized).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class CheckReport:
     units: list[tuple[Unit, list[str]]]
     kept: Counter[str] = field(default_factory=Counter)  # what stays in the model dtype -> weights
     passthrough: list[str] = field(default_factory=list)  # checkpoint tensors the model does not load
+    dequantized: set[str] = field(default_factory=set)  # those of them stored in block FP8 (written dequantized)
     problems: list[str] = field(default_factory=list)  # what makes quantization impossible
 
     def table(self) -> str:
@@ -50,8 +51,10 @@ class CheckReport:
         for what, params in self.kept.items():
             lines.append(f"kept in the model dtype: {what} ({params:,} weights)")
         for part, names in _passthrough_parts(self.passthrough).items():
+            fp8 = sum(name in self.dequantized for name in names)
             lines.append(f"passed through byte for byte (the model does not load them): {part}, {len(names)} "
-                         f"tensors, e.g. {names[0]}")
+                         f"tensors, e.g. {names[0]}" + (f"; {fp8} of them stored in block FP8, written dequantized"
+                                                       if fp8 else ""))
         lines += [f"problem: {problem}" for problem in self.problems]
         lines.append("ok" if not self.problems else f"{len(self.problems)} problem(s)")
         return "\n".join(lines)
@@ -115,6 +118,7 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
                 else f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (convolutions)"
             report.kept[what] += tensor.numel()
     report.passthrough = sorted(keys - used)
+    report.dequantized = set(report.passthrough) & block_fp8_keys
     if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
         return report
     targets = model_targets(model_dir)
