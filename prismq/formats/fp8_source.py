@@ -25,9 +25,13 @@ from prismq.formats.elements import FP8_E4M3_MAX, round_to_e4m3
 BLOCK = 128  # rows and columns under one weight scale; columns under one activation scale
 
 
-def block_expand(scales: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Per-block scales [ceil(out / BLOCK), ceil(in / BLOCK)] -> one per element of a [out, in] weight."""
-    return scales.repeat_interleave(BLOCK, 0)[:shape[0]].repeat_interleave(BLOCK, 1)[:, :shape[1]]
+def block_expand(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] = (BLOCK, BLOCK),
+                 offset: int = 0) -> torch.Tensor:
+    """Per-block scales [rows / block[0], columns / block[1]] (rounded up) -> one per element of `shape` rows of the
+    weight, the first of them `offset` rows into the first scale row's block (a partial last block takes its
+    block's scale). Every block-FP8 weight is dequantized with it: the source read and FP8_SOURCE's decode."""
+    per_row = scales.repeat_interleave(block[0], 0)[offset:offset + shape[0]]
+    return per_row.repeat_interleave(block[1], 1)[:, :shape[1]]
 
 
 class FP8Source(Format):

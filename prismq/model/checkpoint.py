@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from prismq.errors import PrismqError
+from prismq.formats.fp8_source import BLOCK, block_expand
 from prismq.model.linears import model_dtype
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -65,8 +66,6 @@ def fp8_block_size(model_dir: Path) -> tuple[int, int] | None:
 def source_formats(model_dir: Path) -> list[str]:
     """Formats that keep the checkpoint's own bytes, offered beside the listed ones: FP8_SOURCE for a block-FP8
     checkpoint in 128 x 128 blocks (the block compressed-tensors and vLLM serve); none for any other."""
-    from prismq.formats.fp8_source import BLOCK
-
     return ["FP8_SOURCE"] if fp8_block_size(model_dir) == (BLOCK, BLOCK) else []
 
 
@@ -140,9 +139,8 @@ class SourceTensors:
         assert self.block is not None and self.dequantized_dtype is not None
         first, last = start // self.block[0], -(-stop // self.block[0])
         scales = _read(_rows(self.scales[name], first, last), name + "_scale_inv").float()
-        scales = scales.repeat_interleave(self.block[0], 0)[start - first * self.block[0]:][:stop - start]
-        scales = scales.repeat_interleave(self.block[1], 1)[:, :rows.shape[1]]
-        return (rows.float() * scales).to(self.dequantized_dtype)
+        per_element = block_expand(scales, tuple(rows.shape), self.block, start - first * self.block[0])
+        return (rows.float() * per_element).to(self.dequantized_dtype)
 
     def block_scales(self, name: str) -> torch.Tensor | None:
         """The block scales of a block-FP8 weight as stored (float, [ceil(rows / block), ceil(columns / block)]);
