@@ -135,7 +135,7 @@ def test_a_variant_measured_as_shipped_equals_rounding_it_from_scratch(tiny_llam
                               calibration, blocks, amax, settings, spill_dir=tmp_path / "lanes", progress=False)
         store = EncodedStore(tmp_path / "variants")
         measured = measure_variants(stream, base, scratch.rounded[0].encoded, variants, blocks, calibration,
-                                    "gptq+sweep", amax, settings, store, progress=False)
+                                    "gptq+sweep", amax, settings, store, progress=False).kl
     assert measured[0].mean_kl == scratch.kl[0].mean_kl
     for variant, direct, rounded in zip(variants, scratch.kl[1:], scratch.rounded[1:]):
         for name, fmt in variant.items():

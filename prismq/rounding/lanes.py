@@ -70,15 +70,13 @@ class Variant:
 
 @dataclass
 class LaneResults:
-    """The exact tensors each lane ships and its held-out KL against the reference (on the held-out blocks, and
-    apart on the report blocks when given), lanes first, then variants in the order given (a variant's `rounded`
-    holds only the targets it changes: the lane's tensors ship for the rest); the reference's final hidden states
-    per block (held-out then report), for later comparisons against the same text."""
+    """The exact tensors each lane ships and its held-out KL against the reference, lanes first, then variants in
+    the order given (a variant's `rounded` holds only the targets it changes: the lane's tensors ship for the rest);
+    the reference's final hidden states per held-out block, for later comparisons against the same text."""
 
     rounded: list[RoundedModel]
     kl: list[KLResult]
     reference_hidden: list[torch.Tensor]
-    report_kl: list[KLResult] = field(default_factory=list)
 
 
 def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list[list[str]]]:
@@ -114,8 +112,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, report: torch.Tensor | None = None,
-                variants: list[tuple[int, dict[str, str]]] | None = None) -> LaneResults:
+                progress: bool = True, variants: list[tuple[int, dict[str, str]]] | None = None) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
@@ -125,8 +122,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory. `state` (with `spill_dir`): the walk saves its hidden states after every layer there, and a
-    rerun with the same state resumes after the last layer saved. `report`: more blocks walked beside the held-out
-    ones and measured apart (`LaneResults.report_kl`): numbers to state, not to decide on."""
+    rerun with the same state resumes after the last layer saved."""
     for _, method in candidates:
         if method not in METHODS:
             raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
@@ -135,8 +131,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     settings = settings or GPTQSettings()
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
     first_calibration = [] if calibration is None else stream.first_inputs(calibration, batch_size)
-    measured = heldout if report is None else torch.cat([heldout, report])
-    first_heldout = stream.first_inputs(measured, 1)
+    first_heldout = stream.first_inputs(heldout, 1)
     if state is not None and spill_dir is None:
         raise PrismqError("a resumable rounding walk needs a spill directory for its tensors")
     saved = state.load(LANES) if state is not None else None
@@ -190,16 +185,10 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     walked += [lanes[b.lane].heldout if b.heldout is None else b.heldout for b in branches]
     candidates_hidden = [[stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
                          for inputs in walked]
-    split = len(heldout)
-
-    def measure(blocks: torch.Tensor, part: slice) -> list[KLResult]:
-        return evaluate_states(HiddenStates(stream.head, blocks, reference_hidden[part]),
-                               [HiddenStates(stream.head, blocks, hidden[part]) for hidden in candidates_hidden],
-                               blocks, chunk_size, progress)
-
-    return LaneResults([lane.rounded for lane in lanes] + [b.rounded for b in branches],
-                       measure(heldout, slice(0, split)), reference_hidden,
-                       [] if report is None else measure(report, slice(split, None)))
+    kl = evaluate_states(HiddenStates(stream.head, heldout, reference_hidden),
+                         [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
+                         chunk_size, progress)
+    return LaneResults([lane.rounded for lane in lanes] + [b.rounded for b in branches], kl, reference_hidden)
 
 
 def _save(state: WalkState, layer: int, lanes: list[Lane], branches: list[Variant],

@@ -8,10 +8,12 @@ an alternative differs from the mix are rounded by that method on the lane's cal
 every other unit keeps the mix's tensors (the mix's upgrades are a few percent of the weights, so this costs a
 fraction of a lane), and its held-out hidden states branch off the lane's at its first difference. If one measures
 lower selection KL than the mix, it ships instead, exactly as measured (predictions can misrank; measured KL
-decides). Every lane and variant is measured on the report (held-out) blocks too, for the report to state; no decision reads
-those numbers. Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under WORK/rounded/,
-and the reference's final hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning
-with the same inputs and settings reuses all of it.
+decides). Then a second walk measures the kept method's mix and its alternatives, with the tensors the first walk
+rounded, on the report (held-out) blocks, for the report to state (no decision reads those numbers; the methods not
+kept are not walked over them). Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under
+WORK/rounded/, and the reference's final hidden states on the report blocks (WORK/reference_hidden) for the eval
+stage. Rerunning with the same inputs and settings reuses all of it; an interrupted walk resumes after its last
+layer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,14 @@ from prismq.config import QuantizeConfig
 from prismq.engine.stream import LayerStream
 from prismq.engine.memory import StageLog
 from prismq.engine.walkstate import WalkState
+from prismq.formats import Tensors
 from prismq.model.source import resolve_device
 from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
-from prismq.rounding.sequential import METHODS, RoundedModel
-from prismq.rounding.store import EncodedStore
+from prismq.rounding.sequential import METHODS, Method, RoundedModel
+from prismq.rounding.store import EncodedStore, variant_key
+from prismq.select.shipped import VariantsKL, measure_variants
 
 logger = logging.getLogger(__name__)
 
@@ -107,23 +112,29 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     state = WalkState(work / "rounded" / "lanes.walk", walk_expect)
     spill_dir = work / "rounded" / "lanes"
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        with log.stage("rounding + selection / report KL"):
+        with log.stage("rounding + selection KL"):
             walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
-                               spill_dir=spill_dir, state=state, report=report, variants=variants)
-        reference_report = torch.stack(walk.reference_hidden[len(selection):]).cpu()
+                               spill_dir=spill_dir, state=state, variants=variants)
+        kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
+        chosen = min(kls, key=kls.__getitem__)
+        if len(methods) > 1:
+            logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
+                        ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
+        index = methods.index(chosen)
+        first = index * len(alternatives)  # the chosen lane's variants, in the order of `alternatives`
+        ours = slice(len(methods) + first, len(methods) + first + len(alternatives))
+        with log.stage("report KL"):
+            own = {name: (assignment, walk.rounded[ours][n].encoded)
+                   for n, (name, assignment) in enumerate(alternatives.items())}
+            report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
+            reported = _report_kl(stream, work, mix, walk.rounded[index].encoded, own, report, chosen, input_amax,
+                                  settings, report_state)
+        reference_report = torch.stack(reported.reference_hidden).cpu()
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
                       reference_expect(model_dir, report, dtype))
-    kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
-    chosen = min(kls, key=kls.__getitem__)
-    if len(methods) > 1:
-        logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
-                    ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-    index = methods.index(chosen)
-    first = index * len(alternatives)  # the chosen lane's variants, in the order of `alternatives`
-    ours = slice(len(methods) + first, len(methods) + first + len(alternatives))
-    mix_eval, mix_report = walk.kl[index].to_json(), walk.report_kl[index].to_json()
+    mix_eval, mix_report = walk.kl[index].to_json(), reported.kl[0].to_json()
     baseline_evals = {name: r.to_json() for name, r in zip(alternatives, walk.kl[ours])}
-    baseline_reports = {name: r.to_json() for name, r in zip(alternatives, walk.report_kl[ours])}
+    baseline_reports = {name: r.to_json() for name, r in zip(alternatives, reported.kl[1:])}
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
     store = spill_dir / f"candidate-{index}"
@@ -142,7 +153,29 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
                       assignment=mix if shipped == "mix" else alternatives[shipped], store=str(store))
     write_json(work / "rounding.json", ROUNDING, {**expect, "rounding": result.model_dump()})
     state.clear()
+    report_state.clear()
     return result
+
+
+def _report_kl(stream: LayerStream, work: Path, mix: dict[str, str], tensors: Mapping[str, Tensors],
+               alternatives: dict[str, tuple[dict[str, str], Mapping[str, Tensors]]], report: torch.Tensor,
+               method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
+               state: WalkState) -> VariantsKL:
+    """The report-split KL of the mix (with `tensors`, the kept lane's) and of each alternative (the mix's tensors
+    with the alternative's own, `(assignment, its tensors where it differs)`), in that order, and the reference's
+    final hidden states on those blocks: one walk with the tensors already rounded, nothing rounded again."""
+    changes = [{n: f for n, f in assignment.items() if f != mix[n]} for assignment, _ in alternatives.values()]
+    store = EncodedStore(work / "rounded" / "report-variants")
+    store.update({variant_key(n, f): own[n] for change, (_, own) in zip(changes, alternatives.values())
+                  for n, f in change.items()})
+    store.flush()
+    walked = [change for change in changes if change]
+    measured = measure_variants(stream, mix, tensors, walked, report, None, method, input_amax, settings, store,
+                                state=state)
+    kls = iter(measured.kl[1:])
+    # an alternative equal to the mix measures what the mix does
+    return VariantsKL([measured.kl[0], *(next(kls) if change else measured.kl[0] for change in changes)],
+                      measured.reference_hidden)
 
 
 def better_uniform(mixed_kl: float, uniform_kl: dict[str, float]) -> str | None:

@@ -137,8 +137,8 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             for number, hidden in lanes.items():
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
-    results = lanes_kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(flips)))],
-                       chunk_size, progress)
+    lanes_in_order = [base_lane, *(lanes[number] for number in range(len(flips)))]
+    results = lanes_kl(stream, blocks, final_states(stream, reference), lanes_in_order, chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
 
@@ -178,15 +178,18 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
             for number, lane in enumerate(lanes):
                 tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
             state.save(CANDIDATES, tensors, layer=index + 1)
-    return lanes_kl(stream, blocks, reference, lanes, chunk_size, progress)
+    return lanes_kl(stream, blocks, final_states(stream, reference), lanes, chunk_size, progress)
 
 
-def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[LayerInput], lanes: list[list[LayerInput]],
+def final_states(stream: LayerStream, inputs: list[LayerInput]) -> list[torch.Tensor]:
+    """A lane's final hidden states per block (the last decoder layer's outputs through the final norm)."""
+    return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
+
+
+def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[torch.Tensor], lanes: list[list[LayerInput]],
              chunk_size: int, progress: bool) -> list[KLResult]:
-    """Each lane's KL statistics against the reference from their last decoder layer's outputs (final norm, head)."""
-    def last(inputs: list[LayerInput]) -> list[torch.Tensor]:
-        return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
-
-    return evaluate_states(HiddenStates(stream.head, blocks, last(reference)),
-                           [HiddenStates(stream.head, blocks, last(lane)) for lane in lanes], blocks, chunk_size,
-                           progress)
+    """Each lane's KL statistics, from its last decoder layer's outputs (final norm, head), against the reference's
+    final hidden states."""
+    return evaluate_states(HiddenStates(stream.head, blocks, reference),
+                           [HiddenStates(stream.head, blocks, final_states(stream, lane)) for lane in lanes], blocks,
+                           chunk_size, progress)

@@ -88,7 +88,7 @@ class _AsShipped:
         with LayerStream(self.model_dir, self.dtype, self.device, self.config.max_memory_bytes) as stream:
             return measure_variants(stream, self.assignment, self.tensors, variants, self.blocks,
                                     self.calibration if self.method != "rtn" else None, self.method,  # type: ignore
-                                    ranges, self.settings, self.store, state=state)
+                                    ranges, self.settings, self.store, state=state).kl
 
     def accept(self, changes: dict[str, str]) -> None:
         assert self.store is not None

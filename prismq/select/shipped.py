@@ -8,14 +8,16 @@ what a variant measures is what it ships. Rounded units go to a store keyed by (
 a later walk of the same base and the export take them from instead of rounding again.
 
 Lanes of one streamed walk: the unquantized reference and the base on the token blocks, the base's calibration
-hidden states (when the method reads them, up to the last layer with a unit still to round), and per variant a lane that starts at its first changed layer from the
-base lane's hidden states there (tail replay). Each layer is read once; a variant changing a layer runs its own copy.
+hidden states (when the method reads them, up to the last layer with a unit still to round), and per variant a lane
+that starts at its first changed layer from the base lane's hidden states there (tail replay). Each layer is read
+once; a variant changing a layer runs its own copy.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -31,7 +33,7 @@ from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import Method, RoundedModel, round_layer
 from prismq.rounding.store import EncodedStore, variant_key
-from prismq.select.measured import lanes_kl
+from prismq.select.measured import final_states, lanes_kl
 
 VARIANTS = "variants"  # the walk's snapshot: every lane's hidden states before its next layer
 
@@ -52,6 +54,15 @@ class Overlay(Mapping[str, Tensors]):
 
     def __len__(self) -> int:
         return len(self.base)
+
+
+@dataclass
+class VariantsKL:
+    """The KL statistics of the base and of each variant, in that order, and the reference's final hidden states per
+    block (what a later comparison on the same blocks reuses instead of running the reference again)."""
+
+    kl: list[KLResult]
+    reference_hidden: list[torch.Tensor]
 
 
 def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed: set[tuple[str, str]],
@@ -81,11 +92,12 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
                      variants: list[dict[str, str]], blocks: torch.Tensor, calibration: torch.Tensor | None,
                      method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
                      store: EncodedStore, chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
-                     state: WalkState | None = None) -> list[KLResult]:
+                     state: WalkState | None = None) -> VariantsKL:
     """KL statistics of the base and of each variant (`base` with the variant's formats) on token `blocks`, in
-    that order (see the module docstring). `calibration`: the blocks the round stage rounded on (in batches of
-    4, as it does; None when the method is rtn). `state`: every lane's hidden states are saved there after each
-    layer, and a rerun with the same state (and store) resumes after the last layer saved."""
+    that order (see the module docstring), and the reference's final hidden states. `calibration`: the blocks the
+    round stage rounded on (in batches of 4, as it does; None when the method is rtn or every variant's tensors are
+    in the store already). `state`: every lane's hidden states are saved there after each layer, and a rerun with
+    the same state (and store) resumes after the last layer saved."""
     starts: dict[int, list[int]] = {}
     for number, variant in enumerate(variants):
         layers = [stream.layer_of(name) for name in variant]
@@ -151,5 +163,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             for number, hidden in lanes.items():
                 tensors.update(pack(f"variant{number}", [h for h, _ in hidden]))
             state.save(VARIANTS, tensors, layer=index + 1, lanes=sorted(lanes))
-    return lanes_kl(stream, blocks, reference, [base_lane, *(lanes[number] for number in range(len(variants)))],
-                    chunk_size, progress)
+    reference_hidden = final_states(stream, reference)
+    return VariantsKL(lanes_kl(stream, blocks, reference_hidden,
+                               [base_lane, *(lanes[number] for number in range(len(variants)))], chunk_size, progress),
+                      reference_hidden)
