@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("model", nargs="?", metavar="MODEL",
                        help="Hugging Face model directory; omitted: the embedded SmolLM2-135M-Instruct")
     check.add_argument("--formats", metavar="A,B,...", help="formats to offer (default NVFP4,MXFP8,BF16)")
+    check.add_argument("--vision-format", metavar="FORMAT", default="BF16",
+                       help="the vision tower's format, as quantize --vision-format (default BF16)")
     commands.add_parser("formats", help=_FORMATS_HELP, description=_FORMATS_HELP[0].upper() + _FORMATS_HELP[1:] + ".")
     return parser
 
@@ -145,6 +147,9 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
         metavar="REGEX=FORMAT",
         help="pin the Linears whose name matches REGEX to FORMAT (first matching rule wins)",
     )
+    sub.add_argument("--vision-format", metavar="FORMAT",
+                     help="the vision tower's Linears of a multimodal checkpoint (default BF16: kept as stored); a "
+                     "format without a static input scale (e.g. FP8) is rounded to nearest and not measured")
     sub.add_argument("--work-dir", type=Path, metavar="DIR", help="where measurements go (reused by reruns)")
     sub.add_argument("--out", type=Path, metavar="DIR", help="output checkpoint directory (required)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -292,7 +297,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     formats = args.formats.split(",") if args.formats else QuantizeConfig.model_fields["formats"].default_factory()
     model_dir = resolve_model(args.model)
     offered = dict.fromkeys([*(get_format(f).name for f in formats), *source_formats(model_dir)])
-    report = check_model(model_dir, list(offered))
+    report = check_model(model_dir, list(offered), args.vision_format)
     print(report.table())
     return EXIT_ERROR if report.problems else 0
 

@@ -99,6 +99,8 @@ class QuantizeConfig(BaseModel):
     polish_margin: float = Field(2.0, ge=0, description="a polish move is kept only if it lowers the selection-split "
                                  "KL by more than this many standard errors of the paired change")
     force: list[str] = Field(default_factory=list, description="REGEX=FORMAT rules, first match wins")
+    vision_format: str = Field("BF16", description="the vision tower's Linears (multimodal checkpoints): BF16, or a "
+                               "format without a static input scale, rounded to nearest (not measured: no images)")
     work_dir: Path | None = None
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")
     overwrite: bool = False
@@ -122,6 +124,14 @@ class QuantizeConfig(BaseModel):
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             return list(dict.fromkeys(n.strip().upper() for n in names))
         return names
+
+    @field_validator("vision_format")
+    @classmethod
+    def _vision_upper(cls, value: str) -> str:
+        """Format names are case-insensitive on input."""
+        if not value.strip():
+            raise ValueError("vision format name is empty")
+        return value.strip().upper()
 
     @field_validator("uniform")
     @classmethod

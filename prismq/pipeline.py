@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,7 +78,8 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     work = work_dir_of(config)
     model_dir = resolve_model(config.model)
     formats, fallback = offered_formats(config, model_dir)
-    checked = check_model(model_dir, formats)  # before any compute: a checkpoint we cannot serve fails here
+    # before any compute: a checkpoint we cannot serve fails here
+    checked = check_model(model_dir, formats, config.vision_format)
     if checked.problems:
         raise PrismqError(f"{model_dir}: {checked.problems[0]}" + (f" (and {len(checked.problems) - 1} more; "
                           "`prismq check` lists them)" if len(checked.problems) > 1 else ""))
@@ -130,7 +132,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                                 calibration[:config.rounding_blocks], input_amax)
     rounding = polished.shipped(rounding, input_amax)
     with log.stage("export"):
-        result = stage_export(config, model_dir, rounding)
+        result = stage_export(config, model_dir, rounding, checked.vision)
     with log.stage("eval (export)"):
         evaluation = stage_eval(work, result.path, model_dir, heldout, dtype, config.device,
                                 config.max_memory_bytes)
@@ -144,7 +146,9 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
                                                   else {})} for k, v in log.peak_host.items()},
                         "all_weights_params": result.linear_params + experts,
                         "all_weights_bits_per_param": 8 * all_bytes / max(result.linear_params + experts, 1),
-                        "routed_experts": _routed_experts(work)},
+                        "routed_experts": _routed_experts(work),
+                        "vision": {"format": config.vision_format, "linears": dict(Counter(checked.vision.values())),
+                                   "params": result.vision_params, "bytes": result.vision_bytes}},
                        polished.model_dump(exclude={"assignment", "store"}))
     plot = Path(allocation.frontier_plot) if allocation.frontier_plot else None
     report = write_report(work, summary, rounding.assignment, plot)

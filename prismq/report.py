@@ -32,6 +32,18 @@ def layer_table(assignment: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def vision_lines(vision: dict[str, Any]) -> list[str]:
+    """The vision tower's line: its Linears' formats and bytes (not part of the allocation, nor measured)."""
+    if not vision.get("linears"):
+        return []
+    formats = ", ".join(f"{count} {fmt}" for fmt, count in vision["linears"].items())
+    how = "kept as stored" if set(vision["linears"]) == {"BF16"} else \
+        "rounded to nearest and not measured (no images in the text splits)"
+    return [f"- vision tower (`--vision-format {vision['format']}`): {formats} Linears; {vision['params']:,} weights, "
+            f"{vision['bytes']:,} bytes = {8 * vision['bytes'] / max(vision['params'], 1):.3f} bits/param, {how}; "
+            "not in the bits/param above"]
+
+
 def _routed_expert_lines(experts: dict[str, Any]) -> list[str]:
     """The report's lines on routed experts: how many matrices, and the experts no calibration token reached."""
     if not experts.get("matrices"):
@@ -115,6 +127,7 @@ def write_report(work_dir: Path, summary: dict[str, Any], assignment: dict[str, 
            f"{s['all_weights_bits_per_param']:.4f} bits/param over {s['all_weights_params']:,} weights"]
           if s.get("all_weights_params", s["linear_params"]) != s["linear_params"] else []),
         *_routed_expert_lines(s.get("routed_experts") or {}),
+        *vision_lines(s.get("vision") or {}),
         f"- budget: {s['budget']}",
         f"- kept unquantized by policy: {', '.join(s['kept'])}",
         f"- computed in {s['compute_dtype']} on {s['device']} (forwards, backwards, KL; the shipped bytes do not "

@@ -53,15 +53,15 @@ HYBRID = {  # layers that receive different arguments: sliding / full / linear a
 }
 
 
-def tiny_qwen3_5_moe(path: Path) -> Path:
+def tiny_qwen3_5_moe(path: Path, vision_intermediate: int = 64) -> Path:
     """Qwen3.5-MoE as released: the multimodal class (language model under `model.language_model.`, a vision tower)
     and an MTP head that transformers does not load."""
     from safetensors.torch import load_file, save_file
     from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeVisionConfig
 
     text = transformers.Qwen3_5MoeTextConfig(**COMMON, **HYBRID["qwen3_5_moe_text"][1])
-    vision = Qwen3_5MoeVisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                    num_position_embeddings=16)
+    vision = Qwen3_5MoeVisionConfig(depth=1, hidden_size=32, intermediate_size=vision_intermediate, num_heads=2,
+                                    out_hidden_size=64, num_position_embeddings=16)
     torch.manual_seed(0)
     config = transformers.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
     transformers.Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)

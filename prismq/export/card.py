@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prismq import __version__
+from prismq.report import vision_lines
 
 CARD = "README.md"
 
@@ -39,7 +40,8 @@ def model_card(summary: dict[str, Any], assignment: dict[str, str], frontier: di
         "counted)",
         f"- whole checkpoint: {summary['checkpoint_bytes'] / 1e9:.4f} GB of tensors",
         f"- budget: {summary['budget']}",
-        f"- kept unquantized: {', '.join(summary['kept'])}", "",
+        f"- kept unquantized: {', '.join(summary['kept'])}",
+        *vision_lines(summary.get("vision") or {}), "",
         "| format | matrices | bytes | bits/param |", "|---|---|---|---|",
         *(f"| {f} | {counts[f]} | {b['bytes']:,} | {8 * b['bytes'] / b['params']:.3f} |"
           for f, b in summary["per_format"].items()), "",

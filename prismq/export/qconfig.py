@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from prismq.formats import get_format
@@ -37,12 +38,31 @@ def is_experts_target(target: str) -> bool:
     return EXPERTS_TARGET.match(target) is not None
 
 
-def quantization_config(assignment: dict[str, str]) -> dict[str, Any]:
+MTP_ROOT = re.compile(r"^((?:.*\.)?mtp)\.")  # Qwen3.5 / Qwen3-Next: `mtp.fc`, `mtp.layers.0. ...`
+LAYER_ROOT = re.compile(r"^((?:model\.)?(?:language_model\.)?layers\.(\d+))\.")
+
+
+def unloaded_roots(keys: Iterable[str], num_layers: int | None) -> list[str]:
+    """`ignore` entries for the checkpoint's MTP heads, which pass through unquantized: one `re:` entry per root,
+    `mtp.` and each decoder layer past the model's `num_layers` (DeepSeek V3's MTP layer 61). vLLM builds an MTP
+    model with the checkpoint's quantization config, under those names, and refuses a Linear that no target or
+    ignore entry matches. `num_layers` None: the config states no depth, no layer is taken for an MTP layer."""
+    roots: dict[str, None] = {}
+    for key in keys:
+        mtp, layer = MTP_ROOT.match(key), LAYER_ROOT.match(key)
+        if mtp is not None:
+            roots[mtp[1]] = None
+        elif layer is not None and num_layers is not None and int(layer[2]) >= num_layers:
+            roots[layer[1]] = None
+    return [f"re:^{re.escape(root)}\\." for root in roots]
+
+
+def quantization_config(assignment: dict[str, str], unloaded: Iterable[str] = ()) -> dict[str, Any]:
     """One config group per quantized format with explicit module-name targets (a layer's routed experts: one
-    regex per projection) and its own `format`; lm_head and every BF16 target in `ignore`; status `compressed`
-    (what transformers and vLLM require)."""
+    regex per projection) and its own `format`; lm_head, every BF16 target and the `unloaded` entries
+    (`unloaded_roots`) in `ignore`; status `compressed` (what transformers and vLLM require)."""
     by_format: dict[str, dict[str, None]] = {}  # format -> its targets (a dict: ordered, each once)
-    ignored: dict[str, None] = {LM_HEAD: None}
+    ignored: dict[str, None] = {LM_HEAD: None, **dict.fromkeys(unloaded)}
     for name, format_name in assignment.items():
         listed = ignored if get_format(format_name).scheme() is None else \
             by_format.setdefault(get_format(format_name).name, {})

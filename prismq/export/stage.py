@@ -19,12 +19,14 @@ from prismq.rounding.stage import Rounding, read_reference_hidden
 from prismq.rounding.store import EncodedStore
 
 
-def stage_export(config: QuantizeConfig, model_dir: Path, rounding: Rounding) -> ExportResult:
-    """Write the shipped assignment's tensors (exactly the measured ones) as the checkpoint at --out."""
+def stage_export(config: QuantizeConfig, model_dir: Path, rounding: Rounding,
+                 vision: dict[str, str] | None = None) -> ExportResult:
+    """Write the shipped assignment's tensors (exactly the measured ones) as the checkpoint at --out, with the
+    vision tower's Linears (`prismq.model.vision`) in theirs."""
     return write_checkpoint(model_dir, rounding.assignment, Path(config.out or ""),
                             encoded=EncodedStore.reopen(Path(rounding.store)),
                             input_amax={n: torch.tensor(v) for n, v in rounding.input_amax.items()},
-                            max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite)
+                            max_shard_bytes=config.max_shard_bytes, overwrite=config.overwrite, vision=vision)
 
 
 def stage_eval(work: Path, out: Path, model_dir: Path, heldout: torch.Tensor, dtype: torch.dtype,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from prismq.errors import PrismqError
 from prismq.export.encode import encode_group, source_block_scales
-from prismq.export.qconfig import quantization_config
+from prismq.export.qconfig import quantization_config, unloaded_roots
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
 from prismq.model.assignment import check_assignment
@@ -32,12 +32,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 @dataclass(frozen=True)
 class ExportResult:
-    """What was written: where, how many bytes of tensors, and the bytes of the quantized Linears alone."""
+    """What was written: where, how many bytes of tensors, the bytes of the assigned Linears alone, and those of the
+    vision tower's Linears (`--vision-format`)."""
 
     path: Path
     checkpoint_bytes: int
     linear_bytes: int
     linear_params: int
+    vision_bytes: int = 0
+    vision_params: int = 0
 
     @property
     def linear_bits_per_param(self) -> float:
@@ -94,14 +97,15 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
 def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path, *,
                      encoded: Mapping[str, Tensors] | None = None, input_amax: dict[str, torch.Tensor] | None = None,
                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
-                     progress: bool = True) -> ExportResult:
+                     progress: bool = True, vision: dict[str, str] | None = None) -> ExportResult:
     """Write `source_dir` with each Linear of `assignment` encoded in its format, as a compressed-tensors checkpoint.
 
     encoded: tensors already produced by a codec (e.g. by GPTQ) for some Linears; checked against the format's
     tensor specs and written as they are. input_amax: calibrated input absolute maxima, needed by formats with a
-    static input scale (NVFP4 W4A4); fused siblings use their joint maximum.
+    static input scale (NVFP4 W4A4); fused siblings use their joint maximum. vision: the vision tower's Linears
+    (stored name -> format, `prismq.model.vision`), rounded to nearest; BF16 ones pass through as stored.
     """
-    encoded, input_amax = encoded or {}, input_amax or {}
+    encoded, input_amax, vision = encoded or {}, input_amax or {}, vision or {}
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     config = json.loads((source_dir / "config.json").read_text())
     with ExitStack() as stack:
@@ -129,11 +133,23 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
             if assigned[key] != holders[key]:
                 raise PrismqError(f"{key} holds {holders[key]} experts' matrices: the assignment must give all of them "
                                   "a format (one per layer's experts), not some")
-        linear_bytes = linear_params = 0
+        linear_bytes = linear_params = vision_bytes = vision_params = 0
         written_groups: set[int] = set()
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
+            stem = key.removesuffix(".weight")
+            if key not in replaced and get_format(vision.get(stem, "BF16")).scheme() is not None:
+                weight = source.get(key)
+                for suffix, tensor in encode_group(vision[stem], {stem: weight}, {})[stem].items():
+                    shards.add(f"{stem}.{suffix}", tensor)
+                    vision_bytes += tensor.numel() * tensor.element_size()
+                vision_params += weight.numel()
+                continue
             if key not in replaced:
-                shards.add(key, source.get(key))
+                tensor = source.get(key)
+                shards.add(key, tensor)
+                if stem in vision:  # a vision Linear kept BF16
+                    vision_bytes += tensor.numel() * tensor.element_size()
+                    vision_params += tensor.numel()
                 continue
             if _kept_fused(replaced[key], assignment, targets):  # a fused expert tensor kept whole, as stored
                 shards.add(key, source.get(key))
@@ -150,10 +166,12 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                         linear_bytes += tensor.numel() * tensor.element_size()
                     linear_params += targets[name].params
         total = shards.close()
-        config["quantization_config"] = quantization_config(assignment)
+        layers = config.get("text_config", config).get("num_hidden_layers")
+        unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers)
+        config["quantization_config"] = quantization_config({**assignment, **vision}, unloaded)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for item in source_dir.iterdir():
             if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES) \
                     and item.name not in WEIGHT_INDEXES:
                 shutil.copy2(item, staging / item.name)
-    return ExportResult(out_dir, total, linear_bytes, linear_params)
+    return ExportResult(out_dir, total, linear_bytes, linear_params, vision_bytes, vision_params)

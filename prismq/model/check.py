@@ -4,8 +4,9 @@ Built from the config and the safetensors headers alone (the architecture on the
 every parameter of the model is found among the checkpoint's tensors (directly, renamed, or as per-expert slices of
 a fused expert parameter, `prismq.model.layout`); every quantization target lies in exactly one decision unit; each
 unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts a
-checkpoint stores fused); and checkpoint tensors the model does not load (MTP heads, vision towers of a text-only
-class), which the exporter passes through byte for byte (those a block-FP8 checkpoint stores in FP8: dequantized).
+checkpoint stores fused); the vision tower's Linears and their format (`prismq.model.vision`); and checkpoint
+tensors the model does not load (MTP heads, a vision tower kept BF16), which the exporter passes through byte for
+byte (those a block-FP8 checkpoint stores in FP8: dequantized).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import meta_model, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
 from prismq.model.units import Unit, decision_units, legal_formats
+from prismq.model.vision import VISION_PART, vision_assignment
 
 
 @dataclass
@@ -37,6 +39,7 @@ class CheckReport:
     kept: Counter[str] = field(default_factory=Counter)  # what stays in the model dtype -> weights
     passthrough: list[str] = field(default_factory=list)  # checkpoint tensors the model does not load
     dequantized: set[str] = field(default_factory=set)  # those of them stored in block FP8 (written dequantized)
+    vision: dict[str, str] = field(default_factory=dict)  # the vision tower's Linears -> format (`--vision-format`)
     problems: list[str] = field(default_factory=list)  # what makes quantization impossible
 
     def table(self) -> str:
@@ -50,6 +53,11 @@ class CheckReport:
             lines.append(f"{kind:<24} {count:>6}  {','.join(offered) or '-'}")
         for what, params in self.kept.items():
             lines.append(f"kept in the model dtype: {what} ({params:,} weights)")
+        if self.vision:
+            counts = Counter(self.vision.values())
+            lines.append(f"vision tower: {len(self.vision)} Linears, " + ", ".join(
+                f"{count} {fmt}" + (" (rounded to nearest, not measured)" if fmt != "BF16" else "")
+                for fmt, count in counts.items()) + "; each named in the export's quantization config")
         for part, names in _passthrough_parts(self.passthrough).items():
             fp8 = sum(name in self.dequantized for name in names)
             lines.append(f"passed through byte for byte (the model does not load them): {part}, {len(names)} "
@@ -62,7 +70,7 @@ class CheckReport:
 
 PASSTHROUGH_PARTS = (  # (what, how its tensors are recognized), first match wins
     ("MTP head (unquantized: vLLM builds it from the source tensors)", re.compile(r"(^|\.)mtp\.")),
-    ("vision tower (BF16)", re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision)\.")),
+    ("vision tower", VISION_PART),
     ("audio tower (BF16)", re.compile(r"(^|\.)(audio_tower|audio_model|audio)\.")),
 )
 
@@ -76,9 +84,10 @@ def _passthrough_parts(names: list[str]) -> dict[str, list[str]]:
     return parts
 
 
-def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
-    """Check the checkpoint in `model_dir` against its architecture and the offered `formats` (see the module
-    docstring); reading problems are in the report, an unbuildable architecture is an error."""
+def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16") -> CheckReport:
+    """Check the checkpoint in `model_dir` against its architecture, the offered `formats` and the vision tower's
+    format (see the module docstring); reading problems are in the report, an unbuildable architecture or a vision
+    format the tower cannot ship in is an error."""
     model_dir = Path(model_dir)
     model = meta_model(model_dir)
     config = model.config
@@ -117,7 +126,9 @@ def check_model(model_dir: Path, formats: list[str]) -> CheckReport:
                 "gate/up interleaved, biases)" if ".experts." in name \
                 else f"{name.rpartition('.')[0].rpartition('.')[2]} weights that are not Linear layers (convolutions)"
             report.kept[what] += tensor.numel()
-    report.passthrough = sorted(keys - used)
+    report.vision = vision_assignment(model_dir, vision_format)
+    quantized_vision = {f"{name}.weight" for name, fmt in report.vision.items() if fmt != "BF16"}
+    report.passthrough = sorted(keys - used - quantized_vision)
     report.dequantized = set(report.passthrough) & block_fp8_keys
     if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
         return report
