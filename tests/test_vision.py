@@ -132,3 +132,14 @@ def test_mtp_layers_are_ignored_by_root() -> None:
     assert _matches("model.layers.61.mtp_block.self_attn.q_a_proj", roots)
     assert not _matches("model.layers.6.self_attn.q_a_proj", roots)
     assert unloaded_roots(keys, None) == [r"re:^mtp\."]
+
+
+def test_cli_states_the_tower_and_refuses_a_bad_vision_format_in_one_line(multimodal: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from prismq.cli import main
+
+    assert main(["check", str(multimodal), "--vision-format", "fp8"]) == 0
+    assert "vision tower: 6 Linears, 6 FP8" in capsys.readouterr().out
+    assert main(["check", str(multimodal), "--vision-format", "NVFP4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "static input scale" in err[0] and "Traceback" not in err[0]
