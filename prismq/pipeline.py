@@ -5,8 +5,8 @@ allocate (a multiple-choice knapsack under the byte budget, or one format with -
 sweep of budgets; the uniform baselines that fit the same budget) -> input ranges (static input scales clipped on
 calibration data, once, for every Linear some option could give one) -> select (SCOUT: L2 re-costing, L3 measured
 flips, the validated frontier; `prismq.select`) -> round (the selected mix rounded by rtn / gptq / gptq+sweep layer
-by layer, every candidate measured on the selection and report splits; an alternative of the same budget ships
-instead when it measures better) -> polish (moves measured on the weights exactly as they ship, kept only if they
+by layer, every candidate measured on the selection split, the kept method's mix and alternatives also on the
+report split; an alternative of the same budget ships instead when it measures better) -> polish (moves measured on the weights exactly as they ship, kept only if they
 lower the selection KL) -> export (exactly the tensors that were measured) -> eval (report-split KL of the
 checkpoint read back layer by layer by compressed-tensors' own code) -> report.md + summary.json + the model card.
 

@@ -95,6 +95,9 @@ def test_a_quantized_tower_ships_in_its_format_and_every_linear_is_named(multimo
                 assert stem in qconfig["ignore"]
                 assert torch.equal(written.get(f"{stem}.weight"), source.get(f"{stem}.weight"))
                 continue
+            if vision[stem] == "BF16":  # NVFP4A16's per-tensor global scale: the fused qkv stays BF16
+                assert vision_format == "NVFP4A16" and name == "blocks.0.attn.qkv" and stem in qconfig["ignore"]
+                continue
             assert stem in groups and stem not in qconfig["ignore"]
             decoded = _decompressed(result.path, stem, groups[stem]).float()
             step = 2.0 ** -3 if vision_format == "FP8" else 0.5  # E4M3's relative step, E2M1's

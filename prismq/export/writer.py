@@ -166,7 +166,7 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                         linear_bytes += tensor.numel() * tensor.element_size()
                     linear_params += targets[name].params
         total = shards.close()
-        layers = config.get("text_config", config).get("num_hidden_layers")
+        layers = (config.get("text_config") or config).get("num_hidden_layers")
         unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers)
         config["quantization_config"] = quantization_config({**assignment, **vision}, unloaded)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -43,7 +43,7 @@ from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.lanes import round_lanes
 from prismq.rounding.sequential import METHODS, Method, RoundedModel
 from prismq.rounding.store import EncodedStore, variant_key
-from prismq.select.shipped import VariantsKL, measure_variants
+from prismq.select.shipped import RoundedVariants, VariantsKL, measure_variants
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
             own = {name: (assignment, walk.rounded[ours][n].encoded)
                    for n, (name, assignment) in enumerate(alternatives.items())}
             report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
-            reported = _report_kl(stream, work, mix, walk.rounded[index].encoded, own, report, chosen, input_amax,
+            reported = _report_kl(stream, mix, walk.rounded[index].encoded, own, report, chosen, input_amax,
                                   settings, report_state)
         reference_report = torch.stack(reported.reference_hidden).cpu()
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
@@ -157,7 +157,7 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     return result
 
 
-def _report_kl(stream: LayerStream, work: Path, mix: dict[str, str], tensors: Mapping[str, Tensors],
+def _report_kl(stream: LayerStream, mix: dict[str, str], tensors: Mapping[str, Tensors],
                alternatives: dict[str, tuple[dict[str, str], Mapping[str, Tensors]]], report: torch.Tensor,
                method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
                state: WalkState) -> VariantsKL:
@@ -165,10 +165,8 @@ def _report_kl(stream: LayerStream, work: Path, mix: dict[str, str], tensors: Ma
     with the alternative's own, `(assignment, its tensors where it differs)`), in that order, and the reference's
     final hidden states on those blocks: one walk with the tensors already rounded, nothing rounded again."""
     changes = [{n: f for n, f in assignment.items() if f != mix[n]} for assignment, _ in alternatives.values()]
-    store = EncodedStore(work / "rounded" / "report-variants")
-    store.update({variant_key(n, f): own[n] for change, (_, own) in zip(changes, alternatives.values())
-                  for n, f in change.items()})
-    store.flush()
+    store = RoundedVariants({variant_key(n, f): (own, n) for change, (_, own) in zip(changes, alternatives.values())
+                             for n, f in change.items()})
     walked = [change for change in changes if change]
     measured = measure_variants(stream, mix, tensors, walked, report, None, method, input_amax, settings, store,
                                 state=state)

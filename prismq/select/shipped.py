@@ -25,6 +25,7 @@ from tqdm import tqdm
 from prismq.engine.layer_inputs import LayerInput
 from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
+from prismq.errors import PrismqError
 from prismq.export.encode import encode_model
 from prismq.formats import Tensors, get_format
 from prismq.measure.kl import DEFAULT_CHUNK, KLResult
@@ -56,6 +57,30 @@ class Overlay(Mapping[str, Tensors]):
         return len(self.base)
 
 
+class RoundedVariants(Mapping[str, Tensors]):
+    """Variants' tensors rounded already, by store key (`variant_key`), read where they lie when asked for: a walk
+    that rounds nothing (`measure_variants` with every variant's tensors here) copies none of them."""
+
+    def __init__(self, tensors: dict[str, tuple[Mapping[str, Tensors], str]]) -> None:
+        self.tensors = tensors  # store key -> (the mapping holding the tensors, their name there)
+
+    def __getitem__(self, key: str) -> Tensors:
+        holder, name = self.tensors[key]
+        return holder[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def update(self, tensors: Mapping[str, Tensors]) -> None:
+        raise PrismqError("these variants' tensors were rounded already; nothing is added to them")
+
+    def flush(self) -> None:
+        """Nothing to write: the tensors stay where they are."""
+
+
 @dataclass
 class VariantsKL:
     """The KL statistics of the base and of each variant, in that order, and the reference's final hidden states per
@@ -67,7 +92,8 @@ class VariantsKL:
 
 def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed: set[tuple[str, str]],
                 base: dict[str, str], method: Method, calibration: list[LayerInput],
-                input_amax: dict[str, torch.Tensor], settings: GPTQSettings, store: EncodedStore) -> None:
+                input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
+                store: EncodedStore | RoundedVariants) -> None:
     """Round the targets of layer `index` in `needed` ((name, format) pairs) as the round stage would, one format
     at a time on a scratch copy of the layer as read, and add their tensors to the store."""
     for fmt in sorted({f for _, f in needed}):
@@ -91,7 +117,7 @@ def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed:
 def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Mapping[str, Tensors],
                      variants: list[dict[str, str]], blocks: torch.Tensor, calibration: torch.Tensor | None,
                      method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
-                     store: EncodedStore, chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
+                     store: EncodedStore | RoundedVariants, chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
                      state: WalkState | None = None) -> VariantsKL:
     """KL statistics of the base and of each variant (`base` with the variant's formats) on token `blocks`, in
     that order (see the module docstring), and the reference's final hidden states. `calibration`: the blocks the
