@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from prismq.errors import PrismqError
+from prismq.formats.fused import fused_qdq
 
 Tensors = dict[str, torch.Tensor]
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
@@ -124,8 +125,15 @@ class Format(ABC):
 
         weight may also be a batch [B, out, in] of equal-shape Linears (shared_amax then [B]): the cost stage
         prices many Linears in one call; each matrix gets exactly what it would get alone."""
-        self.check(weight, name, batched=True)
+        self.check(weight, name, batched=True, values=False)
         grid = self.grid(weight, shared_amax)
+        fused = fused_qdq(grid, weight)  # one Triton kernel on a GPU, the same bits (prismq.formats.fused)
+        if fused is not None:
+            rounded, non_finite = fused
+            if non_finite:
+                raise FormatError(f"{name}: non-finite value(s) (inf/nan) in the weight; cannot quantize")
+            return rounded
+        self.check(weight, name, batched=True)
         rows = max(1, chunk_rows(weight.shape[-1]) // (weight.shape[0] if weight.ndim == 3 else 1))
         return torch.cat([grid.round(part, grid.fit(part)) for part in weight.split(rows, dim=-2)], dim=-2)
 
@@ -138,16 +146,17 @@ class Format(ABC):
         `qdq_activation` takes it; None for formats without one."""
         return None
 
-    def check(self, weight: torch.Tensor, name: str, batched: bool = False) -> None:
+    def check(self, weight: torch.Tensor, name: str, batched: bool = False, values: bool = True) -> None:
         """Refuse, with the tensor's name, weights of an illegal shape or with non-finite values
-        (`batched`: a [B, out, in] stack of weights is accepted too)."""
+        (`batched`: a [B, out, in] stack of weights is accepted too; `values` False: the shape alone, for a caller
+        that checks the values on its own pass over them)."""
         if not weight.is_floating_point():
             raise FormatError(f"{name}: {self.name} needs a floating-point weight, got {weight.dtype}")
         shape = tuple(weight.shape[1:]) if batched and weight.ndim == 3 else tuple(weight.shape)
         reason = self.illegal_reason(shape)
         if reason:
             raise FormatError(f"{name}: {self.name} {reason}")
-        if not bool(torch.isfinite(weight).all()):
+        if values and not bool(torch.isfinite(weight).all()):
             bad = int((~torch.isfinite(weight)).sum())
             raise FormatError(f"{name}: {bad} non-finite value(s) (inf/nan) in the weight; cannot quantize")
 

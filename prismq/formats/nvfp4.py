@@ -120,7 +120,11 @@ class NVFP4(Format):
 
     def grid(self, weight: torch.Tensor, shared_amax: torch.Tensor | None = None) -> NVFP4Grid:
         """gs from the joint amax of fused siblings when given (a batch [B, out, in] takes amaxes [B])."""
-        amax = weight.abs().amax(dim=(-2, -1)) if shared_amax is None else shared_amax.to(weight.dtype)
+        if shared_amax is None:  # max(-min, max): one pass over the weight, no |weight| temporary
+            low, high = weight.flatten(-2).aminmax(dim=-1)
+            amax = torch.maximum(low.neg(), high)
+        else:
+            amax = shared_amax.to(weight.dtype)
         if weight.ndim == 2:
             return NVFP4Grid(global_scale(amax.reshape(())))
         return NVFP4Grid(global_scale(amax.reshape(-1)).reshape(-1, 1, 1))
