@@ -61,7 +61,7 @@ def main() -> None:
 
     default = fused.GROUPS_PER_PROGRAM
     grids = {name: get_format(name).grid(weight) for name in ("NVFP4", "MXFP8")}
-    for groups in (32, 128, 256):  # the tile size of the grouped kernels
+    for groups in (32, 64, 128, 256):  # the tile size of the grouped kernels
         fused.GROUPS_PER_PROGRAM = groups
         times = {name: timed(lambda: fused_qdq(grid, weight)) for name, grid in grids.items()}
         print(f"groups per program {groups}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))

@@ -34,8 +34,6 @@ VISION_PART = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision)\.")
 # model types whose vision tower vLLM builds with the quantization config (qkv, proj, linear_fc1/2, the merger's)
 VISION_CHECKED = ("qwen3_5", "qwen3_5_moe")
 BF16 = "BF16"
-
-
 LANGUAGE_MODEL = ("model.language_model.", "lm_head")  # the multimodal classes' text model and head
 
 
