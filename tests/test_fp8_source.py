@@ -4,6 +4,7 @@ exactly as transformers dequantizes them, by every stage."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -210,7 +211,34 @@ def test_fp8_source_ships_the_sources_bytes_as_compressed_tensors_compresses_and
         fmt.encode(read, name="w")
     with pytest.raises(FormatError, match="not its block-FP8 source's"):
         fmt.encode(read * 1.01, block_scales=scales, name="w")
-    assert fmt.illegal_reason((576, 7168)) is not None and fmt.legal((512, 7168))
+    assert fmt.legal((576, 7168)) and fmt.legal((512, 7168)) and not fmt.legal((512, 7100))
+
+
+def test_fp8_source_keeps_a_partial_block_of_rows_last_in_a_fusion() -> None:
+    """DeepSeek's 576-row `kv_a_proj_with_mqa` ends on a partial block of rows: compressed-tensors decompresses it
+    as prismq decodes it, and vLLM takes it last in its fused q_a / kv_a layer (its merged block-FP8 check lets only
+    the last member end on a partial block), so the fused unit keeps its bytes; a partial block first does not."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from prismq.formats import get_format
+    from prismq.model.units import formats_legal_for
+
+    g = torch.Generator().manual_seed(3)
+    read = (torch.randn(576, 256, generator=g) * 0.02).to(torch.bfloat16)
+    codes, scales = block_quantize(read)
+    rows, columns = torch.meshgrid(torch.arange(576), torch.arange(256), indexing="ij")
+    read = (codes.float() * scales[rows // BLOCK, columns // BLOCK]).to(torch.bfloat16)
+    fmt = get_format("FP8_SOURCE")
+    tensors = fmt.encode(read, block_scales=scales, name="kv_a_proj_with_mqa")
+    assert torch.equal(tensors["weight"].view(torch.uint8), codes.view(torch.uint8)) and scales.shape == (5, 2)
+    compressor = BaseCompressor.get_value_from_registry("float-quantized")
+    theirs = compressor.decompress(dict(tensors), preset_name_to_scheme("FP8_BLOCK", ["Linear"]))["weight"]
+    assert torch.equal(theirs.to(torch.bfloat16), read) and torch.equal(fmt.decode(tensors), read)
+    q_a, kv_a = (1536, 7168), (576, 7168)
+    assert formats_legal_for([q_a, kv_a], ["FP8_SOURCE", "NVFP4"], block_fp8=True) == ["FP8_SOURCE", "NVFP4"]
+    assert formats_legal_for([kv_a, q_a], ["FP8_SOURCE", "NVFP4"], block_fp8=True) == ["NVFP4"]
+    assert formats_legal_for([q_a, kv_a], ["FP8_SOURCE", "NVFP4"], block_fp8=False) == ["NVFP4"]
 
 
 def test_fp8_source_activations_are_quantized_as_compressed_tensors_does() -> None:
@@ -234,42 +262,65 @@ def test_fp8_source_exports_the_sources_bytes_and_reads_back_as_measured(fp8_lla
                                                                          capsys) -> None:
     """`--uniform FP8_SOURCE` writes every projection as the source stores it (its `weight_scale_inv` renamed
     `weight_scale`, in compressed-tensors' block-FP8 group) and compressed-tensors' read-back measures the KL the
-    round stage measured on the same text; `prismq check` offers FP8_SOURCE beside the listed formats; an FP8
-    tensor no module loads (an MTP head's) is written dequantized."""
+    round stage measured on the same text; `prismq check` offers FP8_SOURCE beside the listed formats. MTP heads
+    (a layer past the decoder's, as DeepSeek V3's layer 61, and `mtp.`) pass through: their Linears stored in block
+    FP8 as stored, each a target of the block-FP8 group that their root's ignore entry spares (vLLM builds them with
+    the checkpoint's config, under these names), a BF16 one in `ignore`, an FP8 one whose columns fill no whole
+    block dequantized."""
     from prismq.cli import main
 
     model = tmp_path / "model"
     shutil.copytree(fp8_llama, model)
     tensors = load_file(model / "model.safetensors")
-    mtp = torch.randn(128, 256).to(torch.bfloat16)
-    tensors["mtp.fc.weight"], tensors["mtp.fc.weight_scale_inv"] = block_quantize(mtp)
+    g = torch.Generator().manual_seed(5)
+    kept = {"model.layers.2.self_attn.q_a_proj": (256, 256), "model.layers.2.self_attn.kv_a_proj_with_mqa": (192, 256),
+            "model.layers.2.mlp.experts.0.gate_proj": (128, 256), "model.layers.2.mlp.experts.1.gate_proj": (128, 256)}
+    for stem, shape in {**kept, "mtp.fc": (128, 200)}.items():
+        weight = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+        tensors[f"{stem}.weight"], tensors[f"{stem}.weight_scale_inv"] = block_quantize(weight)
+    tensors["model.layers.2.eh_proj.weight"] = torch.randn(256, 512, generator=g).to(torch.bfloat16)
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
-    fp8_llama = model
-    assert main(["check", str(fp8_llama)]) == 0
+    assert main(["check", str(model)]) == 0
     report = capsys.readouterr().out
     assert "NVFP4,MXFP8,BF16,FP8_SOURCE" in report
-    assert "MTP head" in report and "1 of them stored in block FP8, written dequantized" in report
+    assert ("MTP head (vLLM builds it from the source tensors), 6 tensors, e.g. model.layers.2.eh_proj.weight; 4 of "
+            "them stored in block FP8, shipped so (FP8_SOURCE); 1 of them stored in block FP8, written dequantized"
+            in report)
     out = tmp_path / "out"
-    assert main(["quantize", str(fp8_llama), "--out", str(out), "--uniform", "FP8_SOURCE", "--calib-blocks", "4",
+    assert main(["quantize", str(model), "--out", str(out), "--uniform", "FP8_SOURCE", "--calib-blocks", "4",
                  "--calib-seqlen", "32", "--heldout-blocks", "2", "--device", "cpu"]) == 0
-    source = load_file(fp8_llama / "model.safetensors")
+    source = load_file(model / "model.safetensors")
     shipped = load_file(out / "model.safetensors")
     stored = [name for name in source if name.endswith("_scale_inv") and name.startswith("model.layers.")]
-    assert len(stored) == 14
+    assert len(stored) == 14 + len(kept)
     for scale_name in stored:
         weight = scale_name.removesuffix("_scale_inv")
         assert torch.equal(shipped[weight].view(torch.uint8), source[weight].view(torch.uint8)), weight
         assert torch.equal(shipped[weight.removesuffix("weight") + "weight_scale"], source[scale_name])
     codes, scale = tensors["mtp.fc.weight"], tensors["mtp.fc.weight_scale_inv"]
-    assert torch.equal(shipped["mtp.fc.weight"], (codes.float() * scale.repeat_interleave(BLOCK, 1)).bfloat16())
+    expanded = scale.repeat_interleave(BLOCK, 1)[:, :200]
+    assert torch.equal(shipped["mtp.fc.weight"], (codes.float() * expanded).bfloat16())
+    assert torch.equal(shipped["model.layers.2.eh_proj.weight"], tensors["model.layers.2.eh_proj.weight"])
     assert not any(name.endswith("_scale_inv") for name in shipped)
-    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qconfig["config_groups"]["group_0"]
     assert group["weights"]["strategy"] == "block" and group["weights"]["block_structure"] == [BLOCK, BLOCK]
     assert group["input_activations"]["strategy"] == "group" and group["input_activations"]["dynamic"]
+    # the names vLLM asks the config about: its MoE layer by expert 0's projections
+    served = ["model.layers.0.self_attn.q_proj", *[n for n in kept if ".experts." not in n],
+              "model.layers.2.mlp.experts.0.gate_proj"]
+    assert all(_matches(n, group["targets"]) and not _matches(n, qconfig["ignore"]) for n in served)
+    assert all(_matches(n, qconfig["ignore"]) and not _matches(n, group["targets"])
+               for n in ["model.layers.2.eh_proj", "mtp.fc", "model.layers.2.mlp.experts.0.up_proj"])
     work = Path(f"{out}.work")
     measured = json.loads((work / "rounding.json").read_text())["rounding"]["mix_report"]["mean_kl"]
     evaluation = json.loads((work / "eval.json").read_text())["mean_kl"]
     assert 0 < evaluation == pytest.approx(measured, rel=1e-6)
+
+
+def _matches(name: str, entries: list[str]) -> bool:
+    """vLLM's rule for a config target or ignore entry: the name itself, or `re:` + a regex matched at its start."""
+    return any(re.match(e[3:], name) if e.startswith("re:") else e == name for e in entries)
 
 
 def test_fp8_source_routed_experts_ship_as_stored_and_read_back_as_measured(default_model_dir: Path,

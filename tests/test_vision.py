@@ -124,15 +124,15 @@ def test_check_states_the_vision_policy(multimodal: Path) -> None:
 
 
 def test_mtp_layers_are_ignored_by_root() -> None:
-    """DeepSeek V3 stores its MTP layer as decoder layer 61 of 61 (vLLM: `model.layers.61.mtp_block...`), Qwen3.5
-    under `mtp.`; the layers the model has are not ignored."""
+    """DeepSeek V3 stores its MTP layer as decoder layer 61 of 61 (vLLM builds its Linears under those names),
+    Qwen3.5 under `mtp.`; the layers the model has are not ignored."""
     from prismq.export.qconfig import unloaded_roots
 
     keys = ["model.layers.60.mlp.experts.3.up_proj.weight", "model.layers.61.eh_proj.weight",
             "model.layers.61.mlp.experts.0.gate_proj.weight", "model.embed_tokens.weight", "mtp.fc.weight"]
     roots = unloaded_roots(keys, 61)
     assert roots == [r"re:^model\.layers\.61\.", r"re:^mtp\."]
-    assert _matches("model.layers.61.mtp_block.self_attn.q_a_proj", roots)
+    assert _matches("model.layers.61.self_attn.q_a_proj", roots)
     assert not _matches("model.layers.6.self_attn.q_a_proj", roots)
     assert unloaded_roots(keys, None) == [r"re:^mtp\."]
 

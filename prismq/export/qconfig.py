@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prismq.formats import get_format
-from prismq.model.linears import LM_HEAD
+from prismq.model.linears import LM_HEAD, unloaded_root
 from prismq.model.siblings import EXPERT
 
 
@@ -20,14 +20,19 @@ def _ct_version() -> str:
         return "0.20.0"
 
 
+def _pattern(name: str) -> str:
+    """The regex (unanchored) over the modules the config target of `name` stands for: the name itself, or for a
+    routed expert every expert of its layer and projection."""
+    expert = EXPERT.match(name)
+    if expert is None:
+        return re.escape(name)
+    return f"{re.escape(expert['block'])}\\.\\d+\\.{re.escape(name[expert.end():])}"
+
+
 def _config_target(name: str) -> str:
     """How the config names a target: itself, or for a routed expert one regex over every expert of its layer and
     projection (they share one scheme: vLLM's FusedMoE reads expert 0's and applies it to all)."""
-    expert = EXPERT.match(name)
-    if expert is None:
-        return name
-    leaf = name[expert.end():]
-    return f"re:^{re.escape(expert['block'])}\\.\\d+\\.{re.escape(leaf)}$"
+    return name if EXPERT.match(name) is None else f"re:^{_pattern(name)}$"
 
 
 EXPERTS_TARGET = re.compile(r"^re:\^.*experts\\\.\\d\+\\\.[^.]+\$$")  # what _config_target writes for experts
@@ -38,23 +43,26 @@ def is_experts_target(target: str) -> bool:
     return EXPERTS_TARGET.match(target) is not None
 
 
-MTP_ROOT = re.compile(r"^((?:.*\.)?mtp)\.")  # Qwen3.5 / Qwen3-Next: `mtp.fc`, `mtp.layers.0. ...`
-LAYER_ROOT = re.compile(r"^((?:model\.)?(?:language_model\.)?layers\.(\d+))\.")
-
-
-def unloaded_roots(keys: Iterable[str], num_layers: int | None) -> list[str]:
-    """`ignore` entries for the checkpoint's MTP heads, which pass through unquantized: one `re:` entry per root,
-    `mtp.` and each decoder layer past the model's `num_layers` (DeepSeek V3's MTP layer 61). vLLM builds an MTP
-    model with the checkpoint's quantization config, under those names, and refuses a Linear that no target or
-    ignore entry matches. `num_layers` None: the config states no depth, no layer is taken for an MTP layer."""
-    roots: dict[str, None] = {}
+def unloaded_roots(keys: Iterable[str], num_layers: int | None, kept: Iterable[str] = ()) -> list[str]:
+    """`ignore` entries for the checkpoint's MTP heads, which pass through: one `re:` entry per root, `mtp.` and
+    each decoder layer past the model's `num_layers` (DeepSeek V3's MTP layer 61). vLLM builds an MTP model with the
+    checkpoint's quantization config, under those names, and refuses a Linear that no target or ignore entry
+    matches. `kept`: Linears of those roots shipped in a quantized format as stored (a block-FP8 source's MTP layer,
+    FP8_SOURCE), each a target of its own group; their root's entry spares them (a negative lookahead, routed
+    experts by one pattern per projection as `_config_target` writes them). `num_layers` None: the config states
+    no depth, no layer is taken for an MTP layer."""
+    roots: dict[str, dict[str, None]] = {}  # root -> the patterns of its kept Linears, relative to the root
     for key in keys:
-        mtp, layer = MTP_ROOT.match(key), LAYER_ROOT.match(key)
-        if mtp is not None:
-            roots[mtp[1]] = None
-        elif layer is not None and num_layers is not None and int(layer[2]) >= num_layers:
-            roots[layer[1]] = None
-    return [f"re:^{re.escape(root)}\\." for root in roots]
+        root = unloaded_root(key, num_layers)
+        if root is not None:
+            roots.setdefault(root, {})
+    for name in kept:
+        root = unloaded_root(name, num_layers)
+        if root not in roots:
+            raise ValueError(f"{name} is kept as an MTP head's Linear but lies in none of the checkpoint's MTP heads")
+        roots[root][_pattern(name[len(root) + 1:])] = None
+    return [f"re:^{re.escape(root)}\\." + (f"(?!(?:{'|'.join(spared)})$)" if spared else "")
+            for root, spared in roots.items()]
 
 
 def quantization_config(assignment: dict[str, str], unloaded: Iterable[str] = ()) -> dict[str, Any]:

@@ -24,9 +24,11 @@ from prismq.export.encode import encode_group, source_block_scales
 from prismq.export.qconfig import quantization_config, unloaded_roots
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
+from prismq.formats.fp8_source import keeps_stored
 from prismq.model.assignment import check_assignment
 from prismq.model.targets import Target, model_targets
 from prismq.model.checkpoint import SourceTensors
+from prismq.model.linears import unloaded_root
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -103,7 +105,9 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
     encoded: tensors already produced by a codec (e.g. by GPTQ) for some Linears; checked against the format's
     tensor specs and written as they are. input_amax: calibrated input absolute maxima, needed by formats with a
     static input scale (NVFP4 W4A4); fused siblings use their joint maximum. vision: the vision tower's Linears
-    (stored name -> format, `prismq.model.vision`), rounded to nearest; BF16 ones pass through as stored.
+    (stored name -> format, `prismq.model.vision`), rounded to nearest; BF16 ones pass through as stored. An MTP
+    head's Linears a block-FP8 source stores so ship as stored (FP8_SOURCE, targets of the config) when their
+    shape allows, other tensors the model does not load as stored (FP8 ones dequantized).
     """
     encoded, input_amax, vision = encoded or {}, input_amax or {}, vision or {}
     source_dir, out_dir = Path(source_dir), Path(out_dir)
@@ -135,8 +139,18 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                                   "a format (one per layer's experts), not some")
         linear_bytes = linear_params = vision_bytes = vision_params = 0
         written_groups: set[int] = set()
+        layers = (config.get("text_config") or config).get("num_hidden_layers")
+        mtp_fp8 = {key.removesuffix(".weight"): "FP8_SOURCE" for key in source.scales
+                   if key not in replaced and key.endswith(".weight") and unloaded_root(key, layers) is not None
+                   and keeps_stored(source.block, source.shape(key))}
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
             stem = key.removesuffix(".weight")
+            if stem in mtp_fp8:  # an MTP head's Linear stored in block FP8: shipped as stored
+                tensors = encode_group("FP8_SOURCE", {stem: source.get(key)}, {},
+                                       block_scales={stem: source.block_scales(key)})[stem]
+                for suffix, tensor in tensors.items():
+                    shards.add(f"{stem}.{suffix}", tensor)
+                continue
             if key not in replaced and get_format(vision.get(stem, "BF16")).scheme() is not None:
                 weight = source.get(key)
                 for suffix, tensor in encode_group(vision[stem], {stem: weight}, {})[stem].items():
@@ -166,9 +180,8 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                         linear_bytes += tensor.numel() * tensor.element_size()
                     linear_params += targets[name].params
         total = shards.close()
-        layers = (config.get("text_config") or config).get("num_hidden_layers")
-        unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers)
-        config["quantization_config"] = quantization_config({**assignment, **vision}, unloaded)
+        unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers, mtp_fp8)
+        config["quantization_config"] = quantization_config({**assignment, **vision, **mtp_fp8}, unloaded)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for item in source_dir.iterdir():
             if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES) \

@@ -34,6 +34,20 @@ def block_expand(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int,
     return per_row.repeat_interleave(block[1], 1)[:, :shape[1]]
 
 
+def partial_rows_last(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether fused siblings (in the order vLLM stacks them) can keep their block-FP8 bytes as one layer: only
+    the last may end on a partial block of rows (vLLM's check of merged block-FP8 layers, `validate_fp8_block_shape`:
+    the others' rows must fill whole blocks so the stacked scales line up)."""
+    return all(shape[0] % BLOCK == 0 for shape in shapes[:-1])
+
+
+def keeps_stored(block: tuple[int, int] | None, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor a source stores in block FP8 (blocks of `block`) can ship as stored, FP8_SOURCE's bytes: a
+    128 x 128 block and a shape FP8_SOURCE takes. The exporter writes such tensors the model does not load (an MTP
+    layer) so; any other is written dequantized."""
+    return block == (BLOCK, BLOCK) and FP8Source().legal(shape)
+
+
 class FP8Source(Format):
     """The source's block-FP8 bytes for a weight stored so; no rounding of its own (see the module docstring)."""
 
@@ -46,10 +60,13 @@ class FP8Source(Format):
     keeps_source = True
 
     def illegal_reason(self, shape: tuple[int, ...]) -> str | None:
+        """Any number of rows (a partial last block of rows is what DeepSeek's 576-row `kv_a_proj_with_mqa` stores,
+        and vLLM's block-FP8 layers take it, last in a fusion: `partial_rows_last`); columns in whole blocks (the
+        activations are quantized per 128 of them)."""
         if len(shape) != 2 or min(shape) < 1:
             return f"needs a 2-D weight [out, in], got shape {tuple(shape)}"
-        if shape[0] % BLOCK or shape[1] % BLOCK:
-            return f"needs out and in features divisible by {BLOCK}, got {list(shape)}"
+        if shape[1] % BLOCK:
+            return f"needs in features divisible by {BLOCK}, got {list(shape)}"
         return None
 
     def tensor_specs(self, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> dict[str, TensorSpec]:

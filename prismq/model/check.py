@@ -6,7 +6,8 @@ a fused expert parameter, `prismq.model.layout`); every quantization target lies
 unit's offered formats; what stays in the model dtype and why (routers, lm_head, embeddings, routed experts a
 checkpoint stores fused); the vision tower's Linears and their format (`prismq.model.vision`); and checkpoint
 tensors the model does not load (MTP heads, a vision tower kept BF16), which the exporter passes through byte for
-byte (those a block-FP8 checkpoint stores in FP8: dequantized).
+byte (an MTP head's Linears a block-FP8 checkpoint stores in FP8: as stored, FP8_SOURCE; other FP8 tensors:
+dequantized).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 from prismq.errors import PrismqError
+from prismq.formats.fp8_source import keeps_stored
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
-from prismq.model.linears import meta_model, unsupported_quantization
+from prismq.model.linears import meta_model, unloaded_root, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
 from prismq.model.units import Unit, decision_units, legal_formats
 from prismq.model.vision import VISION_PART, vision_assignment
@@ -38,7 +40,9 @@ class CheckReport:
     units: list[tuple[Unit, list[str]]]
     kept: Counter[str] = field(default_factory=Counter)  # what stays in the model dtype -> weights
     passthrough: list[str] = field(default_factory=list)  # checkpoint tensors the model does not load
-    dequantized: set[str] = field(default_factory=set)  # those of them stored in block FP8 (written dequantized)
+    fp8_as_stored: set[str] = field(default_factory=set)  # those of them stored in block FP8, shipped as stored
+    dequantized: set[str] = field(default_factory=set)  # those of them stored in block FP8, written dequantized
+    num_layers: int | None = None  # decoder layers the model has (a layer past them is an MTP head)
     vision: dict[str, str] = field(default_factory=dict)  # the vision tower's Linears -> format (`--vision-format`)
     problems: list[str] = field(default_factory=list)  # what makes quantization impossible
 
@@ -58,28 +62,31 @@ class CheckReport:
             lines.append(f"vision tower: {len(self.vision)} Linears, " + ", ".join(
                 f"{count} {fmt}" + (" (rounded to nearest, not measured)" if fmt != "BF16" else "")
                 for fmt, count in counts.items()) + "; each named in the export's quantization config")
-        for part, names in _passthrough_parts(self.passthrough).items():
-            fp8 = sum(name in self.dequantized for name in names)
+        for part, names in _passthrough_parts(self.passthrough, self.num_layers).items():
+            kept, dequantized = (sum(name in fp8 for name in names) for fp8 in (self.fp8_as_stored, self.dequantized))
             lines.append(f"passed through byte for byte (the model does not load them): {part}, {len(names)} "
-                         f"tensors, e.g. {names[0]}" + (f"; {fp8} of them stored in block FP8, written dequantized"
-                                                       if fp8 else ""))
+                         f"tensors, e.g. {names[0]}"
+                         + (f"; {kept} of them stored in block FP8, shipped so (FP8_SOURCE)" if kept else "")
+                         + (f"; {dequantized} of them stored in block FP8, written dequantized" if dequantized
+                            else ""))
         lines += [f"problem: {problem}" for problem in self.problems]
         lines.append("ok" if not self.problems else f"{len(self.problems)} problem(s)")
         return "\n".join(lines)
 
 
-PASSTHROUGH_PARTS = (  # (what, how its tensors are recognized), first match wins
-    ("MTP head (unquantized: vLLM builds it from the source tensors)", re.compile(r"(^|\.)mtp\.")),
+MTP_PART = "MTP head (vLLM builds it from the source tensors)"
+PASSTHROUGH_PARTS = (  # (what, how its tensors are recognized), first match wins; MTP heads: `unloaded_root`
     ("vision tower", VISION_PART),
     ("audio tower (BF16)", re.compile(r"(^|\.)(audio_tower|audio_model|audio)\.")),
 )
 
 
-def _passthrough_parts(names: list[str]) -> dict[str, list[str]]:
+def _passthrough_parts(names: list[str], num_layers: int | None) -> dict[str, list[str]]:
     """Passed-through tensor names by the part of the model they belong to (MTP head, vision tower, ..., other)."""
     parts: dict[str, list[str]] = {}
     for name in names:
-        part = next((what for what, pattern in PASSTHROUGH_PARTS if pattern.search(name)), "other tensors")
+        part = MTP_PART if unloaded_root(name, num_layers) is not None else \
+            next((what for what, pattern in PASSTHROUGH_PARTS if pattern.search(name)), "other tensors")
         parts.setdefault(part, []).append(name)
     return parts
 
@@ -95,6 +102,7 @@ def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16"
     with ExitStack() as stack:
         source = SourceTensors(model_dir, stack)
         keys, block_fp8_keys = set(source.location), set(source.scales)
+        source_block, shapes = source.block, {key: source.shape(key) for key in block_fp8_keys}
     layout = CheckpointLayout(model, keys)
     report = CheckReport(model_type, [])
     quantization = getattr(config, "quantization_config", None)
@@ -129,7 +137,11 @@ def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16"
     report.vision = vision_assignment(model_dir, vision_format)
     quantized_vision = {f"{name}.weight" for name, fmt in report.vision.items() if fmt != "BF16"}
     report.passthrough = sorted(keys - used - quantized_vision)
-    report.dequantized = set(report.passthrough) & block_fp8_keys
+    report.num_layers = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
+    report.fp8_as_stored = {key for key in set(report.passthrough) & block_fp8_keys if key.endswith(".weight")
+                            and unloaded_root(key, report.num_layers) is not None
+                            and keeps_stored(source_block, shapes[key])}
+    report.dequantized = set(report.passthrough) & block_fp8_keys - report.fp8_as_stored
     if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
         return report
     targets = model_targets(model_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -12,6 +13,18 @@ from prismq.errors import PrismqError
 from prismq.model.experts import EXPERTS_IMPLEMENTATION
 
 LM_HEAD = "lm_head"
+MTP_ROOT = re.compile(r"^((?:.*\.)?mtp)\.")  # Qwen3.5 / Qwen3-Next: `mtp.fc`, `mtp.layers.0. ...`
+LAYER_ROOT = re.compile(r"^((?:model\.)?(?:language_model\.)?layers\.(\d+))\.")
+
+
+def unloaded_root(key: str, num_layers: int | None) -> str | None:
+    """The MTP head a checkpoint tensor belongs to (`mtp`, or `model.layers.N` for N >= `num_layers`), or None."""
+    mtp, layer = MTP_ROOT.match(key), LAYER_ROOT.match(key)
+    if mtp is not None:
+        return mtp[1]
+    if layer is not None and num_layers is not None and int(layer[2]) >= num_layers:
+        return layer[1]
+    return None
 
 
 def meta_model(model_dir: Path) -> nn.Module:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from prismq.errors import PrismqError
 from prismq.formats import get_format
+from prismq.formats.fp8_source import partial_rows_last
 from prismq.model.linears import quantizable
 from prismq.model.siblings import EXPERT, fused_name, unit_groups
 from prismq.model.targets import model_targets
@@ -118,6 +119,8 @@ def formats_legal_for(shapes: Iterable[tuple[int, int]], formats: Iterable[str],
     for name in formats:
         fmt = get_format(name)
         if experts and fmt.name not in MOE_FORMATS or fmt.keeps_source and not block_fp8:
+            continue
+        if fmt.keeps_source and not partial_rows_last(shapes):
             continue
         if fmt.name not in offered and all(fmt.legal(shape) for shape in shapes):
             offered.append(fmt.name)
