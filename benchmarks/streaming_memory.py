@@ -51,7 +51,7 @@ def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, tok
     the tokenizer of `tokenizer` (a directory; None: the embedded model's); returns its bytes of tensor data.
     `experts` > 0: Qwen3-MoE-shaped instead, `experts` routed experts of `intermediate` per layer (8 per token),
     stored per expert as released MoE checkpoints are."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+    from transformers import AutoTokenizer, LlamaConfig, Qwen3MoeConfig
 
     source = tokenizer or resolve_model(None)
     vocab = len(AutoTokenizer.from_pretrained(source))
@@ -61,17 +61,28 @@ def write_synthetic(path: Path, layers: int, hidden: int, intermediate: int, tok
                  tie_word_embeddings=False, dtype="bfloat16")
     config = Qwen3MoeConfig(moe_intermediate_size=intermediate, num_experts=experts, num_experts_per_tok=8,
                             head_dim=128, **shape) if experts else LlamaConfig(intermediate_size=intermediate, **shape)
+    return write_random_checkpoint(path, config, source, seed)
+
+
+def write_random_checkpoint(path: Path, config, tokenizer: Path, seed: int = 0) -> int:
+    """The checkpoint of `config` with random bf16 weights (N(0, 0.02); norms 1; a tied head not stored) and the
+    tokenizer files of directory `tokenizer`, written tensor by tensor (never whole in memory); its bytes of
+    tensor data. Routed experts are stored per expert, as released MoE checkpoints are."""
+    from transformers import AutoModelForCausalLM
+
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     config.save_pretrained(path)
     for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy2(source / name, path / name)
+        if (tokenizer / name).exists():
+            shutil.copy2(tokenizer / name, path / name)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     generator = torch.Generator().manual_seed(seed)
     writer = ShardWriter(path, 2 * 10**9)
     for name, tensor in skeleton.state_dict().items():
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
         for stored, shape in _stored_parts(name, tuple(tensor.shape)):
             if stored.endswith("norm.weight"):
                 value = torch.ones(shape, dtype=torch.bfloat16)

@@ -82,3 +82,32 @@ def test_fused_qdq_refuses_non_finite_weights(name: str, bad: float) -> None:
     weight[37, 201] = bad
     with pytest.raises(FormatError, match="non-finite"):
         get_format(name).qdq(weight)
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "NVFP4A16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvfp4_global_scale_found_on_the_gpu_equals_the_cpu_codec(name: str, dtype: torch.dtype) -> None:
+    """Without shared maxima the global scale comes from a GPU absmax (one per matrix of a batch): equal to the
+    CPU codec's for matrices of very different ranges, one all zero (gs 1) and one so small that 448 * 6 / amax
+    overflows (gs 1 as well)."""
+    from prismq.formats.fused import fused_nvfp4_qdq
+
+    fmt = get_format(name)
+    base = _hard_weight(dtype)[:16, :256].float()
+    factors = [1.0, 3.7e3, 1e-5, 0.0, 1e-37, 0.3]
+    stack = torch.stack([base * factor for factor in factors]).to(dtype)
+    assert fused_nvfp4_qdq(fmt, stack.cuda()) is not None
+    got = fmt.qdq(stack.cuda()).cpu()
+    for index in range(len(stack)):
+        alone = fmt.qdq(stack[index])  # the torch path, on the CPU
+        assert torch.equal(_bits(got[index]), _bits(alone)), factors[index]
+
+
+@pytest.mark.parametrize("columns", [16384, 20000])
+def test_fp8_rows_held_whole_or_visited_twice_equal_the_cpu_codec(columns: int) -> None:
+    """Rows up to WHOLE_ROW columns are read once; longer rows in two passes: both equal the CPU codec."""
+    fmt = get_format("FP8")
+    weight = (torch.randn(6, columns, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    weight[1] = 0.0
+    weight[2, 17] = 30.0
+    assert torch.equal(_bits(fmt.qdq(weight.cuda()).cpu()), _bits(fmt.decode(fmt.encode(weight))))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from prismq.errors import PrismqError
-from prismq.formats.fused import fused_qdq
+from prismq.formats.fused import fused_nvfp4_qdq, fused_qdq
 
 Tensors = dict[str, torch.Tensor]
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
@@ -126,8 +126,11 @@ class Format(ABC):
         weight may also be a batch [B, out, in] of equal-shape Linears (shared_amax then [B]): the cost stage
         prices many Linears in one call; each matrix gets exactly what it would get alone."""
         self.check(weight, name, batched=True, values=False)
-        grid = self.grid(weight, shared_amax)
-        fused = fused_qdq(grid, weight)  # one Triton kernel on a GPU, the same bits (prismq.formats.fused)
+        # on a GPU one Triton kernel (NVFP4: two, its global scale too), the same bits (prismq.formats.fused)
+        fused = fused_nvfp4_qdq(self, weight) if shared_amax is None else None
+        if fused is None:
+            grid = self.grid(weight, shared_amax)
+            fused = fused_qdq(grid, weight)
         if fused is not None:
             rounded, non_finite = fused
             if non_finite:

@@ -23,7 +23,9 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 GROUPS_PER_PROGRAM = 128  # NVFP4 / MX groups each program rounds (a [128, group] tile; 64 and 256 were slower)
-ROW_BLOCK = 1024  # FP8 per-channel: columns a program visits per step of its row
+ROW_BLOCK = 1024  # FP8 per-channel: columns a program visits per step of a row too long to hold
+WHOLE_ROW = 16384  # FP8 per-channel: the longest row a program holds in registers (read once, not twice)
+AMAX_BLOCK = 8192  # NVFP4's global absmax: values each program reduces
 
 
 def available(weight: torch.Tensor) -> bool:
@@ -51,14 +53,42 @@ def fused_qdq(grid: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | No
         per_matrix = x.shape[-2] * x.shape[-1] // 16 if x.ndim == 3 else groups  # a batch: one gs per matrix
         gs = grid.gs.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
         _nvfp4_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, gs, groups, per_matrix,
-                                                                  IS_BF16=bf16, BLOCK=GROUPS_PER_PROGRAM)
+                                                                  IS_BF16=bf16, FROM_AMAX=False,
+                                                                  BLOCK=GROUPS_PER_PROGRAM)
     elif isinstance(grid, MXGrid):
         groups = x.numel() // 32
         _mx_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, groups, IS_BF16=bf16,
                                                                FP4=grid.fmt.element is E2M1, BLOCK=GROUPS_PER_PROGRAM)
+    elif x.shape[-1] <= WHOLE_ROW:  # a row in registers: read once
+        block = triton.next_power_of_2(x.shape[-1])
+        _fp8_row_kernel[(x.numel() // x.shape[-1],)](x, out, flag, x.shape[-1], IS_BF16=bf16, BLOCK=block,
+                                                     num_warps=max(4, min(16, block // 1024)))
     else:
         columns = x.shape[-1]
         _fp8_rows_kernel[(x.numel() // columns,)](x, out, flag, columns, IS_BF16=bf16, BLOCK=ROW_BLOCK)
+    return out, bool(flag.item())
+
+
+def fused_nvfp4_qdq(fmt: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """NVFP4's `fused_qdq` with the global scale found on the GPU as well (no grid built first): one kernel finds
+    each matrix's absmax (a batch [B, out, in]: one per matrix), the rounding kernel derives gs from it as
+    `nvfp4.global_scale` does (in the weight dtype: 1 / amax, then times 448 * 6; non-finite -> 1). None when
+    `fmt` is not NVFP4 or no kernel serves the weight."""
+    from prismq.formats.nvfp4 import NVFP4
+
+    if not isinstance(fmt, NVFP4) or not available(weight) or weight.numel() == 0:
+        return None
+    x = weight.contiguous()
+    matrices = x.shape[0] if x.ndim == 3 else 1
+    per_matrix = x.numel() // matrices
+    amax = torch.zeros(matrices, dtype=torch.int32, device=x.device)  # float bits: ordered as ints when >= 0
+    _absmax_kernel[(matrices, triton.cdiv(per_matrix, AMAX_BLOCK))](x, amax, per_matrix, BLOCK=AMAX_BLOCK,
+                                                                    num_warps=8)
+    out, flag = torch.empty_like(x), torch.zeros(1, dtype=torch.int32, device=x.device)
+    groups = x.numel() // 16
+    _nvfp4_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, amax, groups, per_matrix // 16,
+                                                              IS_BF16=x.dtype == torch.bfloat16, FROM_AMAX=True,
+                                                              BLOCK=GROUPS_PER_PROGRAM)
     return out, bool(flag.item())
 
 
@@ -107,10 +137,31 @@ if triton is not None:
         return group, offsets, mask, x
 
     @triton.jit
-    def _nvfp4_kernel(x_ptr, out_ptr, flag_ptr, gs_ptr, groups, per_matrix, IS_BF16: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _absmax_kernel(x_ptr, amax_ptr, per_matrix, BLOCK: tl.constexpr):
+        """max |x| over BLOCK values of one matrix, into that matrix's slot (float bits, atomic max as ints)."""
+        offsets = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + tl.program_id(0).to(tl.int64) * per_matrix + offsets, mask=offsets < per_matrix,
+                    other=0.0).to(tl.float32)
+        tl.atomic_max(amax_ptr + tl.program_id(0), tl.max(tl.abs(x)).to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _global_scale(amax, IS_BF16: tl.constexpr):
+        """nvfp4.global_scale in the weight dtype: amax at least the smallest normal, 1 / amax, times 448 * 6
+        (torch's scalar / tensor is a reciprocal, then a product), a non-finite result replaced by 1."""
+        inverse = _as_dtype(tl.math.div_rn(1.0, tl.maximum(amax, 1.1754943508222875e-38)), IS_BF16)
+        gs = _as_dtype(inverse * 2688.0, IS_BF16)
+        return tl.where(tl.abs(gs) <= 3.4028234663852886e38, gs, 1.0)
+
+    @triton.jit
+    def _nvfp4_kernel(x_ptr, out_ptr, flag_ptr, scale_ptr, groups, per_matrix, IS_BF16: tl.constexpr,
+                      FROM_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+        """NVFP4 qdq; `scale_ptr`: each matrix's global scale gs (fp32), or with FROM_AMAX its absmax's bits."""
         group, offsets, mask, x = _load_groups(x_ptr, flag_ptr, groups, 16, BLOCK)
-        gs = tl.load(gs_ptr + group // per_matrix, mask=group < groups, other=1.0)
+        if FROM_AMAX:
+            amax = tl.load(scale_ptr + group // per_matrix, mask=group < groups, other=0).to(tl.float32, bitcast=True)
+            gs = _global_scale(_as_dtype(amax, IS_BF16), IS_BF16)
+        else:
+            gs = tl.load(scale_ptr + group // per_matrix, mask=group < groups, other=1.0)
         local = _as_dtype(tl.math.div_rn(tl.max(tl.abs(x), axis=1), 6.0), IS_BF16)  # amax / 6 in the weight dtype
         scale = _to_e4m3(gs * local)
         scale = tl.where(scale == 0.0, 0.125, scale)
@@ -141,6 +192,18 @@ if triton is not None:
         else:
             values = _to_e4m3(scaled)
         tl.store(out_ptr + offsets, (values * step).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fp8_row_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+        """FP8 per channel, one row (at most BLOCK columns) per program, read once."""
+        column = tl.arange(0, BLOCK)
+        offsets = tl.program_id(0).to(tl.int64) * columns + column
+        x = tl.load(x_ptr + offsets, mask=column < columns, other=0.0).to(tl.float32)
+        _flag_non_finite(flag_ptr, x)
+        scale = _as_dtype(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), IS_BF16)
+        scale = tl.where(scale == 0.0, 0.0078125 if IS_BF16 else 1.1920928955078125e-07, scale)
+        codes = _to_e4m3(_as_dtype(tl.math.div_rn(x, scale), IS_BF16) + 0.0)
+        tl.store(out_ptr + offsets, (codes * scale).to(out_ptr.dtype.element_ty), mask=column < columns)
 
     @triton.jit
     def _fp8_rows_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):

@@ -4,7 +4,8 @@ columns not yet rounded so that the layer's output on calibration inputs, not th
 With H = X^T X (calibration inputs of the Linear, fp32) and U the upper Cholesky factor of H^-1, rounding column j
 to q_j costs (w_j - q_j)^2 / U_jj^2 and the optimal update of the remaining columns is
 W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:] (Frantar et al., 2022). Columns are processed in blocks of
-`block_size`; within a block the update is applied column by column, then once to everything after it.
+`block_size`; within a block the update is applied column by column, then once to everything after it. On a GPU
+the column loop of a block is one kernel (`prismq.rounding.gptq_fused`, the same arithmetic).
 
 Grid specifics, so the result is exactly what the codec ships:
 - a group's scale is fixed when the group is first reached, from the weights as updated so far (with activation
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from prismq.formats.base import Grid, Tensors
+from prismq.rounding.gptq_fused import fused_steps, gptq_block
 from prismq.rounding.scale_sweep import sweep_scales
 
 MAX_DAMPING = 10.0
@@ -104,30 +106,47 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
             work = work[:, order]
     else:  # overwritten group by group as each is first reached
         scales = grid.fit(weight).clone()
-    group_of = ((order if order is not None else torch.arange(columns)) // g).tolist()  # plain ints: views, no sync
+    group_index = (order if order is not None else torch.arange(columns, device=weight.device)) // g
+    group_of = group_index.tolist()  # plain ints: views, no sync
     rounded_inputs = torch.empty((rows, columns), dtype=dtype, device=weight.device)  # what each column rounded
+    inverse_diagonal = upper.diagonal().reciprocal()  # the error is scaled by a product, as the fused kernel does
+    fused = fused_steps(grid, scales, weight) if static and upper.dtype == torch.float32 else None
+    groups = group_index.to(torch.int32)
     for start in range(0, columns, settings.block_size):
         end = min(start + settings.block_size, columns)
         block, block_upper = work[:, start:end].clone(), upper[start:end, start:end]
-        diagonal = block_upper.diagonal().tolist()
-        errors = torch.zeros_like(block)
-        for i in range(end - start):
-            column = start + i
-            if not static and column % g == 0:  # a group is first reached: fix its scale from the current weights
-                local = slice(i, i + g)
-                scales[:, column // g] = _fit(grid, block[:, local].to(dtype), importance[column:column + g],
-                                              settings.sweep).squeeze(-1)
-            current = rounded_inputs[:, column:column + 1]
-            current.copy_(block[:, i:i + 1])  # cast to the weight dtype: the codec rounds what ships
-            quantized = grid.round_values(current, scales[:, group_of[column]].unsqueeze(1))
-            error = errors[:, i:i + 1]
-            torch.sub(block[:, i:i + 1], quantized, out=error).div_(diagonal[i])
-            block[:, i:].addmm_(error, block_upper[i:i + 1, i:], alpha=-1)
+        errors = torch.empty_like(block)
+        if fused is not None:
+            gptq_block(block, block_upper, inverse_diagonal[start:end], fused, groups[start:end],
+                       rounded_inputs[:, start:end], errors)
+        else:
+            refit = None if static else (importance[start:end], settings.sweep)
+            _column_loop(grid, block, block_upper, inverse_diagonal[start:end], errors, rounded_inputs[:, start:end],
+                         scales, group_of[start:end], refit)
         work[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1)
     if order is not None:
         rounded_inputs = rounded_inputs[:, torch.argsort(order)]
     codes = grid.quantize(rounded_inputs, grid.expand(scales))  # elementwise: the codes each column's rounding chose
     return codes, scales
+
+
+def _column_loop(grid: Grid, block: torch.Tensor, block_upper: torch.Tensor, inverse_diagonal: torch.Tensor,
+                 errors: torch.Tensor, inputs: torch.Tensor, scales: torch.Tensor, group_of: list[int],
+                 refit: tuple[torch.Tensor, bool] | None) -> None:
+    """GPTQ's column loop over one block in torch (the reference of `gptq_block`, which documents the arguments).
+    `refit`: the block's column importances and the sweep flag when each group's scale is fixed as the loop first
+    reaches it (then from the weights as updated so far), None when the scales are fixed already."""
+    g = grid.group_size
+    for i in range(block.shape[1]):
+        if refit is not None and i % g == 0:  # a group is first reached (groups lie inside blocks): fit its scale
+            scales[:, group_of[i]] = _fit(grid, block[:, i:i + g].to(inputs.dtype), refit[0][i:i + g],
+                                          refit[1]).squeeze(-1)
+        current = inputs[:, i:i + 1]
+        current.copy_(block[:, i:i + 1])  # cast to the weight dtype: the codec rounds what ships
+        quantized = grid.round_values(current, scales[:, group_of[i]].unsqueeze(1))
+        error = errors[:, i:i + 1]
+        torch.sub(block[:, i:i + 1], quantized, out=error).mul_(inverse_diagonal[i])
+        block[:, i:].sub_(error * block_upper[i:i + 1, i:])  # a product, then a difference: no fused multiply-add
 
 
 def _fit(grid: Grid, weight: torch.Tensor, importance: torch.Tensor, sweep: bool) -> torch.Tensor:
