@@ -91,7 +91,8 @@ def main() -> None:
         floor = timed(lambda: linear_algebra_floor(hessian, weight, 128), device, args.repeats)
         for name in args.formats.split(","):
             fmt = get_format(name)
-            grid = fmt.grid(weight)  # the fused loop serves activation order (scales fixed before the loop)
+            grid = fmt.grid(weight)  # the fused loop serves scales fixed before the loop: activation order, or groups
+            # wider than GPTQ's 128-column block (FP8 per channel)
             fused = not args.torch_loop and fused_steps(grid, grid.fit(weight), weight) is not None
             for act_order in flags["act_order"]:
                 for sweep in flags["sweep"]:
@@ -104,7 +105,7 @@ def main() -> None:
                     seconds = timed(run, device, args.repeats)
                     rounded = result["r"]
                     rows.append({"shape": spec, "format": fmt.name, "act_order": act_order, "sweep": sweep,
-                                 "loop": "fused" if act_order and fused else "torch",
+                                 "loop": "fused" if fused and (act_order or 128 % grid.group_size) else "torch",
                                  "seconds": seconds, "floor_seconds": floor, "ratio_to_floor": seconds / floor,
                                  "output_error_vs_rtn": rounded.error / rounded.rtn_error, "method": rounded.method})
                     print(f"{spec} {fmt.name} act_order={act_order} sweep={sweep}: {seconds:.3f} s "

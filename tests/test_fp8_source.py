@@ -273,45 +273,57 @@ def test_fp8_source_exports_the_sources_bytes_and_reads_back_as_measured(fp8_lla
     shutil.copytree(fp8_llama, model)
     tensors = load_file(model / "model.safetensors")
     g = torch.Generator().manual_seed(5)
-    kept = {"model.layers.2.self_attn.q_a_proj": (256, 256), "model.layers.2.self_attn.kv_a_proj_with_mqa": (192, 256),
-            "model.layers.2.mlp.experts.0.gate_proj": (128, 256), "model.layers.2.mlp.experts.1.gate_proj": (128, 256)}
-    for stem, shape in {**kept, "mtp.fc": (128, 200)}.items():
+    layer = "model.layers.2"
+    experts = {f"{layer}.mlp.experts.{e}.{p}": (256, 128) if p == "down_proj" else (128, 256)
+               for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    kept = {f"{layer}.self_attn.q_a_proj": (256, 256), f"{layer}.self_attn.kv_a_proj_with_mqa": (192, 256),
+            **experts}
+    dequantized = {"mtp.fc": (128, 200),  # columns in no whole block
+                   f"{layer}.mlp.shared_experts.gate_proj": (128, 256),  # its fused partner (up) is BF16
+                   f"{layer}.eh_proj": (256, 512)}  # vLLM builds DeepSeek's eh_proj as a plain nn.Linear
+    for stem, shape in {**kept, **dequantized}.items():
         weight = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
         tensors[f"{stem}.weight"], tensors[f"{stem}.weight_scale_inv"] = block_quantize(weight)
-    tensors["model.layers.2.eh_proj.weight"] = torch.randn(256, 512, generator=g).to(torch.bfloat16)
+    tensors[f"{layer}.mlp.shared_experts.up_proj.weight"] = torch.randn(128, 256, generator=g).to(torch.bfloat16)
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     assert main(["check", str(model)]) == 0
     report = capsys.readouterr().out
     assert "NVFP4,MXFP8,BF16,FP8_SOURCE" in report
-    assert ("MTP head (vLLM builds it from the source tensors), 6 tensors, e.g. model.layers.2.eh_proj.weight; 4 of "
-            "them stored in block FP8, shipped so (FP8_SOURCE); 1 of them stored in block FP8, written dequantized"
+    assert ("MTP head (vLLM builds it from the source tensors), 12 tensors, e.g. model.layers.2.eh_proj.weight; 8 of "
+            "them stored in block FP8, shipped so (FP8_SOURCE); 3 of them stored in block FP8, written dequantized"
             in report)
     out = tmp_path / "out"
     assert main(["quantize", str(model), "--out", str(out), "--uniform", "FP8_SOURCE", "--calib-blocks", "4",
                  "--calib-seqlen", "32", "--heldout-blocks", "2", "--device", "cpu"]) == 0
     source = load_file(model / "model.safetensors")
     shipped = load_file(out / "model.safetensors")
-    stored = [name for name in source if name.endswith("_scale_inv") and name.startswith("model.layers.")]
+    stored = [name for name in source if name.endswith("_scale_inv") and name.startswith("model.layers.")
+              and name.removesuffix(".weight_scale_inv") not in dequantized]
     assert len(stored) == 14 + len(kept)
     for scale_name in stored:
         weight = scale_name.removesuffix("_scale_inv")
         assert torch.equal(shipped[weight].view(torch.uint8), source[weight].view(torch.uint8)), weight
         assert torch.equal(shipped[weight.removesuffix("weight") + "weight_scale"], source[scale_name])
-    codes, scale = tensors["mtp.fc.weight"], tensors["mtp.fc.weight_scale_inv"]
-    expanded = scale.repeat_interleave(BLOCK, 1)[:, :200]
-    assert torch.equal(shipped["mtp.fc.weight"], (codes.float() * expanded).bfloat16())
-    assert torch.equal(shipped["model.layers.2.eh_proj.weight"], tensors["model.layers.2.eh_proj.weight"])
+    for stem, (rows, columns) in dequantized.items():
+        codes, scale = tensors[f"{stem}.weight"], tensors[f"{stem}.weight_scale_inv"]
+        expanded = scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :columns]
+        assert torch.equal(shipped[f"{stem}.weight"], (codes.float() * expanded).bfloat16()), stem
+    up = f"{layer}.mlp.shared_experts.up_proj.weight"
+    assert torch.equal(shipped[up], tensors[up])
     assert not any(name.endswith("_scale_inv") for name in shipped)
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     group = qconfig["config_groups"]["group_0"]
     assert group["weights"]["strategy"] == "block" and group["weights"]["block_structure"] == [BLOCK, BLOCK]
     assert group["input_activations"]["strategy"] == "group" and group["input_activations"]["dynamic"]
-    # the names vLLM asks the config about: its MoE layer by expert 0's projections
-    served = ["model.layers.0.self_attn.q_proj", *[n for n in kept if ".experts." not in n],
-              "model.layers.2.mlp.experts.0.gate_proj"]
+    # the names vLLM asks the config about: a fused layer by its shards' names (or its own where the model maps
+    # none), a MoE layer by expert 0's projections
+    served = ["model.layers.0.self_attn.q_proj", f"{layer}.self_attn.q_a_proj", f"{layer}.self_attn.kv_a_proj_with_mqa",
+              f"{layer}.self_attn.fused_qkv_a_proj", *[f"{layer}.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj",
+                                                                                               "down_proj")]]
     assert all(_matches(n, group["targets"]) and not _matches(n, qconfig["ignore"]) for n in served)
-    assert all(_matches(n, qconfig["ignore"]) and not _matches(n, group["targets"])
-               for n in ["model.layers.2.eh_proj", "mtp.fc", "model.layers.2.mlp.experts.0.up_proj"])
+    unquantized = [f"{layer}.eh_proj", "mtp.fc", f"{layer}.mlp.shared_experts.gate_proj",
+                   f"{layer}.mlp.shared_experts.up_proj", f"{layer}.mlp.shared_experts.gate_up_proj"]
+    assert all(_matches(n, qconfig["ignore"]) and not _matches(n, group["targets"]) for n in unquantized)
     work = Path(f"{out}.work")
     measured = json.loads((work / "rounding.json").read_text())["rounding"]["mix_report"]["mean_kl"]
     evaluation = json.loads((work / "eval.json").read_text())["mean_kl"]

@@ -24,11 +24,11 @@ from prismq.export.encode import encode_group, source_block_scales
 from prismq.export.qconfig import quantization_config, unloaded_roots
 from prismq.export.shards import ShardWriter
 from prismq.formats import Tensors, get_format
-from prismq.formats.fp8_source import keeps_stored
 from prismq.model.assignment import check_assignment
 from prismq.model.targets import Target, model_targets
 from prismq.model.checkpoint import SourceTensors
-from prismq.model.linears import unloaded_root
+from prismq.model.check import mtp_as_stored
+from prismq.model.siblings import EXPERT, fused_name
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -140,16 +140,12 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
         linear_bytes = linear_params = vision_bytes = vision_params = 0
         written_groups: set[int] = set()
         layers = (config.get("text_config") or config).get("num_hidden_layers")
-        mtp_fp8 = {key.removesuffix(".weight"): "FP8_SOURCE" for key in source.scales
-                   if key not in replaced and key.endswith(".weight") and unloaded_root(key, layers) is not None
-                   and keeps_stored(source.block, source.shape(key))}
+        mtp_fp8 = mtp_as_stored(source, [key for key in source.names() if key not in replaced], layers)
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
             stem = key.removesuffix(".weight")
-            if stem in mtp_fp8:  # an MTP head's Linear stored in block FP8: shipped as stored
-                tensors = encode_group("FP8_SOURCE", {stem: source.get(key)}, {},
-                                       block_scales={stem: source.block_scales(key)})[stem]
-                for suffix, tensor in tensors.items():
-                    shards.add(f"{stem}.{suffix}", tensor)
+            if stem in mtp_fp8:  # an MTP head's Linear stored in block FP8: shipped as stored (FP8_SOURCE's layout)
+                shards.add(key, source.stored(key))
+                shards.add(f"{stem}.weight_scale", source.block_scales(key).float())  # type: ignore[union-attr]
                 continue
             if key not in replaced and get_format(vision.get(stem, "BF16")).scheme() is not None:
                 weight = source.get(key)
@@ -180,8 +176,11 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
                         linear_bytes += tensor.numel() * tensor.element_size()
                     linear_params += targets[name].params
         total = shards.close()
-        unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers, mtp_fp8)
-        config["quantization_config"] = quantization_config({**assignment, **vision, **mtp_fp8}, unloaded)
+        # vLLM asks about a fused layer by its members' names where the model maps them, else by its own: both named
+        fused = {fused_name(name): "FP8_SOURCE" for name in mtp_fp8 if EXPERT.match(name) is None}
+        kept = {**mtp_fp8, **fused}
+        unloaded = unloaded_roots([key for key in source.names() if key not in replaced], layers, kept)
+        config["quantization_config"] = quantization_config({**assignment, **vision, **kept}, unloaded)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for item in source_dir.iterdir():
             if item.is_file() and item.name != "config.json" and not item.name.endswith(WEIGHT_SUFFIXES) \

@@ -37,7 +37,8 @@ def block_expand(scales: torch.Tensor, shape: tuple[int, int], block: tuple[int,
 def partial_rows_last(shapes: list[tuple[int, ...]]) -> bool:
     """Whether fused siblings (in the order vLLM stacks them) can keep their block-FP8 bytes as one layer: only
     the last may end on a partial block of rows (vLLM's check of merged block-FP8 layers, `validate_fp8_block_shape`:
-    the others' rows must fill whole blocks so the stacked scales line up)."""
+    the others' rows must fill whole blocks so the stacked scales line up; a layer split over tensor-parallel ranks
+    needs every part whole, which DeepSeek's replicated q_a / kv_a layer is not)."""
     return all(shape[0] % BLOCK == 0 for shape in shapes[:-1])
 
 

@@ -82,7 +82,7 @@ def fused_nvfp4_qdq(fmt: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool]
     matrices = x.shape[0] if x.ndim == 3 else 1
     per_matrix = x.numel() // matrices
     amax = torch.zeros(matrices, dtype=torch.int32, device=x.device)  # float bits: ordered as ints when >= 0
-    _absmax_kernel[(matrices, triton.cdiv(per_matrix, AMAX_BLOCK))](x, amax, per_matrix, BLOCK=AMAX_BLOCK,
+    _absmax_kernel[(triton.cdiv(per_matrix, AMAX_BLOCK), matrices)](x, amax, per_matrix, BLOCK=AMAX_BLOCK,
                                                                     num_warps=8)
     out, flag = torch.empty_like(x), torch.zeros(1, dtype=torch.int32, device=x.device)
     groups = x.numel() // 16
@@ -139,10 +139,10 @@ if triton is not None:
     @triton.jit
     def _absmax_kernel(x_ptr, amax_ptr, per_matrix, BLOCK: tl.constexpr):
         """max |x| over BLOCK values of one matrix, into that matrix's slot (float bits, atomic max as ints)."""
-        offsets = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + tl.program_id(0).to(tl.int64) * per_matrix + offsets, mask=offsets < per_matrix,
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # the long axis first: grid x
+        x = tl.load(x_ptr + tl.program_id(1).to(tl.int64) * per_matrix + offsets, mask=offsets < per_matrix,
                     other=0.0).to(tl.float32)
-        tl.atomic_max(amax_ptr + tl.program_id(0), tl.max(tl.abs(x)).to(tl.int32, bitcast=True))
+        tl.atomic_max(amax_ptr + tl.program_id(1), tl.max(tl.abs(x)).to(tl.int32, bitcast=True))
 
     @triton.jit
     def _global_scale(amax, IS_BF16: tl.constexpr):

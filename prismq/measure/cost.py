@@ -33,7 +33,7 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.checkpoint import SourceTensors
 from prismq.measure.fisher import X_SAMPLE, input_statistic
-from prismq.model.siblings import input_groups, sibling_groups
+from prismq.model.siblings import input_groups, sibling_groups, stacking_order
 from prismq.model.targets import Target
 from prismq.model.units import formats_legal_for
 
@@ -126,8 +126,8 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
         joint_amax.update(dict.fromkeys(group, weight_amax))
         experts = targets[group[0]].expert is not None
         block_fp8 = all(targets[n].key in source.scales for n in group)
-        legal_for_group.update(dict.fromkeys(group, formats_legal_for([targets[n].shape for n in group], formats,
-                                                                      experts, block_fp8)))
+        stacked = [targets[n].shape for n in sorted(group, key=stacking_order)]  # vLLM's order of the shards
+        legal_for_group.update(dict.fromkeys(group, formats_legal_for(stacked, formats, experts, block_fp8)))
     for group in input_groups(linears):
         input_amax = torch.stack([LinearStats.from_probe(probe, n).x_absmax.reshape(()).float() for n in group]).amax()
         joint_input.update(dict.fromkeys(group, input_amax))

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from prismq.errors import PrismqError
-from prismq.formats.fp8_source import keeps_stored
+from prismq.formats.fp8_source import keeps_stored, partial_rows_last
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout
 from prismq.model.linears import meta_model, unloaded_root, unsupported_quantization
 from prismq.model.targets import model_targets, targets_of
-from prismq.model.units import Unit, decision_units, legal_formats
+from prismq.model.siblings import stacking_order, unit_groups
+from prismq.model.units import UNQUANTIZED_LEAVES, Unit, decision_units, legal_formats
 from prismq.model.vision import VISION_PART, vision_assignment
 
 
@@ -91,6 +92,28 @@ def _passthrough_parts(names: list[str], num_layers: int | None) -> dict[str, li
     return parts
 
 
+MTP_UNQUANTIZED_LEAVES = frozenset({"eh_proj", "head", "embed_tokens"})  # DeepSeek's MTP: plain nn.Linear, heads
+
+
+def mtp_as_stored(source: SourceTensors, keys: list[str], layers: int | None) -> dict[str, str]:
+    """The MTP heads' Linears (among `keys`, the tensors no unit replaces) that ship as stored in block FP8 ->
+    "FP8_SOURCE", decided per vLLM layer: all of a layer's members (a fused q_a / kv_a, every routed expert of a
+    layer) stored in 128 x 128 block FP8 in shapes FP8_SOURCE takes, a partial block of rows only last, and a layer
+    vLLM builds quantized (not a router, DeepSeek's `eh_proj` or a head); any other is written as read
+    (dequantized where stored in FP8)."""
+    linears = [key.removesuffix(".weight") for key in keys if key.endswith(".weight")
+               and len(source.shape(key)) == 2 and unloaded_root(key, layers) is not None]
+    kept: dict[str, str] = {}
+    for group in unit_groups(linears):
+        group = sorted(group, key=stacking_order)  # the file's order may not be vLLM's (kv_a before q_a)
+        shapes = [source.shape(f"{name}.weight") for name in group]
+        if all(f"{name}.weight" in source.scales and keeps_stored(source.block, shape)
+               and name.rpartition(".")[2] not in UNQUANTIZED_LEAVES | MTP_UNQUANTIZED_LEAVES
+               for name, shape in zip(group, shapes)) and partial_rows_last(shapes):
+            kept.update(dict.fromkeys(group, "FP8_SOURCE"))
+    return kept
+
+
 def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16") -> CheckReport:
     """Check the checkpoint in `model_dir` against its architecture, the offered `formats` and the vision tower's
     format (see the module docstring); reading problems are in the report, an unbuildable architecture or a vision
@@ -102,7 +125,8 @@ def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16"
     with ExitStack() as stack:
         source = SourceTensors(model_dir, stack)
         keys, block_fp8_keys = set(source.location), set(source.scales)
-        source_block, shapes = source.block, {key: source.shape(key) for key in block_fp8_keys}
+        num_layers = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
+        as_stored = mtp_as_stored(source, source.names(), num_layers)
     layout = CheckpointLayout(model, keys)
     report = CheckReport(model_type, [])
     quantization = getattr(config, "quantization_config", None)
@@ -137,10 +161,8 @@ def check_model(model_dir: Path, formats: list[str], vision_format: str = "BF16"
     report.vision = vision_assignment(model_dir, vision_format)
     quantized_vision = {f"{name}.weight" for name, fmt in report.vision.items() if fmt != "BF16"}
     report.passthrough = sorted(keys - used - quantized_vision)
-    report.num_layers = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", None)
-    report.fp8_as_stored = {key for key in set(report.passthrough) & block_fp8_keys if key.endswith(".weight")
-                            and unloaded_root(key, report.num_layers) is not None
-                            and keeps_stored(source_block, shapes[key])}
+    report.num_layers = num_layers
+    report.fp8_as_stored = {f"{name}.weight" for name in as_stored} & set(report.passthrough)
     report.dequantized = set(report.passthrough) & block_fp8_keys - report.fp8_as_stored
     if report.problems:  # the targets cannot be read from a checkpoint that lacks parameters
         return report

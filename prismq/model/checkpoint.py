@@ -142,6 +142,10 @@ class SourceTensors:
         per_element = block_expand(scales, tuple(rows.shape), self.block, start - first * self.block[0])
         return (rows.float() * per_element).to(self.dequantized_dtype)
 
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it (a block-FP8 weight: its E4M3 codes, not dequantized)."""
+        return _read(self.location[name], name)
+
     def block_scales(self, name: str) -> torch.Tensor | None:
         """The block scales of a block-FP8 weight as stored (float, [ceil(rows / block), ceil(columns / block)]);
         None for any other tensor."""

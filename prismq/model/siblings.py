@@ -23,15 +23,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# Fused layer name -> the leaf names vLLM loads into it (packed_modules_mapping of its model classes).
-FUSED_LEAVES: dict[str, frozenset[str]] = {
-    "qkv_proj": frozenset({"q_proj", "k_proj", "v_proj"}),
-    "gate_up_proj": frozenset({"gate_proj", "up_proj"}),
-    "w13": frozenset({"w1", "w3"}),
-    "in_proj_qkvz": frozenset({"in_proj_qkv", "in_proj_z"}),  # Qwen3.5 linear attention (Gated DeltaNet)
-    "in_proj_ba": frozenset({"in_proj_b", "in_proj_a"}),
-    "fused_qkv_a_proj": frozenset({"q_a_proj", "kv_a_proj_with_mqa"}),  # DeepSeek V2/V3 MLA, Kimi
+# Fused layer name -> the leaf names vLLM loads into it (packed_modules_mapping of its model classes), in the
+# order vLLM stacks them (shard 0 first).
+FUSED_LEAVES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "w13": ("w1", "w3"),
+    "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),  # Qwen3.5 linear attention (Gated DeltaNet)
+    "in_proj_ba": ("in_proj_b", "in_proj_a"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek V2/V3 MLA, Kimi
 }
+
+
+def stacking_order(name: str) -> int:
+    """Where Linear `name` lies in the vLLM layer it is fused into (0: first; a Linear fused into none: 0)."""
+    leaf = name.rpartition(".")[2]
+    return next((leaves.index(leaf) for leaves in FUSED_LEAVES.values() if leaf in leaves), 0)
+
 
 # The member of each fused layer that keeps the probe's input sample for all of them (they read one input).
 SAMPLE_LEAF = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj", "w13": "w1", "in_proj_qkvz": "in_proj_qkv",

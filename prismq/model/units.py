@@ -33,7 +33,7 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.formats.fp8_source import partial_rows_last
 from prismq.model.linears import quantizable
-from prismq.model.siblings import EXPERT, fused_name, unit_groups
+from prismq.model.siblings import EXPERT, fused_name, stacking_order, unit_groups
 from prismq.model.targets import model_targets
 
 # model_type values whose fusion the rule above was checked against (vLLM model files, packed_modules_mapping).
@@ -104,7 +104,8 @@ def legal_formats(unit: Unit, formats: list[str], block_fp8: Collection[str] = (
     keeping the model dtype is always possible."""
     if unit.pinned is not None:
         return [get_format(unit.pinned).name]
-    return formats_legal_for(unit.shapes, formats, experts=bool(EXPERT.match(unit.members[0])),
+    stacked = [shape for _, shape in sorted(zip(unit.members, unit.shapes), key=lambda m: stacking_order(m[0]))]
+    return formats_legal_for(stacked, formats, experts=bool(EXPERT.match(unit.members[0])),
                              block_fp8=all(member in block_fp8 for member in unit.members))
 
 

@@ -96,7 +96,7 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
                settings: GPTQSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """One GPTQ run with the factor `upper` (of the permuted H when `order` is given): (codes, scales)."""
     dtype, (rows, columns), g = weight.dtype, weight.shape, grid.group_size
-    work = weight.to(upper.dtype).clone()
+    work = weight.to(upper.dtype).clone(memory_format=torch.contiguous_format)  # row-major whatever weight's layout
     importance = upper.diagonal().square().reciprocal()  # GPTQ's cost per unit squared error, permuted order
     static = order is not None or settings.block_size % g != 0  # else every group lies inside one block
     if static:  # every group's scale fixed up front, from the original weights
@@ -114,7 +114,8 @@ def _gptq_pass(grid: Grid, weight: torch.Tensor, upper: torch.Tensor, order: tor
     groups = group_index.to(torch.int32)
     for start in range(0, columns, settings.block_size):
         end = min(start + settings.block_size, columns)
-        block, block_upper = work[:, start:end].clone(), upper[start:end, start:end]
+        block = work[:, start:end].clone(memory_format=torch.contiguous_format)
+        block_upper = upper[start:end, start:end]
         errors = torch.empty_like(block)
         if fused is not None:
             gptq_block(block, block_upper, inverse_diagonal[start:end], fused, groups[start:end],

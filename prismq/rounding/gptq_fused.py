@@ -68,12 +68,14 @@ def fused_steps(grid: Any, scales: torch.Tensor, weight: torch.Tensor) -> FusedS
 
 def gptq_block(block: torch.Tensor, upper: torch.Tensor, inverse_diagonal: torch.Tensor, steps: FusedSteps,
                groups: torch.Tensor, inputs: torch.Tensor, errors: torch.Tensor) -> None:
-    """Run GPTQ's column loop over `block` [rows, width] (fp32, updated in place) with the block's factor `upper`
-    [width, width] (any strides: a Cholesky factor is often a transposed view) and `inverse_diagonal` [width]
-    (1 / U_jj): each column's value cast to the weight dtype goes to
-    `inputs` [rows, width] (a view into the weight-dtype matrix of what every column rounded), its scaled error to
-    `errors` [rows, width] (fp32). `groups` [width] (int32): each column's group in `steps`."""
+    """Run GPTQ's column loop over `block` [rows, width] (fp32, row-major; read, not written back) with the block's
+    factor `upper` [width, width] (any strides: a Cholesky factor is often a transposed view) and
+    `inverse_diagonal` [width] (1 / U_jj): each column's value cast to the weight dtype goes to `inputs`
+    [rows, width] (a view into the weight-dtype matrix of what every column rounded), its scaled error to `errors`
+    [rows, width] (fp32). `groups` [width] (int32): each column's group in `steps`."""
     rows, width = block.shape
+    if block.stride(1) != 1 or inputs.stride(1) != 1 or errors.stride(1) != 1:
+        raise ValueError("gptq_block needs row-major block, inputs and errors")
     _block_kernel[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         block, upper, inverse_diagonal, steps.steps, groups, inputs, errors, rows, width,
         block.stride(0), upper.stride(0), upper.stride(1), steps.steps.stride(0), inputs.stride(0), errors.stride(0),
