@@ -144,8 +144,9 @@ def write_checkpoint(source_dir: Path, assignment: dict[str, str], out_dir: Path
         for key in tqdm(source.names(), desc="export", unit="tensor", disable=not progress):
             stem = key.removesuffix(".weight")
             if stem in mtp_fp8:  # an MTP head's Linear stored in block FP8: shipped as stored (FP8_SOURCE's layout)
-                shards.add(key, source.stored(key))
-                shards.add(f"{stem}.weight_scale", source.block_scales(key).float())  # type: ignore[union-attr]
+                stored = get_format("FP8_SOURCE").stored_tensors(source.stored(key), source.block_scales(key))
+                for suffix, tensor in stored.items():
+                    shards.add(f"{stem}.{suffix}", tensor)
                 continue
             if key not in replaced and get_format(vision.get(stem, "BF16")).scheme() is not None:
                 weight = source.get(key)

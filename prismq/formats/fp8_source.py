@@ -90,11 +90,17 @@ class FP8Source(Format):
         if tuple(scales.shape) != expected:
             raise FormatError(f"{name}: block scales of shape {list(scales.shape)}, expected {list(expected)}")
         codes = round_to_e4m3(weight.float() / block_expand(scales, tuple(weight.shape)))  # type: ignore[arg-type]
-        tensors = {"weight": codes, "weight_scale": scales}
+        tensors = self.stored_tensors(codes, scales)
         if not torch.equal(self.decode(tensors, weight.dtype), weight):
             raise FormatError(f"{name}: the weight is not its block-FP8 source's (it does not decode back to "
                               "itself under the source's scales)")
         return tensors
+
+    def stored_tensors(self, codes: torch.Tensor, block_scales: torch.Tensor) -> Tensors:
+        """The shipped tensors of a weight the source stores as E4M3 `codes` under `block_scales`: those bytes, the
+        scales as float32 (how the exporter writes a tensor the model does not load, e.g. an MTP head's, without
+        reading it dequantized first)."""
+        return {"weight": codes, "weight_scale": block_scales.float()}
 
     def decode(self, tensors: Tensors, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         codes, scales = tensors["weight"], tensors["weight_scale"]
