@@ -103,11 +103,10 @@ def test_nvfp4_global_scale_found_on_the_gpu_equals_the_cpu_codec(name: str, dty
         assert torch.equal(_bits(got[index]), _bits(alone)), factors[index]
 
 
-@pytest.mark.parametrize("columns", [16384, 20000])
-def test_fp8_rows_held_whole_or_visited_twice_equal_the_cpu_codec(columns: int) -> None:
-    """Rows up to WHOLE_ROW columns are read once; longer rows in two passes: both equal the CPU codec."""
+def test_fp8_long_rows_equal_the_cpu_codec() -> None:
+    """Rows longer than a program's step (two passes over each row: its absmax, then the rounding)."""
     fmt = get_format("FP8")
-    weight = (torch.randn(6, columns, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    weight = (torch.randn(6, 20000, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
     weight[1] = 0.0
     weight[2, 17] = 30.0
     assert torch.equal(_bits(fmt.qdq(weight.cuda()).cpu()), _bits(fmt.decode(fmt.encode(weight))))

@@ -23,8 +23,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 GROUPS_PER_PROGRAM = 128  # NVFP4 / MX groups each program rounds (a [128, group] tile; 64 and 256 were slower)
-ROW_BLOCK = 1024  # FP8 per-channel: columns a program visits per step of a row too long to hold
-WHOLE_ROW = 16384  # FP8 per-channel: the longest row a program holds in registers (read once, not twice)
+ROW_BLOCK = 1024  # FP8 per-channel: columns a program visits per step of its row
 AMAX_BLOCK = 8192  # NVFP4's global absmax: values each program reduces
 
 
@@ -59,10 +58,6 @@ def fused_qdq(grid: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | No
         groups = x.numel() // 32
         _mx_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, groups, IS_BF16=bf16,
                                                                FP4=grid.fmt.element is E2M1, BLOCK=GROUPS_PER_PROGRAM)
-    elif x.shape[-1] <= WHOLE_ROW:  # a row in registers: read once
-        block = triton.next_power_of_2(x.shape[-1])
-        _fp8_row_kernel[(x.numel() // x.shape[-1],)](x, out, flag, x.shape[-1], IS_BF16=bf16, BLOCK=block,
-                                                     num_warps=max(4, min(16, block // 1024)))
     else:
         columns = x.shape[-1]
         _fp8_rows_kernel[(x.numel() // columns,)](x, out, flag, columns, IS_BF16=bf16, BLOCK=ROW_BLOCK)
@@ -192,18 +187,6 @@ if triton is not None:
         else:
             values = _to_e4m3(scaled)
         tl.store(out_ptr + offsets, (values * step).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _fp8_row_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
-        """FP8 per channel, one row (at most BLOCK columns) per program, read once."""
-        column = tl.arange(0, BLOCK)
-        offsets = tl.program_id(0).to(tl.int64) * columns + column
-        x = tl.load(x_ptr + offsets, mask=column < columns, other=0.0).to(tl.float32)
-        _flag_non_finite(flag_ptr, x)
-        scale = _as_dtype(tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0), IS_BF16)
-        scale = tl.where(scale == 0.0, 0.0078125 if IS_BF16 else 1.1920928955078125e-07, scale)
-        codes = _to_e4m3(_as_dtype(tl.math.div_rn(x, scale), IS_BF16) + 0.0)
-        tl.store(out_ptr + offsets, (codes * scale).to(out_ptr.dtype.element_ty), mask=column < columns)
 
     @triton.jit
     def _fp8_rows_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
