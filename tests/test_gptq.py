@@ -167,3 +167,25 @@ def test_siblings_rounded_together_equal_each_rounded_alone(name: str, sweep: bo
         assert together[leaf].method == alone.method
         assert together[leaf].error == pytest.approx(alone.error, rel=1e-9)
         assert together[leaf].rtn_error == pytest.approx(alone.rtn_error, rel=1e-9)
+
+
+def test_a_shared_factor_cache_factorizes_once_and_changes_nothing(monkeypatch) -> None:
+    """Several roundings of one weight on one H (formats, with and without the sweep) share H's factorizations."""
+    import prismq.rounding.gptq as gptq_module
+
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(32, 128, generator=g) * 0.02).to(torch.bfloat16)
+    x = correlated_inputs(128, seed=4)
+    hessian = x.T @ x
+    calls = []
+    original = gptq_module._inverse_cholesky
+    monkeypatch.setattr(gptq_module, "_inverse_cholesky", lambda *a: calls.append(a[1]) or original(*a))
+    factors: dict = {}
+    for name, sweep in (("NVFP4", False), ("NVFP4", True), ("MXFP8", False)):
+        settings = GPTQSettings(block_size=32, damping=(0.01, 0.1), sweep=sweep)
+        grid = get_format(name).grid(weight)
+        shared = gptq_siblings(grid, {"w": weight}, hessian, settings, factors)["w"]
+        alone = gptq(grid, weight, hessian, settings)
+        assert torch.equal(as_bits(shared.codes), as_bits(alone.codes)) and torch.equal(shared.scales, alone.scales)
+    assert sorted(factors) == [0.01, 0.1]
+    assert len(calls) == 2 + 3 * 2  # the shared ones once per damping, the three alone twice each

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import build_tiny_llama
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.errors import PrismqError
+from prismq.export.encode import encode_model
 from prismq.measure.kl import evaluate_candidates
 from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.source import load_model
@@ -117,6 +118,42 @@ def test_a_variant_ships_the_lanes_tensors_with_its_own_and_measures_them(tiny_l
     assert [r.mean_kl for r in walk.kl[2:]] == [r.mean_kl for r in expected]
     assert walk.kl[4].mean_kl == walk.kl[0].mean_kl != walk.kl[2].mean_kl
     assert walk.kl[5].mean_kl != walk.kl[2].mean_kl  # the rtn lane's variant is rounded to nearest
+
+
+def test_a_method_variant_rounds_every_unit_on_the_lanes_inputs_and_measures_what_it_ships(
+        tiny_llama_dir: Path) -> None:
+    """`--rounding best`: gptq and rtn are variants of the gptq+sweep lane (its calibration hidden states and
+    Hessians, one calibration pass), each with its own tensors for every unit that rounds weights."""
+    names = [n for n, m in build_tiny_llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    base = {**{n: "NVFP4" for n in names}, "model.layers.0.mlp.up_proj": "BF16", "model.layers.0.mlp.gate_proj": "BF16"}
+    amax = {n: torch.tensor(3.0) for n in names}
+    g = torch.Generator().manual_seed(5)
+    calibration, heldout = torch.randint(0, 512, (4, 32), generator=g), torch.randint(0, 512, (2, 32), generator=g)
+    with LayerStream(tiny_llama_dir, torch.float32) as stream:
+        walk = round_lanes(stream, [(base, "gptq+sweep")], calibration, heldout, amax, progress=False,
+                           variants=[(0, base, "gptq"), (0, base, "rtn")])
+        gptq_alone = round_lanes(stream, [(base, "gptq")], calibration, heldout, amax, progress=False)
+    rounded = {n for n, f in base.items() if f != "BF16"}
+    assert set(walk.rounded[1].encoded) == set(walk.rounded[2].encoded) == rounded  # BF16: the lane's tensors
+    layer0 = [n for n in rounded if n.startswith("model.layers.0.")]
+    for name in layer0:  # layer 0's inputs are the same for every walk: the same tensors as a gptq walk's own
+        assert all(torch.equal(_tensor_bits(t), _tensor_bits(gptq_alone.rounded[0].encoded[name][k]))
+                   for k, t in walk.rounded[1].encoded[name].items())
+    sweep_down = walk.rounded[0].encoded["model.layers.0.self_attn.o_proj"]["weight_scale"]
+    assert not torch.equal(_tensor_bits(sweep_down), _tensor_bits(walk.rounded[1].encoded[
+        "model.layers.0.self_attn.o_proj"]["weight_scale"]))  # the sweep moved some scales: a different method
+    rtn = encode_model(load_model(tiny_llama_dir, torch.float32), base, amax, torch.bfloat16)
+    for name in layer0:
+        assert all(torch.equal(_tensor_bits(t), _tensor_bits(rtn[name][k]))
+                   for k, t in walk.rounded[2].encoded[name].items())
+    models = []
+    for number in (1, 2):
+        tensors = {**{n: walk.rounded[0].encoded[n] for n in names}, **walk.rounded[number].encoded}
+        model = load_model(tiny_llama_dir, torch.float32)
+        apply_fake_quant(model, base, tensors, torch.bfloat16)
+        models.append(model)
+    expected = evaluate_candidates(load_model(tiny_llama_dir, torch.float32), models, heldout, progress=False)
+    assert [r.mean_kl for r in walk.kl[1:]] == [r.mean_kl for r in expected]
 
 
 def test_streamed_input_ranges_equal_the_whole_model_ones(tiny_llama_dir: Path) -> None:
@@ -277,3 +314,18 @@ def test_the_input_embeddings_are_read_in_the_checkpoint_dtype_only_while_a_walk
     with torch.no_grad():
         expected = [model.model.embed_tokens(block[None]) for block in blocks]
     assert all(h.dtype == torch.float32 and torch.equal(h, e) for (h, _), e in zip(inputs, expected))
+
+
+def test_a_layers_config_keeps_what_can_match_inside_it_and_nothing_of_other_layers() -> None:
+    from prismq.engine.stream import layer_config
+
+    config = {"format": "mixed",
+              "config_groups": {"g0": {"targets": ["model.layers.1.mlp.up_proj", "model.layers.10.mlp.up_proj",
+                                                   "re:.*experts.*", "Linear"]},
+                                "g1": {"targets": ["model.layers.2.mlp.down_proj"]}},
+              "ignore": ["lm_head", "model.layers.1.self_attn.q_proj", "model.layers.11.mlp.gate", "re:mtp.*"]}
+    got = layer_config(config, "model.layers.1.")
+    assert got == {"format": "mixed",
+                   "config_groups": {"g0": {"targets": ["model.layers.1.mlp.up_proj", "re:.*experts.*", "Linear"]}},
+                   "ignore": ["lm_head", "model.layers.1.self_attn.q_proj", "re:mtp.*"]}
+    assert config["config_groups"]["g1"]["targets"] == ["model.layers.2.mlp.down_proj"]  # the input is untouched

@@ -164,12 +164,18 @@ def gptq(grid: Grid, weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQ
     return gptq_siblings(grid, {name: weight}, hessian, settings)[name]
 
 
+Factors = dict[float, tuple[float, torch.Tensor | None]]  # damping asked -> (damping used, factor or None)
+
+
 def gptq_siblings(grid: Grid, weights: dict[str, torch.Tensor], hessian: torch.Tensor,
-                  settings: GPTQSettings = GPTQSettings()) -> dict[str, Rounded]:
+                  settings: GPTQSettings = GPTQSettings(), factors: Factors | None = None) -> dict[str, Rounded]:
     """GPTQ of fused siblings (q/k/v, gate/up) in one pass: they share their input, hence H, and their grid (one
     joint amax), and GPTQ treats rows independently, so their stacked rows are rounded together (one column loop
     instead of one per sibling). Each sibling still gets its own choice between round-to-nearest and the damping
-    values, on its own output error. A single weight is a group of one."""
+    values, on its own output error. A single weight is a group of one.
+
+    `factors`: a cache of H's inverse Cholesky factors per damping, for several roundings of the same weights on
+    the same H (other formats, with and without the scale sweep): each factorization is then computed once."""
     names = list(weights)
     weight = torch.cat(list(weights.values())) if len(weights) > 1 else weights[names[0]]
     label = "/".join(names)
@@ -190,11 +196,15 @@ def gptq_siblings(grid: Grid, weights: dict[str, torch.Tensor], hessian: torch.T
     best = [("rtn", rtn.codes, rtn.scales, rtn.weight, error) for error in rtn_errors]
     order = torch.argsort(hessian.diagonal(), descending=True) if settings.act_order else None
     tried = 0
-    for damping in settings.damping:
-        upper = _inverse_cholesky(hessian, damping, order)
-        while upper is None and damping < MAX_DAMPING:
-            damping *= 10
-            upper = _inverse_cholesky(hessian, damping, order)
+    factors = {} if factors is None else factors
+    for asked in settings.damping:
+        if asked not in factors:
+            damping, upper = asked, _inverse_cholesky(hessian, asked, order)
+            while upper is None and damping < MAX_DAMPING:
+                damping *= 10
+                upper = _inverse_cholesky(hessian, damping, order)
+            factors[asked] = (damping, upper)
+        damping, upper = factors[asked]
         if upper is None:
             continue
         tried += 1

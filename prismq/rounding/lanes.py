@@ -7,11 +7,12 @@ on a whole model), then advances its calibration and held-out hidden states thro
 advances its held-out hidden states through the layer as read. Memory: a few copies of one layer plus each lane's
 hidden states, never a model copy.
 
-A variant of a lane (the alternatives the round stage measures: the knapsack's own mix, uniform formats) differs
-from it on some units. Those are rounded like the lane's own, by the same method on the lane's calibration hidden
-states and the same Hessians (no calibration pass of its own), every other target keeps the lane's tensors, and its
-held-out hidden states branch off the lane's at its first changed layer (tail replay). What a variant measures is
-what it would ship: the lane's tensors with its own in place.
+A variant of a lane (the alternatives the round stage measures: the knapsack's own mix, uniform formats; the same
+assignment rounded by another method) differs from it on some units: where its format differs, and everywhere a
+format rounds weights when its method differs. Those are rounded on the lane's calibration hidden states and the
+same Hessians (no calibration pass of its own; each Hessian factorized once for every format and method), every
+other target keeps the lane's tensors, and its held-out hidden states branch off the lane's at its first changed
+layer (tail replay). What a variant measures is what it would ship: the lane's tensors with its own in place.
 
 At the end the held-out hidden states of every lane and variant go through the final norm and the output head,
 chunk by chunk, and are compared with the reference's by full-vocabulary KL (`prismq.measure.kl`).
@@ -55,6 +56,7 @@ class Lane:
     calibration: list[LayerInput] = field(default_factory=list)
     heldout: list[LayerInput] = field(default_factory=list)
     rounded: RoundedModel = field(default_factory=lambda: RoundedModel({}))
+    calibrated: bool = True  # its calibration hidden states advance (GPTQ, its own or a variant's, reads them)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Variant:
     held-out hidden states once it has branched off (None before its first changed layer) and its own tensors."""
 
     lane: int
+    method: Method
     changes: dict[int, dict[str, str]]  # decoder layer -> target name -> format, where it differs from the lane
     heldout: list[LayerInput] | None = None
     rounded: RoundedModel = field(default_factory=lambda: RoundedModel({}))
@@ -92,13 +95,15 @@ def _by_layer(stream: LayerStream, assignment: dict[str, str]) -> dict[int, list
     return by_layer
 
 
-def _changes(stream: LayerStream, lane: dict[str, str], variant: dict[str, str]) -> dict[int, dict[str, str]]:
-    """Where `variant` differs from its lane's assignment, per decoder layer (both assign the same targets)."""
+def _changes(stream: LayerStream, lane: dict[str, str], variant: dict[str, str],
+             method_differs: bool) -> dict[int, dict[str, str]]:
+    """Where `variant`'s tensors differ from its lane's, per decoder layer (both assign the same targets): where
+    the format differs, and, when `method_differs`, wherever the format rounds weights."""
     if variant.keys() != lane.keys():
         raise PrismqError("a variant must assign the same targets as its lane")
     changes: dict[int, dict[str, str]] = {}
     for name, fmt in variant.items():
-        if fmt != lane[name]:
+        if fmt != lane[name] or method_differs and get_format(fmt).rounds_weights:
             index = stream.layer_of(name)
             if index is None:
                 raise PrismqError(f"{name}: a variant can change only targets inside the decoder layers")
@@ -112,21 +117,24 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, variants: list[tuple[int, dict[str, str]]] | None = None) -> LaneResults:
+                progress: bool = True, variants: list[tuple] | None = None) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
     blocks in batches of `batch_size`, None when every method is rtn; held-out blocks one at a time, as the KL
-    evaluator runs them). `variants`: (lane index, assignment) pairs, each rounded and measured as a variant of that
-    lane (see the module docstring).
+    evaluator runs them). `variants`: (lane index, assignment) pairs, or (lane index, assignment, method) triples,
+    each rounded (by the lane's method unless one is given) and measured as a variant of that lane (see the module
+    docstring).
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory. `state` (with `spill_dir`): the walk saves its hidden states after every layer there, and a
     rerun with the same state resumes after the last layer saved."""
-    for _, method in candidates:
+    specs = [(spec[0], spec[1], spec[2] if len(spec) > 2 else candidates[spec[0]][1]) for spec in variants or []]
+    methods = [m for _, m in candidates] + [m for _, _, m in specs]
+    for method in methods:
         if method not in METHODS:
             raise PrismqError(f"unknown rounding {method!r} (choose from {', '.join(METHODS)})")
-    if calibration is None and any(method != "rtn" for _, method in candidates):
+    if calibration is None and any(m != "rtn" for m in methods):
         raise PrismqError("GPTQ needs calibration blocks")
     settings = settings or GPTQSettings()
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
@@ -142,8 +150,11 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
 
     lanes = [Lane(assignment, method, first_calibration, first_heldout, store(f"candidate-{k}"))
              for k, (assignment, method) in enumerate(candidates)]
-    branches = [Variant(k, _changes(stream, candidates[k][0], assignment), rounded=store(f"variant-{j}"))
-                for j, (k, assignment) in enumerate(variants or [])]
+    branches = [Variant(k, method, _changes(stream, candidates[k][0], assignment, method != candidates[k][1]),
+                        rounded=store(f"variant-{j}"))
+                for j, (k, assignment, method) in enumerate(specs)]
+    for k, lane in enumerate(lanes):
+        lane.calibrated = any(m != "rtn" for m in [lane.method, *(b.method for b in branches if b.lane == k)])
     reference = None if reference_hidden is not None else first_heldout
     if saved is not None:
         reference = _restore(saved, lanes, branches, reference, stream)
@@ -198,7 +209,7 @@ def _save(state: WalkState, layer: int, lanes: list[Lane], branches: list[Varian
     held-out hidden states."""
     tensors: dict[str, torch.Tensor] = {}
     for number, lane in enumerate(lanes):
-        if lane.method != "rtn":  # round-to-nearest never advances its calibration inputs
+        if lane.calibrated:  # round-to-nearest alone never advances its calibration inputs
             tensors.update(pack(f"lane{number}.calibration", [h for h, _ in lane.calibration]))
         tensors.update(pack(f"lane{number}.heldout", [h for h, _ in lane.heldout]))
     for number, branch in enumerate(branches):
@@ -206,7 +217,7 @@ def _save(state: WalkState, layer: int, lanes: list[Lane], branches: list[Varian
             tensors.update(pack(f"variant{number}.heldout", [h for h, _ in branch.heldout]))
     if reference is not None:
         tensors.update(pack("reference", [h for h, _ in reference]))
-    state.save(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes],
+    state.checkpoint(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes],
                branched=[n for n, b in enumerate(branches) if b.heldout is not None])
 
 
@@ -221,7 +232,7 @@ def _restore(saved: tuple, lanes: list[Lane], branches: list[Variant], reference
         return [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
 
     for number, (lane, details) in enumerate(zip(lanes, meta["details"])):
-        if lane.method != "rtn":
+        if lane.calibrated:
             lane.calibration = restored(f"lane{number}.calibration", lane.calibration)
         lane.heldout = restored(f"lane{number}.heldout", lane.heldout)
         lane.rounded.details = {name: tuple(value) for name, value in details.items()}
@@ -238,10 +249,10 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
     for branch in branches:
         if branch.heldout is None and index == min(branch.changes, default=-1):
             branch.heldout = lane.heldout  # the variant branches off here
-    others: dict[str, set[str]] = {}
+    others: dict[str, set[tuple[str, Method]]] = {}
     for branch in branches:
         for name, fmt in branch.changes.get(index, {}).items():
-            others.setdefault(name, set()).add(fmt)
+            others.setdefault(name, set()).add((fmt, branch.method))
     extra = {}
     if groups:
         extra = round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method,
@@ -255,7 +266,8 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
         if not changed:
             branch.heldout = run_layer(layer, branch.heldout)
             continue
-        branch.rounded.encoded.update({name: extra[variant_key(name, fmt)] for name, fmt in changed.items()})
+        branch.rounded.encoded.update({name: extra[variant_key(name, fmt, branch.method)]
+                                       for name, fmt in changed.items()})
         tensors = {name: branch.rounded.encoded[name] if name in changed else lane.rounded.encoded[name]
                    for name in here}
         with as_read() as copied:
@@ -264,7 +276,7 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
             branch.heldout = run_layer(copied, branch.heldout)
         if isinstance(branch.rounded.encoded, EncodedStore):
             branch.rounded.encoded.flush()
-    if lane.method != "rtn":  # round-to-nearest never looks at its inputs
+    if lane.calibrated:  # round-to-nearest alone never looks at its inputs
         lane.calibration = run_layer(layer, lane.calibration)
     lane.heldout = run_layer(layer, lane.heldout)
     if isinstance(lane.rounded.encoded, EncodedStore):

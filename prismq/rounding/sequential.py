@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -35,7 +35,7 @@ from prismq.model.fake_quant import apply_fake_quant
 from prismq.model.siblings import sibling_groups
 from prismq.model.experts import ExpertCall, ExpertCalls, parameters_of
 from prismq.model.targets import Target, targets_named
-from prismq.rounding.gptq import GPTQSettings, Rounded, gptq_siblings
+from prismq.rounding.gptq import Factors, GPTQSettings, Rounded, gptq_siblings
 from prismq.rounding.store import EncodedStore, variant_key
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
@@ -90,17 +90,19 @@ def input_hessians(layer: nn.Module, modules: dict[str, nn.Linear],
 
 class _SiblingGPTQ:
     """The codec's rounding callback for one fused group: on the first call, GPTQ of every sibling at once (they
-    share H and the grid, see gptq_siblings); each call returns that sibling's shipped tensors."""
+    share H and the grid, see gptq_siblings); each call returns that sibling's shipped tensors. `factors`: the
+    group's cache of H's factorizations, shared by its roundings in other formats and methods."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], hessian: torch.Tensor, settings: GPTQSettings) -> None:
-        self.weights, self.hessian, self.settings = weights, hessian, settings
+    def __init__(self, weights: dict[str, torch.Tensor], hessian: torch.Tensor, settings: GPTQSettings,
+                 factors: Factors | None = None) -> None:
+        self.weights, self.hessian, self.settings, self.factors = weights, hessian, settings, factors
         self.rounded: dict[str, Rounded] = {}
 
     def __call__(self, grid: Grid, weight: torch.Tensor, name: str) -> Tensors:
         if weight is not self.weights[name]:
             raise PrismqError(f"{name}: the codec handed GPTQ a weight other than the one stacked with its siblings")
         if not self.rounded:
-            self.rounded = gptq_siblings(grid, self.weights, self.hessian, self.settings)
+            self.rounded = gptq_siblings(grid, self.weights, self.hessian, self.settings, self.factors)
         return self.rounded[name].pack(grid)
 
 
@@ -162,26 +164,27 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
                 method: Method, inputs: list[LayerInput], input_amax: dict[str, torch.Tensor],
                 settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel,
                 targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES,
-                others: Mapping[str, Collection[str]] | None = None,
+                others: Mapping[str, Collection[tuple[str, Method]]] | None = None,
                 source: SourceTensors | None = None) -> dict[str, Tensors]:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
     `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
 
-    `others`: more formats to encode some of the groups' members in (name -> formats; a group's members alike),
-    with the same method on the same Hessians, for variants of this assignment; their tensors are returned, keyed
-    by `variant_key`, and not installed. `targets`: the model's targets (routed experts need them); `source`: the
-    checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every Hessian
-    is taken on the layer as read (the layer is fake-quantized once all its groups are encoded); routed experts'
+    `others`: more (format, method) pairs to encode some of the groups' members in (name -> pairs; a group's
+    members alike), on the same Hessians (and each H factorized once), for variants of this assignment; their
+    tensors are returned, keyed by `variant_key(name, format, method)`, and not installed. `targets`: the model's
+    targets (routed experts need them); `source`: the checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every
+    Hessian is taken on the layer as read (the layer is fake-quantized once all its groups are encoded); routed experts'
     Hessians, one per expert over its routed tokens, are taken a chunk of experts at a time, at most
     `hessian_bytes` of them at once."""
-    settings = GPTQSettings(settings.block_size, settings.act_order, settings.damping, sweep=method == "gptq+sweep")
     others = others or {}
     known = targets_named([name for group in groups for name in group], modules, targets)
 
-    def formats_of(group: list[str]) -> list[str]:
-        return [assignment[group[0]], *sorted(others.get(group[0], ()))]
+    def pairs_of(group: list[str]) -> list[tuple[str, Method]]:
+        """The group's own (format, method) first, then its variants' others."""
+        own = (assignment[group[0]], method)
+        return [own, *sorted(set(others.get(group[0], ())) - {own})]
 
-    to_gptq = [g for g in groups if method != "rtn" and any(get_format(f).rounds_weights for f in formats_of(g))]
+    to_gptq = [g for g in groups if any(m != "rtn" and get_format(f).rounds_weights for f, m in pairs_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
     hessians = input_hessians(layer, {g[0]: modules[known[g[0]].module] for g in dense}, inputs) if dense else {}
@@ -191,13 +194,16 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
 
     def encode(group: list[str], hessian: torch.Tensor | None) -> None:
         weights = {name: known[name].weight(modules, weight_dtype) for name in group}
-        for number, format_name in enumerate(formats_of(group)):
-            rounding = _SiblingGPTQ(weights, hessian, settings) if hessian is not None else None
+        factors: Factors = {}
+        for number, (format_name, how) in enumerate(pairs_of(group)):
+            rounding = None
+            if hessian is not None and how != "rtn":
+                rounding = _SiblingGPTQ(weights, hessian, replace(settings, sweep=how == "gptq+sweep"), factors)
             tensors = encode_group(format_name, weights, input_amax, rounding=rounding,
                                    block_scales=source_block_scales(format_name, {n: known[n] for n in group},
                                                                     source))
             if number:
-                variants.update({variant_key(name, format_name): tensors[name] for name in group})
+                variants.update({variant_key(name, format_name, how): tensors[name] for name in group})
                 continue
             if rounding is not None and rounding.rounded:
                 result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})

@@ -102,52 +102,51 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
         return Rounding.model_validate(done["rounding"])
     settings = GPTQSettings(config.gptq_block_size, config.gptq_act_order, tuple(config.gptq_damping))
     methods = list(METHODS) if config.rounding == "best" else [config.rounding]
-    # every alternative is a variant of each method's lane: the units where it differs are rounded on that lane's
-    # calibration hidden states and Hessians, the rest keep the lane's tensors
-    variants = [(k, a) for k in range(len(methods)) for a in alternatives.values()]
+    primary = methods[-1]  # the lane; every other (method, assignment) is its variant, on its inputs and Hessians
+    candidates = {"mix": mix, **alternatives}
+    measured = [(m, name) for m in methods for name in candidates if (m, name) != (primary, "mix")]
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "calibration": fingerprint_tokens(calibration),
                    "selection": fingerprint_tokens(selection), "report": fingerprint_tokens(report),
                    "device": resolve_device(device).type,
-                   "variants": [assignment_fingerprint(a) for a in alternatives.values()]}  # in the walk's order
+                   "variants": [f"{m}:{assignment_fingerprint(candidates[n])}" for m, n in measured]}  # walk order
     state = WalkState(work / "rounded" / "lanes.walk", walk_expect)
     spill_dir = work / "rounded" / "lanes"
     with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
         with log.stage("rounding + selection KL"):
-            walk = round_lanes(stream, [(mix, m) for m in methods], calibration, selection, input_amax, settings,
-                               spill_dir=spill_dir, state=state, variants=variants)
-        kls = {m: r.mean_kl for m, r in zip(methods, walk.kl)}
+            walk = round_lanes(stream, [(mix, primary)], calibration, selection, input_amax, settings,
+                               spill_dir=spill_dir, state=state,
+                               variants=[(0, candidates[n], m) for m, n in measured])
+        kl_of = dict(zip([(primary, "mix"), *measured], walk.kl))
+        kls = {m: kl_of[m, "mix"].mean_kl for m in methods}
         chosen = min(kls, key=kls.__getitem__)
         if len(methods) > 1:
             logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
                         ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-        index = methods.index(chosen)
-        first = index * len(alternatives)  # the chosen lane's variants, in the order of `alternatives`
-        ours = slice(len(methods) + first, len(methods) + first + len(alternatives))
+        stores = dict(zip([(primary, "mix"), *measured], (r.encoded for r in walk.rounded)))  # variants: changes only
+        ours = stores[primary, "mix"]
+        if chosen != primary:
+            ours = EncodedStore.overlay(work / "rounded" / "chosen", ours, stores[chosen, "mix"])
+        own = {name: (alternatives[name], stores[chosen, name]) for name in alternatives}
         with log.stage("report KL"):
-            own = {name: (assignment, walk.rounded[ours][n].encoded)
-                   for n, (name, assignment) in enumerate(alternatives.items())}
             report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
-            reported = _report_kl(stream, mix, walk.rounded[index].encoded, own, report, chosen, input_amax,
-                                  settings, report_state)
+            reported = _report_kl(stream, mix, ours, own, report, chosen, input_amax, settings, report_state)
         reference_report = torch.stack(reported.reference_hidden).cpu()
         write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
                       reference_expect(model_dir, report, dtype))
-    mix_eval, mix_report = walk.kl[index].to_json(), reported.kl[0].to_json()
-    baseline_evals = {name: r.to_json() for name, r in zip(alternatives, walk.kl[ours])}
+    mix_eval, mix_report = kl_of[chosen, "mix"].to_json(), reported.kl[0].to_json()
+    baseline_evals = {name: kl_of[chosen, name].to_json() for name in alternatives}
     baseline_reports = {name: r.to_json() for name, r in zip(alternatives, reported.kl[1:])}
     better = better_uniform(mix_eval["mean_kl"], {n: b["mean_kl"] for n, b in baseline_evals.items()})
     shipped = better or "mix"
-    store = spill_dir / f"candidate-{index}"
+    store = spill_dir / "candidate-0" if chosen == primary else work / "rounded" / "chosen"
     if better is not None:
         logger.info("the mix measured worse on the selection split (mean KL %.5f) than %s in the same bytes (%.5f): "
                     "shipping %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"], shipped)
-        own = walk.rounded[ours][list(alternatives).index(shipped)].encoded
         store = work / "rounded" / "alternative"
-        EncodedStore.overlay(store, EncodedStore.reopen(spill_dir / f"candidate-{index}"),
-                             {name: own[name] for name in own})
-    rounded = walk.rounded[index]
+        EncodedStore.overlay(store, ours, own[shipped][1])
+    details = walk.rounded[0] if chosen == primary else RoundedModel({})  # GPTQ's own statistics: the lane's
     result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
-                      **_error_summary(rounded), input_amax={n: float(v) for n, v in input_amax.items()},
+                      **_error_summary(details), input_amax={n: float(v) for n, v in input_amax.items()},
                       mix_eval=mix_eval, baseline_evals=baseline_evals, mix_report=mix_report,
                       baseline_reports=baseline_reports, shipped=shipped,
                       assignment=mix if shipped == "mix" else alternatives[shipped], store=str(store))

@@ -17,9 +17,10 @@ from prismq.model.checkpoint import TensorFile
 INDEX = "index.json"
 
 
-def variant_key(name: str, fmt: str) -> str:
-    """The store key of a target's tensors in a format other than its assignment's (a variant's)."""
-    return f"{name}|{fmt}"
+def variant_key(name: str, fmt: str, method: str | None = None) -> str:
+    """The store key of a target's tensors in a format other than its assignment's (a variant's), with the rounding
+    method too where variants of one walk differ in it."""
+    return f"{name}|{fmt}" if method is None else f"{name}|{fmt}|{method}"
 
 
 class EncodedStore(Mapping[str, Tensors]):
@@ -51,11 +52,17 @@ class EncodedStore(Mapping[str, Tensors]):
     @classmethod
     def overlay(cls, directory: Path, base: EncodedStore, tensors: Mapping[str, Tensors]) -> EncodedStore:
         """A new store at `directory` holding `tensors` and, for every other Linear of `base`, the base's tensors
-        where they lie (its index points into the base's files; nothing is copied)."""
+        where they lie (its index points into the base's files; nothing is copied, nor are `tensors` when they are
+        a flushed store's)."""
         store = cls(directory)
         store.location = {name: place for name, place in base.location.items() if name not in tensors}
-        store.pending = dict(tensors)
+        if isinstance(tensors, EncodedStore):
+            store.location.update(tensors.location)
+            store.pending = dict(tensors.pending)
+        else:
+            store.pending = dict(tensors)
         store.flush()
+        store._write_index()
         return store
 
     def _read_index(self) -> None:
@@ -85,6 +92,9 @@ class EncodedStore(Mapping[str, Tensors]):
         for name, tensors in self.pending.items():
             self.location[name] = (path, tuple(tensors))
         self.pending = {}
+        self._write_index()
+
+    def _write_index(self) -> None:
         index = {name: [os.path.relpath(file, self.directory), list(suffixes)]
                  for name, (file, suffixes) in self.location.items()}
         partial = self.directory / f".{INDEX}.partial"
