@@ -20,6 +20,13 @@ class Killed(Exception):
     """Stands for the process being killed while a layer is being read."""
 
 
+@pytest.fixture(autouse=True)
+def snapshot_after_every_layer(monkeypatch) -> None:
+    """These tests kill walks at every layer: every walk takes its resume snapshot after each layer (by default
+    at most one per `WalkState.min_interval` seconds)."""
+    monkeypatch.setattr(WalkState, "min_interval", 0.0)
+
+
 @contextmanager
 def streamed(model_dir: Path, kill_at: int | None = None):
     """A LayerStream whose `layer` calls are recorded (the list yielded) and, from call number `kill_at` on, raise."""

@@ -57,7 +57,9 @@ def test_a_flip_measured_by_tail_replay_equals_the_whole_model_kl(tiny_llama_dir
     assert measured.flips[0].delta_kl < 0  # a unit made BF16 lowers the KL: the measurement can see it
 
 
-def test_the_flips_walk_resumes_after_its_last_saved_layer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_the_flips_walk_resumes_after_its_last_saved_layer(tiny_llama_dir: Path, tmp_path: Path,
+                                                            monkeypatch) -> None:
+    monkeypatch.setattr(WalkState, "min_interval", 0.0)  # a snapshot after every layer
     base = _assignment()
     amax = {n: torch.tensor(2.5) for n in base}
     blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))

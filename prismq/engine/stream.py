@@ -75,7 +75,7 @@ class LayerStream:
         self._experts = CompressedExperts(self.source, self.quantization) if self.quantization is not None else None
         keys = self.source.location if self._experts is None else self._experts.keys(self.source.location)
         self.layout = CheckpointLayout(self.model, keys)
-        self._module_config: Any = None  # the export's config as compressed-tensors applies it to modules
+        self._module_config: dict[str, Any] | None = None  # the export's config as compressed-tensors applies it
         self.targets = targets_of(self.model, self.layout, head=True)  # every weight that can take a format
         self.prefix, self.layers = decoder_layers(self.model)
         self.budget = max_memory if max_memory is not None else available_memory(self.device)
@@ -253,11 +253,14 @@ class LayerStream:
 
             assert self._experts is not None
             if self._module_config is None:  # once: it lists every target of the export
-                self._module_config = QuantizationConfig.model_validate(
-                    self._experts.module_config(self.layout.model_name))
-            apply_quantization_config(self.model, self._module_config,
-                                      run_compressed=False, show_progress=False,
-                                      allowed_modules=list(skeleton.modules()))  # matched on the full names
+                self._module_config = self._experts.module_config(self.layout.model_name)
+            config = layer_config(self._module_config, f"{self.prefix}.{index}.")
+            if config["config_groups"]:  # matched on the full names; only this layer's targets (the library
+                # matches every module of the model against every target: all of them, for every layer, cost
+                # seconds on a model of a few hundred Linears)
+                apply_quantization_config(self.model, QuantizationConfig.model_validate(config),
+                                          run_compressed=False, show_progress=False,
+                                          allowed_modules=list(skeleton.modules()))
         module = copy.deepcopy(skeleton)  # meta: free
         handles = [per_layer_arguments(module, index)]
         try:
@@ -409,8 +412,21 @@ def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: boo
         with stream.layer(index) as layer:
             inputs = run_layer(layer, inputs)
         if state is not None:
-            state.save(FORWARD, pack("hidden", [h for h, _ in inputs]), layer=index + 1)
+            state.checkpoint(FORWARD, pack("hidden", [h for h, _ in inputs]), layer=index + 1)
     return [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
+
+
+def layer_config(config: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A compressed-tensors config (as a dict) with only the targets and ignore entries that can match a module
+    under `prefix` (names under it, regexes, class names); config groups left without targets are dropped."""
+
+    def may_match(target: str) -> bool:
+        return target.startswith(("re:", prefix)) or "." not in target
+
+    groups = {name: {**group, "targets": [t for t in group["targets"] if may_match(t)]}
+              for name, group in config["config_groups"].items()}
+    return {**config, "config_groups": {name: group for name, group in groups.items() if group["targets"]},
+            "ignore": [t for t in config.get("ignore") or [] if may_match(t)]}
 
 
 def run_layer(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:

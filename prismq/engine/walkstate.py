@@ -1,7 +1,10 @@
 """Where a walk of the decoder stack stands, on disk, so an interrupted stage resumes after its last finished layer.
 
-A walk (the probe's forward and reverse sweeps, the rounding lanes, a held-out forward) saves after each decoder
-layer what it needs to go on: hidden states, gradients, running sums, and the index of the next layer. The save is
+A walk (the probe's forward and reverse sweeps, the rounding lanes, a held-out forward) saves after a decoder
+layer what it needs to go on: hidden states, gradients, running sums, and the index of the next layer. Walks whose
+snapshot only serves a resume take one after a layer once `WalkState.min_interval` seconds have passed since the
+last (`checkpoint`): a kill loses at most that much work beyond the layer in progress, and a fast walk (a small
+model on a GPU, where writing the hidden states costs more than a layer) is not slowed by its snapshots. The save is
 atomic (one safetensors file, the walk's fingerprint in its header, renamed into place), so a kill at any moment
 leaves either the previous state or the new one. A rerun with the same inputs (the `expect` fingerprint: model,
 text, settings) picks up there; a state saved for other inputs is discarded, never mixed in. The stage deletes the
@@ -17,9 +20,10 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,9 +39,12 @@ WALK_KIND = "walk_state"
 class WalkState:
     """Named snapshots of one walk in `directory`, each valid only for the walk's `expect` fingerprint."""
 
+    min_interval: ClassVar[float] = 30.0  # seconds between a walk's resume snapshots (`checkpoint`)
+
     def __init__(self, directory: Path, expect: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.expect = expect
+        self.last_snapshot = time.monotonic()
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"
@@ -54,6 +61,13 @@ class WalkState:
             os.replace(partial, self._path(name))
         finally:
             partial.unlink(missing_ok=True)
+
+    def checkpoint(self, name: str, tensors: Mapping[str, torch.Tensor], **meta: Any) -> None:
+        """`save`, when `min_interval` seconds have passed since this walk's last snapshot (or its start): for a
+        snapshot that only lets an interrupted walk resume (the walk goes on from the last one taken)."""
+        if time.monotonic() - self.last_snapshot >= self.min_interval:
+            self.save(name, tensors, **meta)
+            self.last_snapshot = time.monotonic()
 
     def load(self, name: str) -> tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None:
         """Snapshot `name` if one was saved for this walk (tensors read when asked for), else None; a snapshot of

@@ -167,7 +167,7 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
             scored_outputs = _hooked(layer, inputs_to_score, hooks)
             inputs = outputs if token_max is None else scored_outputs
         if state is not None:
-            state.save(RANGES, {**pack("hidden", [h for h, _ in inputs]),
+            state.checkpoint(RANGES, {**pack("hidden", [h for h, _ in inputs]),
                                 **{f"errors:{n}": e for n, e in errors.items()},
                                 **{f"candidates:{n}": c for n, c in candidates.items()}}, layer=index + 1)
     outside = [g[0] for g in groups if g[0] not in errors]

@@ -136,7 +136,7 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
             tensors = {**pack("reference", [h for h, _ in reference]), **pack("base", [h for h, _ in base_lane])}
             for number, hidden in lanes.items():
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
-            state.save(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
+            state.checkpoint(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
     lanes_in_order = [base_lane, *(lanes[number] for number in range(len(flips)))]
     results = lanes_kl(stream, blocks, final_states(stream, reference), lanes_in_order, chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
@@ -177,7 +177,7 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
             tensors = pack("reference", [h for h, _ in reference])
             for number, lane in enumerate(lanes):
                 tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
-            state.save(CANDIDATES, tensors, layer=index + 1)
+            state.checkpoint(CANDIDATES, tensors, layer=index + 1)
     return lanes_kl(stream, blocks, final_states(stream, reference), lanes, chunk_size, progress)
 
 

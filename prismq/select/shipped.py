@@ -188,7 +188,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
                 tensors.update(pack("calibration", [h for h, _ in calib]))
             for number, hidden in lanes.items():
                 tensors.update(pack(f"variant{number}", [h for h, _ in hidden]))
-            state.save(VARIANTS, tensors, layer=index + 1, lanes=sorted(lanes))
+            state.checkpoint(VARIANTS, tensors, layer=index + 1, lanes=sorted(lanes))
     reference_hidden = final_states(stream, reference)
     return VariantsKL(lanes_kl(stream, blocks, reference_hidden,
                                [base_lane, *(lanes[number] for number in range(len(variants)))], chunk_size, progress),
