@@ -110,3 +110,26 @@ def test_fp8_long_rows_equal_the_cpu_codec() -> None:
     weight[1] = 0.0
     weight[2, 17] = 30.0
     assert torch.equal(_bits(fmt.qdq(weight.cuda()).cpu()), _bits(fmt.decode(fmt.encode(weight))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["NVFP4", "MXFP4", "MXFP8"])
+def test_fused_activation_qdq_equals_the_cpu_path_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    """What a W4A4 / MX layer does to its input [batch, tokens, in] during every measured forward, fused on the GPU."""
+    fmt = get_format(name)
+    x = _hard_weight(dtype).reshape(4, 24, 512)
+    scale = fmt.input_scale(torch.tensor(3.0, dtype=dtype))
+    expected = fmt.qdq_activation(x, scale)
+    got = fmt.qdq_activation(x.cuda(), None if scale is None else scale.cuda()).cpu()
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.equal(_bits(got), _bits(expected))
+
+
+def test_fused_activation_qdq_serves_the_gpu_and_keeps_gradients_on_the_torch_path() -> None:
+    from prismq.formats.fused import fused_activation_qdq
+    from prismq.formats.nvfp4 import NVFP4Grid
+
+    grid = NVFP4Grid(torch.ones(1, device="cuda"))
+    x = torch.randn(2, 8, 64, device="cuda")
+    assert fused_activation_qdq(grid, x) is not None
+    assert fused_activation_qdq(grid, x.requires_grad_()) is None

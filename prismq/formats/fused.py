@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
 
 GROUPS_PER_PROGRAM = 128  # NVFP4 / MX groups each program rounds (a [128, group] tile; 64 and 256 were slower)
-ROW_BLOCK = 1024  # FP8 per-channel: columns a program visits per step of its row
+ROW_BLOCK, ROW_WARPS = 2048, 8  # FP8 per channel: columns a program visits per step of its row, its warps
+# (H200, 4096 x 14336 bf16: 0.090 ms against 0.100 for 1024 and 4 warps; benchmarks/RESULTS.md)
 AMAX_BLOCK = 8192  # NVFP4's global absmax: values each program reduces
 
 
@@ -32,10 +33,10 @@ def available(weight: torch.Tensor) -> bool:
     return triton is not None and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float32)
 
 
-def fused_qdq(grid: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+def fused_qdq(grid: Any, weight: torch.Tensor, check_finite: bool = True) -> tuple[torch.Tensor, bool] | None:
     """`grid.round(weight, grid.fit(weight))` by one kernel when one serves this grid and weight, and whether the
     weight holds a non-finite value (found on the same pass; the rounded values are then meaningless); else
-    None."""
+    None. `check_finite` False: no check and no wait for the GPU (activations: the runtime checks nothing)."""
     from prismq.formats.elements import E2M1
     from prismq.formats.fp8 import ChannelGrid
     from prismq.formats.mx import MXGrid
@@ -45,7 +46,8 @@ def fused_qdq(grid: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | No
     if not served or not available(weight) or weight.numel() == 0:
         return None
     x = weight.contiguous()
-    out, flag = torch.empty_like(x), torch.zeros(1, dtype=torch.int32, device=x.device)
+    out = torch.empty_like(x)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check_finite else out  # unused when not checking
     bf16 = x.dtype == torch.bfloat16
     if isinstance(grid, NVFP4Grid):
         groups = x.numel() // 16
@@ -53,15 +55,27 @@ def fused_qdq(grid: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | No
         gs = grid.gs.to(device=x.device, dtype=torch.float32).reshape(-1).contiguous()
         _nvfp4_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, gs, groups, per_matrix,
                                                                   IS_BF16=bf16, FROM_AMAX=False,
-                                                                  BLOCK=GROUPS_PER_PROGRAM)
+                                                                  BLOCK=GROUPS_PER_PROGRAM, CHECK=check_finite)
     elif isinstance(grid, MXGrid):
         groups = x.numel() // 32
         _mx_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, groups, IS_BF16=bf16,
-                                                               FP4=grid.fmt.element is E2M1, BLOCK=GROUPS_PER_PROGRAM)
+                                                               FP4=grid.fmt.element is E2M1, BLOCK=GROUPS_PER_PROGRAM,
+                                                               CHECK=check_finite)
     else:
         columns = x.shape[-1]
-        _fp8_rows_kernel[(x.numel() // columns,)](x, out, flag, columns, IS_BF16=bf16, BLOCK=ROW_BLOCK)
-    return out, bool(flag.item())
+        _fp8_rows_kernel[(x.numel() // columns,)](x, out, flag, columns, IS_BF16=bf16, BLOCK=ROW_BLOCK,
+                                                  CHECK=check_finite, num_warps=ROW_WARPS)
+    return out, check_finite and bool(flag.item())
+
+
+def fused_activation_qdq(grid: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """`grid.round(x, grid.fit(x))` of activations x [..., n] (groups along n) by one kernel, without the non-finite
+    check (the runtime checks nothing) and so without waiting for the GPU; None where no kernel serves, or where
+    x needs a gradient (the torch path then keeps the graph)."""
+    if x.ndim == 0 or x.requires_grad:
+        return None
+    fused = fused_qdq(grid, x.reshape(-1, x.shape[-1]), check_finite=False)
+    return None if fused is None else fused[0].reshape(x.shape)
 
 
 def fused_nvfp4_qdq(fmt: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
@@ -83,7 +97,7 @@ def fused_nvfp4_qdq(fmt: Any, weight: torch.Tensor) -> tuple[torch.Tensor, bool]
     groups = x.numel() // 16
     _nvfp4_kernel[(triton.cdiv(groups, GROUPS_PER_PROGRAM),)](x, out, flag, amax, groups, per_matrix // 16,
                                                               IS_BF16=x.dtype == torch.bfloat16, FROM_AMAX=True,
-                                                              BLOCK=GROUPS_PER_PROGRAM)
+                                                              BLOCK=GROUPS_PER_PROGRAM, CHECK=True)
     return out, bool(flag.item())
 
 
@@ -121,14 +135,15 @@ if triton is not None:
         tl.atomic_max(flag_ptr, bad, mask=bad > 0)
 
     @triton.jit
-    def _load_groups(x_ptr, flag_ptr, groups, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    def _load_groups(x_ptr, flag_ptr, groups, GROUP: tl.constexpr, BLOCK: tl.constexpr, CHECK: tl.constexpr):
         """This program's BLOCK groups of GROUP consecutive values as a float32 [BLOCK, GROUP] tile, with their
-        group indices, offsets and mask; the non-finite flag set when the tile holds an inf or a nan."""
+        group indices, offsets and mask; with CHECK, the non-finite flag set when the tile holds an inf or a nan."""
         group = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         offsets = group[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         mask = group[:, None] < groups
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        _flag_non_finite(flag_ptr, x)
+        if CHECK:
+            _flag_non_finite(flag_ptr, x)
         return group, offsets, mask, x
 
     @triton.jit
@@ -149,9 +164,9 @@ if triton is not None:
 
     @triton.jit
     def _nvfp4_kernel(x_ptr, out_ptr, flag_ptr, scale_ptr, groups, per_matrix, IS_BF16: tl.constexpr,
-                      FROM_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+                      FROM_AMAX: tl.constexpr, BLOCK: tl.constexpr, CHECK: tl.constexpr):
         """NVFP4 qdq; `scale_ptr`: each matrix's global scale gs (fp32), or with FROM_AMAX its absmax's bits."""
-        group, offsets, mask, x = _load_groups(x_ptr, flag_ptr, groups, 16, BLOCK)
+        group, offsets, mask, x = _load_groups(x_ptr, flag_ptr, groups, 16, BLOCK, CHECK)
         if FROM_AMAX:
             amax = tl.load(scale_ptr + group // per_matrix, mask=group < groups, other=0).to(tl.float32, bitcast=True)
             gs = _global_scale(_as_dtype(amax, IS_BF16), IS_BF16)
@@ -166,8 +181,8 @@ if triton is not None:
 
     @triton.jit
     def _mx_kernel(x_ptr, out_ptr, flag_ptr, groups, IS_BF16: tl.constexpr, FP4: tl.constexpr,
-                   BLOCK: tl.constexpr):
-        _, offsets, mask, x = _load_groups(x_ptr, flag_ptr, groups, 32, BLOCK)
+                   BLOCK: tl.constexpr, CHECK: tl.constexpr):
+        _, offsets, mask, x = _load_groups(x_ptr, flag_ptr, groups, 32, BLOCK, CHECK)
         amax = tl.max(tl.abs(x), axis=1)
         # round_to_power_of_two on the weight dtype's bits with E2M1's mantissa width, then the E8M0 exponent
         if IS_BF16:
@@ -189,13 +204,15 @@ if triton is not None:
         tl.store(out_ptr + offsets, (values * step).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fp8_rows_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def _fp8_rows_kernel(x_ptr, out_ptr, flag_ptr, columns, IS_BF16: tl.constexpr, BLOCK: tl.constexpr,
+                         CHECK: tl.constexpr):
         row = x_ptr + tl.program_id(0).to(tl.int64) * columns
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, columns, BLOCK):
             column = start + tl.arange(0, BLOCK)
             x = tl.load(row + column, mask=column < columns, other=0.0).to(tl.float32)
-            _flag_non_finite(flag_ptr, x)
+            if CHECK:
+                _flag_non_finite(flag_ptr, x)
             amax = tl.maximum(amax, tl.abs(x))
         scale = _as_dtype(tl.math.div_rn(tl.max(amax, axis=0), 448.0), IS_BF16)
         scale = tl.where(scale == 0.0, 0.0078125 if IS_BF16 else 1.1920928955078125e-07, scale)

@@ -16,6 +16,7 @@ from prismq.formats.base import Format, Grid, Tensors, TensorSpec, group_absmax,
 from prismq.formats.elements import (
     E2M1, E2M3, E3M2, FP8_E4M3_MAX, MiniFloat, e8m0_exponent, e8m0_scale, round_to_e4m3,
 )
+from prismq.formats.fused import fused_activation_qdq
 from prismq.formats.packing import pack_nibbles, pack_sextets, unpack_nibbles, unpack_sextets
 
 GROUP = 32
@@ -75,7 +76,8 @@ class MX(Format):
         if not self.quantizes_activations:
             return x
         grid = MXGrid(self)
-        return grid.round(x, grid.fit(x))
+        fused = fused_activation_qdq(grid, x)
+        return grid.round(x, grid.fit(x)) if fused is None else fused
 
     def scheme(self) -> dict[str, Any]:
         args = weight_args(num_bits=self.element_bits, group_size=GROUP, strategy="group", scale_dtype="torch.uint8")

@@ -13,6 +13,7 @@ import torch
 
 from prismq.formats.base import Format, FormatError, Grid, Tensors, TensorSpec, group_absmax, weight_args
 from prismq.formats.elements import E2M1, FP8_E4M3_MAX, round_to_e4m3
+from prismq.formats.fused import fused_activation_qdq
 from prismq.formats.packing import pack_nibbles, unpack_nibbles
 
 GROUP = 16
@@ -89,9 +90,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, gs: torch.Tensor, dtyp
 
 
 def qdq(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-    """x [..., n] rounded to the nearest NVFP4 values under global scale gs: what the runtime does to activations."""
+    """x [..., n] rounded to the nearest NVFP4 values under global scale gs: what the runtime does to activations
+    (on a GPU one fused kernel, the same bits)."""
     grid = NVFP4Grid(gs)
-    return grid.round(x, grid.fit(x))
+    fused = fused_activation_qdq(grid, x)
+    return grid.round(x, grid.fit(x)) if fused is None else fused
 
 
 class NVFP4(Format):
