@@ -7,9 +7,16 @@ default); only the weights are random (bf16, N(0, 0.02), norms 1) and the tokeni
 8B shape is timed at a few depths and scaled to 32 layers by the per-layer slope between the two deepest: writing a
 16 GB synthetic checkpoint does not fit a device call. Stage seconds come from the run's summary.json.
 
+With `--llmcompressor SITE` (a directory where llmcompressor and its own compressed-tensors are importable, e.g.
+installed there with `pip install --target SITE` from carried wheels), each depth is also quantized to uniform NVFP4
+by llm-compressor's GPTQ (its GPTQModifier defaults, on prismq's default calibration blocks; its sequential
+pipeline onloads each layer to the GPU: `benchmarks/llmcompressor_gptq.py`'s worker) and by prismq with
+`--uniform NVFP4 --rounding gptq` (the same job: no selection), and the times are put side by side.
+
 Run from the repo root:
     python benchmarks/gpu_quantize.py --shape 8b --layers 2,4 [--device cuda] [--tokenizer DIR]
     python benchmarks/gpu_quantize.py --shape smollm2
+    python benchmarks/gpu_quantize.py --shape 8b --layers 1,2 --llmcompressor /tmp/llmc
 Writes benchmarks/results/gpu_quantize_SHAPE.json and prints a markdown table.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,12 +57,13 @@ def write_model(path: Path, shape: str, layers: int, tokenizer: Path) -> int:
     return write_random_checkpoint(path, config, tokenizer)
 
 
-def quantize(model: Path, out: Path, device: str) -> dict:
-    """One `prismq quantize --target-bits 4.75` in a fresh process (default settings): wall and stage seconds."""
+def quantize(model: Path, out: Path, device: str, job: tuple[str, ...] = ("--target-bits", "4.75")) -> dict:
+    """One `prismq quantize` (default: --target-bits 4.75, default settings) in a fresh process: wall and stage
+    seconds."""
     for stale in (out, out.with_name(out.name + ".work")):
         shutil.rmtree(stale, ignore_errors=True)
-    command = [sys.executable, "-m", "prismq.cli", "quantize", str(model), "--target-bits", "4.75", "--device",
-               device, "--out", str(out)]
+    command = [sys.executable, "-m", "prismq.cli", "quantize", str(model), *job, "--device", device,
+               "--out", str(out)]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     seconds = time.perf_counter() - started
@@ -65,6 +74,28 @@ def quantize(model: Path, out: Path, device: str) -> dict:
             "mean_kl": summary["eval"]["mean_kl"], "bits_per_param": summary["bits_per_param"]}
 
 
+def llmcompressor_gptq(model: Path, site: Path, scratch: Path) -> dict:
+    """llm-compressor's GPTQ to uniform NVFP4 of `model` in a fresh process with `site` first on its path: the
+    process's wall seconds and the worker's own record (load, quantize, save seconds; versions)."""
+    from safetensors.torch import save_file
+
+    from benchmarks.llmcompressor_gptq import calibration_blocks
+
+    calib, out, info = scratch / "llmc-calibration.safetensors", scratch / "llmc-out", scratch / "llmc-info.json"
+    shutil.rmtree(out, ignore_errors=True)
+    save_file({"input_ids": calibration_blocks(model).contiguous()}, str(calib))
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "llmcompressor_gptq.py"), "--worker",
+                           "gptq", "--model", str(model), "--calib", str(calib), "--out", str(out), "--info",
+                           str(info), "--threads", str(os.cpu_count() or 1)], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"llm-compressor failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": round(seconds, 1), **json.loads(info.read_text())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -73,6 +104,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="directory with the tokenizer (default: the embedded model's)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/prismq-gpu-quantize"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llmcompressor", type=Path, metavar="SITE",
+                        help="also time llm-compressor's GPTQ (uniform NVFP4), importable from SITE")
     args = parser.parse_args()
     full = SHAPES[args.shape]["full_depth"]
     depths = [int(v) for v in (args.layers or str(full)).split(",")]
@@ -82,13 +115,18 @@ def main() -> None:
         model = args.scratch / f"{args.shape}-{layers}L"
         size = write_model(model, args.shape, layers, tokenizer)
         result = quantize(model, args.scratch / f"out-{layers}L", args.device)
-        shutil.rmtree(model, ignore_errors=True)
-        rows.append({"layers": layers, "checkpoint_bytes": size, **result})
+        row = {"layers": layers, "checkpoint_bytes": size, **result}
         print(f"{layers} layers: {result}", flush=True)
-    estimate = None
-    if len(depths) > 1 and max(depths) < full:  # scaled to the full depth by the per-layer slope
-        (a, ta), (b, tb) = [(r["layers"], r["seconds"]) for r in sorted(rows, key=lambda r: r["layers"])[-2:]]
-        estimate = tb + (full - b) * (tb - ta) / (b - a)
+        if args.llmcompressor is not None:
+            row["prismq_uniform_nvfp4_gptq"] = quantize(model, args.scratch / f"uniform-{layers}L", args.device,
+                                                        ("--uniform", "NVFP4", "--rounding", "gptq"))
+            row["llmcompressor_gptq"] = llmcompressor_gptq(model, args.llmcompressor, args.scratch)
+            print(f"  prismq --uniform NVFP4 --rounding gptq: {row['prismq_uniform_nvfp4_gptq']['seconds']} s; "
+                  f"llm-compressor GPTQ NVFP4: {row['llmcompressor_gptq']['seconds']} s (its quantize step "
+                  f"{row['llmcompressor_gptq']['quantize_s']:.1f} s)", flush=True)
+        shutil.rmtree(model, ignore_errors=True)
+        rows.append(row)
+    estimate = scaled(rows, full, lambda r: r["seconds"])
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     stages = list(rows[0]["stages"])
     print(f"\n{args.shape}-shaped on {device}, torch {torch.__version__}")
@@ -99,10 +137,33 @@ def main() -> None:
               + " | ".join(f"{r['stages'].get(s, 0):.1f}" for s in stages) + " |")
     if estimate is not None:
         print(f"scaled to {full} layers: {estimate:.0f} s ({estimate / 60:.1f} min)")
+    compared = {}
+    if args.llmcompressor is not None:
+        for key, label in (("prismq_uniform_nvfp4_gptq", "prismq --uniform NVFP4 --rounding gptq"),
+                           ("llmcompressor_gptq", "llm-compressor GPTQ NVFP4")):
+            at_depth = {r["layers"]: r[key]["seconds"] for r in rows}
+            compared[key] = {"seconds": at_depth, "scaled_to_full_depth_seconds": scaled(rows, full,
+                                                                                         lambda r: r[key]["seconds"])}
+            print(f"{label}: " + ", ".join(f"{n} layers {t} s" for n, t in at_depth.items()))
+        for r in rows:
+            print(f"{r['layers']} layers: llm-compressor's GPTQ / prismq's default run "
+                  f"{r['llmcompressor_gptq']['seconds'] / r['seconds']:.2f}x, / prismq's uniform GPTQ "
+                  f"{r['llmcompressor_gptq']['seconds'] / r['prismq_uniform_nvfp4_gptq']['seconds']:.2f}x")
     target = args.json or REPO_ROOT / "benchmarks" / "results" / f"gpu_quantize_{args.shape}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"device": device, "torch": torch.__version__, "shape": args.shape,
-                                  "rows": rows, "scaled_to_full_depth_seconds": estimate}, indent=1) + "\n")
+                                  "rows": rows, "scaled_to_full_depth_seconds": estimate, "compared": compared},
+                                 indent=1) + "\n")
+
+
+def scaled(rows: list[dict], full: int, seconds) -> float | None:
+    """Seconds at the model's full depth from the two deepest rows' per-layer slope (None without two depths, or
+    when the full depth was run)."""
+    ordered = sorted(rows, key=lambda r: r["layers"])
+    if len(ordered) < 2 or ordered[-1]["layers"] >= full:
+        return None
+    (a, ta), (b, tb) = [(r["layers"], seconds(r)) for r in ordered[-2:]]
+    return tb + (full - b) * (tb - ta) / (b - a)
 
 
 if __name__ == "__main__":
