@@ -75,8 +75,9 @@ class QuantizeConfig(BaseModel):
     target_size: float | None = Field(None, gt=0, description="whole-checkpoint size in GB")
     uniform: str | None = Field(None, description="one format for every Linear")
     rounding: Literal["rtn", "gptq", "gptq+sweep", "best"] = Field(
-        "gptq+sweep", description="weight rounding; best: build rtn, gptq and gptq+sweep, ship the lowest "
-        "selection-split KL (three times the rounding's time; gptq+sweep measured best in every run so far)")
+        "gptq+sweep", description="weight rounding; best: build rtn, gptq and gptq+sweep on one calibration "
+        "pass (the gptq+sweep lane's inputs and Hessians), ship the lowest selection-split KL (gptq+sweep measured "
+        "best in every run so far)")
     gptq_act_order: bool = Field(True, description="GPTQ visits columns by decreasing input energy")
     gptq_damping: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.01], min_length=1,
                                       description="GPTQ damping values tried (x mean diag H); the best is kept")
