@@ -133,3 +133,17 @@ def test_fused_activation_qdq_serves_the_gpu_and_keeps_gradients_on_the_torch_pa
     x = torch.randn(2, 8, 64, device="cuda")
     assert fused_activation_qdq(grid, x) is not None
     assert fused_activation_qdq(grid, x.requires_grad_()) is None
+
+
+def test_fused_activation_qdq_takes_one_global_scale_per_batch_entry() -> None:
+    """The cost stage and the input-range search round a batch [B, T, in] under gs [B, 1, 1] (one input scale per
+    Linear or per candidate range): each entry under its own scale, as the torch path broadcasts."""
+    fmt = get_format("NVFP4")
+    x = _hard_weight(torch.bfloat16)[:48].reshape(3, 16, 512)
+    scales = fmt.input_scale(torch.tensor([3.0, 0.5, 40.0], dtype=torch.bfloat16)).reshape(-1, 1, 1)
+    expected = fmt.qdq_activation(x, scales)
+    got = fmt.qdq_activation(x.cuda(), scales.cuda()).cpu()
+    assert torch.equal(_bits(got), _bits(expected))
+    expanded = x[0].cuda().unsqueeze(0).expand(3, -1, -1)  # the clip search's candidates share one input
+    assert torch.equal(_bits(fmt.qdq_activation(expanded, scales.cuda()).cpu()),
+                       _bits(fmt.qdq_activation(x[0].unsqueeze(0).expand(3, -1, -1), scales)))

@@ -135,6 +135,7 @@ def test_a_method_variant_rounds_every_unit_on_the_lanes_inputs_and_measures_wha
         gptq_alone = round_lanes(stream, [(base, "gptq")], calibration, heldout, amax, progress=False)
     rounded = {n for n, f in base.items() if f != "BF16"}
     assert set(walk.rounded[1].encoded) == set(walk.rounded[2].encoded) == rounded  # BF16: the lane's tensors
+    assert set(walk.rounded[1].details) == rounded and not walk.rounded[2].details  # GPTQ's statistics, per method
     layer0 = [n for n in rounded if n.startswith("model.layers.0.")]
     for name in layer0:  # layer 0's inputs are the same for every walk: the same tensors as a gptq walk's own
         assert all(torch.equal(_tensor_bits(t), _tensor_bits(gptq_alone.rounded[0].encoded[name][k]))

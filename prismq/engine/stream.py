@@ -255,9 +255,9 @@ class LayerStream:
             if self._module_config is None:  # once: it lists every target of the export
                 self._module_config = self._experts.module_config(self.layout.model_name)
             config = layer_config(self._module_config, f"{self.prefix}.{index}.")
-            if config["config_groups"]:  # matched on the full names; only this layer's targets (the library
-                # matches every module of the model against every target: all of them, for every layer, cost
-                # seconds on a model of a few hundred Linears)
+            # matched on the full names; only this layer's targets (the library matches every module of the model
+            # against every target: all of them, for every layer, cost seconds on a model of a few hundred Linears)
+            if config["config_groups"] or config.get("kv_cache_scheme"):
                 apply_quantization_config(self.model, QuantizationConfig.model_validate(config),
                                           run_compressed=False, show_progress=False,
                                           allowed_modules=list(skeleton.modules()))
@@ -397,8 +397,8 @@ def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> N
 def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: bool = True,
                         desc: str = "forward", state: WalkState | None = None) -> list[torch.Tensor]:
     """The decoder's final hidden states [L, hidden] of each block (one block per forward), layer by layer.
-    `state`: the hidden states are saved there after every layer, and a rerun with the same state resumes after
-    the last layer saved."""
+    `state`: the hidden states are snapshotted there after a layer (`WalkState.checkpoint`), and a rerun with the
+    same state resumes after the last layer snapshotted."""
     from tqdm import tqdm
 
     inputs = stream.first_inputs(blocks, 1)

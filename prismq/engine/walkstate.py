@@ -1,4 +1,4 @@
-"""Where a walk of the decoder stack stands, on disk, so an interrupted stage resumes after its last finished layer.
+"""Where a walk of the decoder stack stands, on disk, so an interrupted stage resumes after a finished layer.
 
 A walk (the probe's forward and reverse sweeps, the rounding lanes, a held-out forward) saves after a decoder
 layer what it needs to go on: hidden states, gradients, running sums, and the index of the next layer. Walks whose
@@ -52,7 +52,7 @@ class WalkState:
     def save(self, name: str, tensors: Mapping[str, torch.Tensor], **meta: Any) -> None:
         """Write snapshot `name` (tensors, and small JSON values in the file's own header) atomically, replacing an
         older one: one file renamed into place, so a kill leaves the old snapshot or the new one, never a mix (no
-        hash to compute: a walk saves after every layer)."""
+        hash to compute: a walk may save after every layer)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f".{name}.partial-{os.getpid()}"
         header = {"kind": WALK_KIND, "expect": self.expect, "meta": meta}

@@ -71,10 +71,20 @@ def fused_qdq(grid: Any, weight: torch.Tensor, check_finite: bool = True) -> tup
 def fused_activation_qdq(grid: Any, x: torch.Tensor) -> torch.Tensor | None:
     """`grid.round(x, grid.fit(x))` of activations x [..., n] (groups along n) by one kernel, without the non-finite
     check (the runtime checks nothing) and so without waiting for the GPU; None where no kernel serves, or where
-    x needs a gradient (the torch path then keeps the graph)."""
+    x needs a gradient (the torch path then keeps the graph). NVFP4 with one global scale per leading index
+    (gs [B, 1, ..., 1], x [B, ...]: the cost stage's and the clip search's batches) rounds each x[b] under gs[b];
+    other layouts of several scales take the torch path."""
     if x.ndim == 0 or x.requires_grad:
         return None
-    fused = fused_qdq(grid, x.reshape(-1, x.shape[-1]), check_finite=False)
+    gs = getattr(grid, "gs", None)
+    scales = 1 if gs is None else gs.numel()
+    if scales == 1:
+        flat = x.reshape(-1, x.shape[-1])
+    elif x.ndim >= 2 and x.shape[0] == scales and gs.shape[0] == scales and gs.numel() == gs.shape[0]:
+        flat = x.reshape(scales, -1, x.shape[-1])  # a batch of matrices: the kernel's one gs per matrix
+    else:
+        return None
+    fused = fused_qdq(grid, flat, check_finite=False)
     return None if fused is None else fused[0].reshape(x.shape)
 
 

@@ -128,8 +128,8 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
     recorded over every block, then its candidates scored on the scored blocks' inputs of the same layer.
 
     `token_max` (per Linear, every token's max |x| over `blocks`, block after block: what the probe records) spares
-    the first pass: only the scored blocks are run. `state`: the walk is saved there after every layer, and a rerun
-    with the same state resumes after the last layer saved."""
+    the first pass: only the scored blocks are run. `state`: the walk is snapshotted there after a layer
+    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
     groups = [g for g in sibling_groups(assignment) if get_format(assignment[g[0]]).needs_input_amax]
     if not groups:
         return {}
@@ -168,8 +168,8 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
             inputs = outputs if token_max is None else scored_outputs
         if state is not None:
             state.checkpoint(RANGES, {**pack("hidden", [h for h, _ in inputs]),
-                                **{f"errors:{n}": e for n, e in errors.items()},
-                                **{f"candidates:{n}": c for n, c in candidates.items()}}, layer=index + 1)
+                                      **{f"errors:{n}": e for n, e in errors.items()},
+                                      **{f"candidates:{n}": c for n, c in candidates.items()}}, layer=index + 1)
     outside = [g[0] for g in groups if g[0] not in errors]
     if outside:
         raise PrismqError(f"{outside[0]} lies outside the decoder layers; its format cannot take a static input scale")

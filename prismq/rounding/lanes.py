@@ -127,8 +127,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     docstring).
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
-    staying in memory. `state` (with `spill_dir`): the walk saves its hidden states after every layer there, and a
-    rerun with the same state resumes after the last layer saved."""
+    staying in memory. `state` (with `spill_dir`): the walk snapshots its hidden states there after a layer
+    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
     specs = [(spec[0], spec[1], spec[2] if len(spec) > 2 else candidates[spec[0]][1]) for spec in variants or []]
     methods = [m for _, m in candidates] + [m for _, _, m in specs]
     for method in methods:
@@ -218,7 +218,8 @@ def _save(state: WalkState, layer: int, lanes: list[Lane], branches: list[Varian
     if reference is not None:
         tensors.update(pack("reference", [h for h, _ in reference]))
     state.checkpoint(LANES, tensors, layer=layer, details=[lane.rounded.details for lane in lanes],
-               branched=[n for n, b in enumerate(branches) if b.heldout is not None])
+                     branched=[n for n, b in enumerate(branches) if b.heldout is not None],
+                     variant_details=[b.rounded.details for b in branches])
 
 
 def _restore(saved: tuple, lanes: list[Lane], branches: list[Variant], reference: list[LayerInput] | None,
@@ -238,6 +239,8 @@ def _restore(saved: tuple, lanes: list[Lane], branches: list[Variant], reference
         lane.rounded.details = {name: tuple(value) for name, value in details.items()}
     for number in meta.get("branched", []):
         branches[number].heldout = restored(f"variant{number}.heldout", lanes[0].heldout)
+    for branch, details in zip(branches, meta.get("variant_details", [])):
+        branch.rounded.details = {name: tuple(value) for name, value in details.items()}
     return None if reference is None else restored("reference", reference)
 
 
@@ -253,11 +256,12 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
     for branch in branches:
         for name, fmt in branch.changes.get(index, {}).items():
             others.setdefault(name, set()).add((fmt, branch.method))
-    extra = {}
+    extra: dict = {}
+    details: dict[str, tuple[str, float, float]] = {}
     if groups:
         extra = round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method,
                             lane.calibration, input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets,
-                            others=others, source=stream.source)
+                            others=others, source=stream.source, variant_details=details)
     here = {name: lane.assignment[name] for group in groups for name in group}
     for branch in branches:
         if branch.heldout is None:
@@ -266,8 +270,9 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
         if not changed:
             branch.heldout = run_layer(layer, branch.heldout)
             continue
-        branch.rounded.encoded.update({name: extra[variant_key(name, fmt, branch.method)]
-                                       for name, fmt in changed.items()})
+        keys = {name: variant_key(name, fmt, branch.method) for name, fmt in changed.items()}
+        branch.rounded.encoded.update({name: extra[key] for name, key in keys.items()})
+        branch.rounded.details.update({name: details[key] for name, key in keys.items() if key in details})
         tensors = {name: branch.rounded.encoded[name] if name in changed else lane.rounded.encoded[name]
                    for name in here}
         with as_read() as copied:

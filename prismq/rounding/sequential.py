@@ -165,17 +165,18 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
                 settings: GPTQSettings, weight_dtype: torch.dtype | None, result: RoundedModel,
                 targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES,
                 others: Mapping[str, Collection[tuple[str, Method]]] | None = None,
-                source: SourceTensors | None = None) -> dict[str, Tensors]:
+                source: SourceTensors | None = None,
+                variant_details: dict[str, tuple[str, float, float]] | None = None) -> dict[str, Tensors]:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
     `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
 
     `others`: more (format, method) pairs to encode some of the groups' members in (name -> pairs; a group's
     members alike), on the same Hessians (and each H factorized once), for variants of this assignment; their
-    tensors are returned, keyed by `variant_key(name, format, method)`, and not installed. `targets`: the model's
-    targets (routed experts need them); `source`: the checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every
-    Hessian is taken on the layer as read (the layer is fake-quantized once all its groups are encoded); routed experts'
-    Hessians, one per expert over its routed tokens, are taken a chunk of experts at a time, at most
-    `hessian_bytes` of them at once."""
+    tensors are returned, keyed by `variant_key(name, format, method)`, and not installed (their GPTQ details go
+    to `variant_details` under the same keys, when given). `targets`: the model's targets (routed experts need
+    them); `source`: the checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every Hessian is taken on the layer as
+    read (the layer is fake-quantized once all its groups are encoded); routed experts' Hessians, one per expert
+    over its routed tokens, are taken a chunk of experts at a time, at most `hessian_bytes` of them at once."""
     others = others or {}
     known = targets_named([name for group in groups for name in group], modules, targets)
 
@@ -202,11 +203,14 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
             tensors = encode_group(format_name, weights, input_amax, rounding=rounding,
                                    block_scales=source_block_scales(format_name, {n: known[n] for n in group},
                                                                     source))
+            details = {} if rounding is None else {n: (r.method, r.error, r.rtn_error)
+                                                   for n, r in rounding.rounded.items()}
             if number:
                 variants.update({variant_key(name, format_name, how): tensors[name] for name in group})
+                if variant_details is not None:
+                    variant_details.update({variant_key(n, format_name, how): d for n, d in details.items()})
                 continue
-            if rounding is not None and rounding.rounded:
-                result.details.update({n: (r.method, r.error, r.rtn_error) for n, r in rounding.rounded.items()})
+            result.details.update(details)
             layer_assignment.update(dict.fromkeys(group, format_name))
             layer_encoded.update(tensors)
 

@@ -1,19 +1,20 @@
 """The round stage: the chosen mix in, the exact tensors to ship and their measured KL out.
 
-The mix (the select stage's, else the knapsack's) is rounded, with the ranges stage's static input ranges, by each
-method asked for (`--rounding best`: rtn, gptq, gptq+sweep) as lanes of one streamed walk; the method with the
-lowest KL on the selection blocks is kept. The alternatives that fit the same budget (the knapsack's own mix when
-selection changed it, the uniform baselines) are variants of each method's lane in the same walk: the units where
-an alternative differs from the mix are rounded by that method on the lane's calibration hidden states and Hessians,
-every other unit keeps the mix's tensors (the mix's upgrades are a few percent of the weights, so this costs a
-fraction of a lane), and its held-out hidden states branch off the lane's at its first difference. If one measures
-lower selection KL than the mix, it ships instead, exactly as measured (predictions can misrank; measured KL
-decides). Then a second walk measures the kept method's mix and its alternatives, with the tensors the first walk
-rounded, on the report (held-out) blocks, for the report to state (no decision reads those numbers; the methods not
-kept are not walked over them). Writes WORK/rounding.json (what ships, every KL measured), the lanes' tensors under
-WORK/rounded/, and the reference's final hidden states on the report blocks (WORK/reference_hidden) for the eval
-stage. Rerunning with the same inputs and settings reuses all of it; an interrupted walk resumes after its last
-layer.
+The mix (the select stage's, else the knapsack's) is rounded, with the ranges stage's static input ranges, as one
+lane of a streamed walk, by the last method asked for (gptq+sweep unless `--rounding` names another); with
+`--rounding best`, rtn and gptq are variants of that lane, rounded on its calibration hidden states and Hessians
+(one calibration pass), and the method with the lowest KL on the selection blocks is kept. The alternatives that fit
+the same budget (the knapsack's own mix when selection changed it, the uniform baselines) are variants too, one per
+method: the units where an alternative's tensors differ from the lane's are rounded by that method on the lane's
+calibration hidden states and Hessians, every other unit keeps the lane's tensors (with the lane's own method the
+mix's upgrades are a few percent of the weights, so this costs a fraction of a lane), and its held-out hidden
+states branch off the lane's at its first difference. If one measures lower selection KL than the mix, it ships
+instead, exactly as measured (predictions can misrank; measured KL decides). Then a second walk measures the kept
+method's mix and its alternatives, with the tensors the first walk rounded, on the report (held-out) blocks, for the
+report to state (no decision reads those numbers; the methods not kept are not walked over them). Writes
+WORK/rounding.json (what ships, every KL measured), the walk's tensors under WORK/rounded/, and the reference's final
+hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning with the same inputs and
+settings reuses all of it; an interrupted walk resumes from its last snapshot.
 """
 
 from __future__ import annotations
@@ -116,17 +117,17 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
             walk = round_lanes(stream, [(mix, primary)], calibration, selection, input_amax, settings,
                                spill_dir=spill_dir, state=state,
                                variants=[(0, candidates[n], m) for m, n in measured])
-        kl_of = dict(zip([(primary, "mix"), *measured], walk.kl))
+        walked = [(primary, "mix"), *measured]  # the walk's order: the lane, then its variants
+        kl_of, rounded_of = dict(zip(walked, walk.kl)), dict(zip(walked, walk.rounded))
         kls = {m: kl_of[m, "mix"].mean_kl for m in methods}
         chosen = min(kls, key=kls.__getitem__)
         if len(methods) > 1:
             logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
                         ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-        stores = dict(zip([(primary, "mix"), *measured], (r.encoded for r in walk.rounded)))  # variants: changes only
-        ours = stores[primary, "mix"]
+        ours = rounded_of[primary, "mix"].encoded  # a variant's store holds only where it differs from the lane
         if chosen != primary:
-            ours = EncodedStore.overlay(work / "rounded" / "chosen", ours, stores[chosen, "mix"])
-        own = {name: (alternatives[name], stores[chosen, name]) for name in alternatives}
+            ours = EncodedStore.overlay(work / "rounded" / "chosen", ours, rounded_of[chosen, "mix"].encoded)
+        own = {name: (alternatives[name], rounded_of[chosen, name].encoded) for name in alternatives}
         with log.stage("report KL"):
             report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
             reported = _report_kl(stream, mix, ours, own, report, chosen, input_amax, settings, report_state)
@@ -144,9 +145,9 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
                     "shipping %s instead", mix_eval["mean_kl"], shipped, baseline_evals[shipped]["mean_kl"], shipped)
         store = work / "rounded" / "alternative"
         EncodedStore.overlay(store, ours, own[shipped][1])
-    details = walk.rounded[0] if chosen == primary else RoundedModel({})  # GPTQ's own statistics: the lane's
     result = Rounding(methods=methods, mean_kl=kls if len(methods) > 1 else {}, chosen=chosen,
-                      **_error_summary(details), input_amax={n: float(v) for n, v in input_amax.items()},
+                      **_error_summary(rounded_of[chosen, "mix"]),
+                      input_amax={n: float(v) for n, v in input_amax.items()},
                       mix_eval=mix_eval, baseline_evals=baseline_evals, mix_report=mix_report,
                       baseline_reports=baseline_reports, shipped=shipped,
                       assignment=mix if shipped == "mix" else alternatives[shipped], store=str(store))

@@ -82,8 +82,8 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
                   progress: bool = True, state: WalkState | None = None) -> Measured:
     """KL of the base assignment and the paired cost of every flip on token `blocks` [N, L] (see the module
     docstring); one block per forward, as the KL evaluator runs them. Units outside the decoder layers cannot flip
-    (only BF16 is assigned there). `state`: every lane's hidden states are saved there after each layer, and a
-    rerun with the same state resumes after the last layer saved."""
+    (only BF16 is assigned there). `state`: every lane's hidden states are snapshotted there after a layer
+    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
     starts: dict[int, list[int]] = {}
     for number, flip in enumerate(flips):
         index = stream.layer_of(flip.unit[0])
@@ -148,7 +148,8 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
                   progress: bool = True, state: WalkState | None = None) -> list[KLResult]:
     """The KL statistics of whole assignments (rounded to nearest, like the flips) on token `blocks`, each a lane
     of one streamed walk: every layer is read once, and each lane runs its own quantized copy of it. `state`: the
-    lanes' hidden states are saved there after each layer, and a rerun with the same state resumes there."""
+    lanes' hidden states are snapshotted there after a layer (`WalkState.checkpoint`), and a rerun with the same
+    state resumes there."""
     reference = stream.first_inputs(blocks, 1)
     lanes = [reference for _ in assignments]
     saved = state.load(CANDIDATES) if state is not None else None

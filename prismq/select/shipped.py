@@ -122,8 +122,9 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
     """KL statistics of the base and of each variant (`base` with the variant's formats) on token `blocks`, in
     that order (see the module docstring), and the reference's final hidden states. `calibration`: the blocks the
     round stage rounded on (in batches of 4, as it does; None when the method is rtn or every variant's tensors are
-    in the store already). `state`: every lane's hidden states are saved there after each layer, and a rerun with
-    the same state (and store) resumes after the last layer saved."""
+    in the store already). `state`: every lane's hidden states are snapshotted there after a layer
+    (`WalkState.checkpoint`), and a rerun with the same state (and store) resumes after the last layer
+    snapshotted."""
     starts: dict[int, list[int]] = {}
     for number, variant in enumerate(variants):
         layers = [stream.layer_of(name) for name in variant]
