@@ -122,7 +122,8 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     joint_input: dict[str, torch.Tensor] = {}
     legal_for_group: dict[str, list[str]] = {}
     for group in sibling_groups(linears):
-        weight_amax = torch.stack([targets[n].read(source).abs().amax() for n in group]).amax()
+        # on the device that prices them (a CPU's bf16 reductions are slow): the same maximum, exactly
+        weight_amax = torch.stack([targets[n].read(source).to(device).abs().amax() for n in group]).amax()
         joint_amax.update(dict.fromkeys(group, weight_amax))
         experts = targets[group[0]].expert is not None
         block_fp8 = all(targets[n].key in source.scales for n in group)
