@@ -40,3 +40,34 @@ def test_siblings_share_one_input_quantization(monkeypatch: pytest.MonkeyPatch) 
     assert not torch.equal(raw[names[0]], quantized[names[0]])
     held = [h for m in modules.values() for h in m._forward_pre_hooks.values() if hasattr(h, "quantized")]
     assert held and all(h.source is None and h.quantized is None for h in held)  # nothing kept between forwards
+
+
+def _kernel_contract(grid, x: torch.Tensor, check_finite: bool = True):
+    """What the fused NVFP4 kernel computes, by its indexing (group g reads gs[g // per_matrix], one matrix per
+    leading index of a 3-D input, the whole input one matrix in 2-D), written with the torch codec: for the routing
+    of activations into it to be checked on a CPU."""
+    from prismq.formats.nvfp4 import NVFP4Grid
+
+    gs = grid.gs.reshape(-1)
+    matrices = x if x.ndim == 3 else x.unsqueeze(0)
+    rounded = torch.stack([NVFP4Grid(gs[m % gs.numel()].reshape(1)).round(matrix, NVFP4Grid(
+        gs[m % gs.numel()].reshape(1)).fit(matrix)) for m, matrix in enumerate(matrices)])
+    return rounded.reshape(x.shape), False
+
+
+def test_activations_routed_to_the_fused_kernel_keep_one_global_scale_per_batch_entry(monkeypatch) -> None:
+    """The cost stage and the input-range search quantize a batch [B, T, in] under scales [B, 1, 1]: routed to the
+    kernel (one gs per matrix), each entry keeps its own scale, as the torch path's broadcast gives (a flattened
+    batch would read the first scale for all)."""
+    import prismq.formats.fused as fused
+
+    fmt = get_format("NVFP4")
+    x = (torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(1)) * 2).to(torch.bfloat16)
+    scales = fmt.input_scale(torch.tensor([3.0, 0.5, 40.0], dtype=torch.bfloat16)).reshape(-1, 1, 1)
+    expected = fmt.qdq_activation(x, scales)
+    one_scale = fmt.qdq_activation(x, scales[:1])
+    monkeypatch.setattr(fused, "fused_qdq", _kernel_contract)
+    assert torch.equal(fmt.qdq_activation(x, scales), expected)
+    assert torch.equal(fmt.qdq_activation(x, scales[:1]), one_scale)
+    assert not torch.equal(expected, one_scale)  # the scales matter here
+    assert fused.fused_activation_qdq(fmt.grid(x[0]), x.requires_grad_()) is None  # a graph stays on torch
