@@ -45,6 +45,8 @@ from prismq.rounding.store import EncodedStore, variant_key
 
 logger = logging.getLogger(__name__)
 LANES = "lanes"  # the walk's snapshot: hidden states and details before its next layer
+# a variant of lane k: (k, assignment), rounded by the lane's method, or (k, assignment, method)
+VariantSpec = tuple[int, dict[str, str]] | tuple[int, dict[str, str], Method]
 
 
 @dataclass
@@ -117,7 +119,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, variants: list[tuple] | None = None) -> LaneResults:
+                progress: bool = True, variants: list[VariantSpec] | None = None) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
@@ -129,7 +131,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory. `state` (with `spill_dir`): the walk snapshots its hidden states there after a layer
     (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
-    specs = [(spec[0], spec[1], spec[2] if len(spec) > 2 else candidates[spec[0]][1]) for spec in variants or []]
+    specs = [(spec[0], spec[1], spec[2] if len(spec) == 3 else candidates[spec[0]][1])  # type: ignore[misc]
+             for spec in variants or []]
     methods = [m for _, m in candidates] + [m for _, _, m in specs]
     for method in methods:
         if method not in METHODS:
