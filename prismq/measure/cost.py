@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_json
+from prismq.engine.distributed import Ranks
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.checkpoint import SourceTensors
@@ -111,12 +112,15 @@ def batch_costs(format_name: str, weights: torch.Tensor, stats: list[LinearStats
 
 def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targets: Mapping[str, Target],
                   formats: list[str], device: torch.device, progress: bool = True, max_batch_elements: int = 1 << 24,
-                  dtype: torch.dtype | None = None) -> list[CostRow]:
+                  dtype: torch.dtype | None = None, ranks: Ranks | None = None) -> list[CostRow]:
     """Cost rows of every target for every format legal for its fused group's shapes, sibling groups sharing their
     scales.
 
     Targets of equal shape are priced together in batches of at most `max_batch_elements` weights. Weights are read
-    one shape bucket at a time, so memory holds one bucket (not the model)."""
+    one shape bucket at a time, so memory holds one bucket (not the model). `ranks` (default: the initialized
+    process group's, else one process): the batches are divided among processes and every rank gets all rows, the
+    same as one process computes."""
+    ranks = ranks or Ranks.current()
     linears = list(targets)
     joint_amax: dict[str, torch.Tensor] = {}
     joint_input: dict[str, torch.Tensor] = {}
@@ -136,25 +140,28 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     for name in linears:
         buckets.setdefault(targets[name].shape, []).append(name)
     rows: dict[tuple[str, str], CostRow] = {}
-    bar = tqdm(total=len(linears), desc="cost", unit="linear", disable=not progress)
-    for shape, names in buckets.items():
-        step = max(1, max_batch_elements // (shape[0] * shape[1]))
-        for start in range(0, len(names), step):
-            chunk = names[start:start + step]
-            weights = torch.stack([targets[n].read(source) for n in chunk]).to(device)
-            stats = [LinearStats.from_probe(probe, n) for n in chunk]
-            for format_name in formats:
-                members = [i for i, n in enumerate(chunk) if format_name in legal_for_group[n]]
-                if not members:
-                    continue
-                index = torch.tensor(members, device=device)
-                batch = batch_costs(format_name, weights[index], [stats[i] for i in members],
-                                    torch.stack([joint_amax[chunk[i]] for i in members]).to(device),
-                                    torch.stack([joint_input[chunk[i]] for i in members]).to(device),
-                                    [chunk[i] for i in members], dtype)
-                rows.update(((r.linear, r.format), r) for r in batch)
-            bar.update(len(chunk))
+    bar = tqdm(total=len(linears), desc="cost", unit="linear", disable=not progress or not ranks.leader)
+    steps = {shape: max(1, max_batch_elements // (shape[0] * shape[1])) for shape in buckets}
+    chunks = [names[start:start + steps[shape]] for shape, names in buckets.items()
+              for start in range(0, len(names), steps[shape])]
+    for number, chunk in enumerate(chunks):
+        if not ranks.mine(number):  # another process prices this batch
+            continue
+        weights = torch.stack([targets[n].read(source) for n in chunk]).to(device)
+        stats = [LinearStats.from_probe(probe, n) for n in chunk]
+        for format_name in formats:
+            members = [i for i, n in enumerate(chunk) if format_name in legal_for_group[n]]
+            if not members:
+                continue
+            index = torch.tensor(members, device=device)
+            batch = batch_costs(format_name, weights[index], [stats[i] for i in members],
+                                torch.stack([joint_amax[chunk[i]] for i in members]).to(device),
+                                torch.stack([joint_input[chunk[i]] for i in members]).to(device),
+                                [chunk[i] for i in members], dtype)
+            rows.update(((r.linear, r.format), r) for r in batch)
+        bar.update(len(chunk))
     bar.close()
+    rows = ranks.gather(rows)
     return [rows[(n, f)] for n in linears for f in formats if (n, f) in rows]
 
 

@@ -1,0 +1,59 @@
+"""Stages divided among processes (torch.distributed, gloo on the CPU, two processes) give what one process gives,
+bit for bit."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from prismq.engine.distributed import Ranks
+from prismq.measure.cost import measure_costs
+from prismq.model.checkpoint import SourceTensors
+from prismq.model.targets import model_targets
+from test_cost import fake_probe
+
+FORMATS = ["NVFP4", "MXFP8", "FP8", "BF16"]
+BATCH = 1 << 17  # several batches per shape on the tiny model: both ranks get some
+
+
+def _costs(model_dir: Path, probe_path: Path) -> list[dict]:
+    with ExitStack() as stack:
+        rows = measure_costs(SourceTensors(model_dir, stack), load_file(probe_path), model_targets(model_dir), FORMATS,
+                             torch.device("cpu"), progress=False, max_batch_elements=BATCH)
+    return [asdict(row) for row in rows]
+
+
+def _cost_rank(rank: int, world: int, rendezvous: str, model_dir: Path, probe_path: Path, out: Path) -> None:
+    """One of `world` processes: joins the gloo group, prices its share, writes the rows it ends with."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        assert Ranks.current() == Ranks(rank, world)
+        (out / f"rows-{rank}.json").write_text(json.dumps(_costs(model_dir, probe_path)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_cost_stage_on_two_gloo_processes_prices_exactly_what_one_process_does(tiny_llama_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    fake_probe(tiny_llama_dir, tmp_path)
+    probe_path = tmp_path / "probe.safetensors"
+    alone = _costs(tiny_llama_dir, probe_path)
+    assert Ranks.current() == Ranks(0, 1)  # no group in this process: one process does everything
+    mp.spawn(_cost_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, probe_path, tmp_path),
+             nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rows-{rank}.json").read_text()) == alone, rank
+
+
+def test_work_is_dealt_round_robin_and_covers_every_piece_once() -> None:
+    dealt = [[i for i in range(11) if Ranks(rank, 3).mine(i)] for rank in range(3)]
+    assert dealt == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert Ranks(0, 1).gather({"a": 1}) == {"a": 1}
