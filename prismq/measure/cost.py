@@ -140,10 +140,11 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     for name in linears:
         buckets.setdefault(targets[name].shape, []).append(name)
     rows: dict[tuple[str, str], CostRow] = {}
-    bar = tqdm(total=len(linears), desc="cost", unit="linear", disable=not progress or not ranks.leader)
     steps = {shape: max(1, max_batch_elements // (shape[0] * shape[1])) for shape in buckets}
     chunks = [names[start:start + steps[shape]] for shape, names in buckets.items()
               for start in range(0, len(names), steps[shape])]
+    bar = tqdm(total=sum(len(c) for n, c in enumerate(chunks) if ranks.mine(n)), desc="cost", unit="linear",
+               disable=not progress or not ranks.leader)
     for number, chunk in enumerate(chunks):
         if not ranks.mine(number):  # another process prices this batch
             continue
