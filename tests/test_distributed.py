@@ -57,3 +57,37 @@ def test_work_is_dealt_round_robin_and_covers_every_piece_once() -> None:
     dealt = [[i for i in range(11) if Ranks(rank, 3).mine(i)] for rank in range(3)]
     assert dealt == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
     assert Ranks(0, 1).gather({"a": 1}) == {"a": 1}
+
+
+def _flips(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+    """One of `world` processes (world 1: no group): measures the flips of test_select, writes what it ends with."""
+    from prismq.engine.stream import LayerStream
+    from prismq.select.measured import measure_flips
+    from test_select import FLIPS, _assignment
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        base = _assignment()
+        blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
+        with LayerStream(model_dir, torch.float32) as stream:
+            measured = measure_flips(stream, base, FLIPS, blocks, {n: torch.tensor(2.5) for n in base},
+                                     progress=False)
+        result = {"base": measured.base.kl.tolist(), "flips": [[m.delta_kl, m.stderr, m.mean_kl, m.flip.format]
+                                                                for m in measured.flips]}
+        (out / f"flips-{world}-{rank}.json").write_text(json.dumps(result))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_flips_measured_on_two_gloo_processes_equal_one_process_measuring_them_all(tiny_llama_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """L3's flips divided among processes (each walks the base and its own flips), gathered to every rank."""
+    _flips(0, 1, "", tiny_llama_dir, tmp_path)
+    mp.spawn(_flips, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, tmp_path), nprocs=2, join=True)
+    alone = json.loads((tmp_path / "flips-1-0.json").read_text())
+    assert len(alone["flips"]) == 4
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"flips-2-{rank}.json").read_text()) == alone, rank

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.engine.layer_inputs import LayerInput
 from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
@@ -76,14 +77,34 @@ def _layer_assignment(stream: LayerStream, assignment: dict[str, str], index: in
             if stream.layer_of(name) == index and get_format(fmt).scheme() is not None}
 
 
-@torch.no_grad()
 def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], blocks: torch.Tensor,
                   input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
-                  progress: bool = True, state: WalkState | None = None) -> Measured:
+                  progress: bool = True, state: WalkState | None = None, ranks: Ranks | None = None) -> Measured:
     """KL of the base assignment and the paired cost of every flip on token `blocks` [N, L] (see the module
     docstring); one block per forward, as the KL evaluator runs them. Units outside the decoder layers cannot flip
     (only BF16 is assigned there). `state`: every lane's hidden states are snapshotted there after a layer
-    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
+    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted.
+    `ranks` (default: the initialized process group's, else one process): the flips are divided among the
+    processes, each walking the base and its own flips (its own snapshots beside `state`), and every rank gets every
+    flip's measure, the same as one process measures (a lane's numbers do not depend on the other lanes)."""
+    ranks = ranks or Ranks.current()
+    if ranks.world == 1:
+        return _measure_flips(stream, base, flips, blocks, input_amax, chunk_size, progress, state)
+    mine = [number for number in range(len(flips)) if ranks.mine(number)]
+    if state is not None:
+        where = state.directory  # WORK/x.walk -> WORK/x-rank1.walk: the stage clears both alike
+        state = WalkState(where.with_name(f"{where.stem}-rank{ranks.rank}{where.suffix}"), state.expect)
+    local = _measure_flips(stream, base, [flips[n] for n in mine], blocks, input_amax, chunk_size,
+                           progress and ranks.leader, state)
+    measures = ranks.gather(dict(zip(mine, local.flips)))
+    return Measured(local.base, [measures[number] for number in range(len(flips))])
+
+
+@torch.no_grad()
+def _measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], blocks: torch.Tensor,
+                   input_amax: dict[str, torch.Tensor], chunk_size: int, progress: bool,
+                   state: WalkState | None) -> Measured:
+    """`measure_flips` in one process."""
     starts: dict[int, list[int]] = {}
     for number, flip in enumerate(flips):
         index = stream.layer_of(flip.unit[0])
