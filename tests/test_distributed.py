@@ -60,9 +60,10 @@ def test_work_is_dealt_round_robin_and_covers_every_piece_once() -> None:
 
 
 def _flips(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
-    """One of `world` processes (world 1: no group): measures the flips of test_select, writes what it ends with."""
+    """One of `world` processes (world 1: no group): measures the flips of test_select and three whole
+    assignments, writes what it ends with."""
     from prismq.engine.stream import LayerStream
-    from prismq.select.measured import measure_flips
+    from prismq.select.measured import measure_flips, measure_lanes
     from test_select import FLIPS, _assignment
 
     torch.set_num_threads(1)
@@ -72,22 +73,26 @@ def _flips(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -
         base = _assignment()
         blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
         with LayerStream(model_dir, torch.float32) as stream:
-            measured = measure_flips(stream, base, FLIPS, blocks, {n: torch.tensor(2.5) for n in base},
-                                     progress=False)
+            amax = {n: torch.tensor(2.5) for n in base}
+            measured = measure_flips(stream, base, FLIPS, blocks, amax, progress=False)
+            flipped = [{**base, **dict.fromkeys(f.unit, f.format)} for f in FLIPS[:2]]
+            whole = measure_lanes(stream, [base, *flipped], blocks, amax, progress=False)
         result = {"base": measured.base.kl.tolist(), "flips": [[m.delta_kl, m.stderr, m.mean_kl, m.flip.format]
-                                                                for m in measured.flips]}
+                                                                for m in measured.flips],
+                  "lanes": [r.kl.tolist() for r in whole]}
         (out / f"flips-{world}-{rank}.json").write_text(json.dumps(result))
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def test_flips_measured_on_two_gloo_processes_equal_one_process_measuring_them_all(tiny_llama_dir: Path,
-                                                                                     tmp_path: Path) -> None:
-    """L3's flips divided among processes (each walks the base and its own flips), gathered to every rank."""
+def test_flips_and_lanes_measured_on_two_gloo_processes_equal_one_process_measuring_them_all(tiny_llama_dir: Path,
+                                                                                               tmp_path: Path) -> None:
+    """L3's flips and the frontier's whole candidates divided among processes (each walks the base and its own
+    lanes), gathered to every rank."""
     _flips(0, 1, "", tiny_llama_dir, tmp_path)
     mp.spawn(_flips, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, tmp_path), nprocs=2, join=True)
     alone = json.loads((tmp_path / "flips-1-0.json").read_text())
-    assert len(alone["flips"]) == 4
+    assert len(alone["flips"]) == 4 and len(alone["lanes"]) == 3
     for rank in (0, 1):
         assert json.loads((tmp_path / f"flips-2-{rank}.json").read_text()) == alone, rank

@@ -91,13 +91,18 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
     if ranks.world == 1:
         return _measure_flips(stream, base, flips, blocks, input_amax, chunk_size, progress, state)
     mine = [number for number in range(len(flips)) if ranks.mine(number)]
-    if state is not None:
-        where = state.directory  # WORK/x.walk -> WORK/x-rank1.walk: the stage clears both alike
-        state = WalkState(where.with_name(f"{where.stem}-rank{ranks.rank}{where.suffix}"), state.expect)
     local = _measure_flips(stream, base, [flips[n] for n in mine], blocks, input_amax, chunk_size,
-                           progress and ranks.leader, state)
+                           progress and ranks.leader, _rank_state(state, ranks))
     measures = ranks.gather(dict(zip(mine, local.flips)))
     return Measured(local.base, [measures[number] for number in range(len(flips))])
+
+
+def _rank_state(state: WalkState | None, ranks: Ranks) -> WalkState | None:
+    """A rank's own snapshots beside `state` (WORK/x.walk -> WORK/x-rank1.walk: the stage clears both alike)."""
+    if state is None or ranks.world == 1:
+        return state
+    where = state.directory
+    return WalkState(where.with_name(f"{where.stem}-rank{ranks.rank}{where.suffix}"), state.expect)
 
 
 @torch.no_grad()
@@ -163,14 +168,30 @@ def _measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip],
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
 
-@torch.no_grad()
 def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks: torch.Tensor,
                   input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
-                  progress: bool = True, state: WalkState | None = None) -> list[KLResult]:
+                  progress: bool = True, state: WalkState | None = None,
+                  ranks: Ranks | None = None) -> list[KLResult]:
     """The KL statistics of whole assignments (rounded to nearest, like the flips) on token `blocks`, each a lane
     of one streamed walk: every layer is read once, and each lane runs its own quantized copy of it. `state`: the
     lanes' hidden states are snapshotted there after a layer (`WalkState.checkpoint`), and a rerun with the same
-    state resumes there."""
+    state resumes there. `ranks` (default: the initialized process group's, else one process): the assignments
+    are divided among the processes and every rank gets every result, the same as one process measures."""
+    ranks = ranks or Ranks.current()
+    if ranks.world == 1:
+        return _measure_lanes(stream, assignments, blocks, input_amax, chunk_size, progress, state)
+    mine = [number for number in range(len(assignments)) if ranks.mine(number)]
+    local = _measure_lanes(stream, [assignments[n] for n in mine], blocks, input_amax, chunk_size,
+                           progress and ranks.leader, _rank_state(state, ranks))
+    results = ranks.gather(dict(zip(mine, local)))
+    return [results[number] for number in range(len(assignments))]
+
+
+@torch.no_grad()
+def _measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks: torch.Tensor,
+                   input_amax: dict[str, torch.Tensor], chunk_size: int, progress: bool,
+                   state: WalkState | None) -> list[KLResult]:
+    """`measure_lanes` in one process."""
     reference = stream.first_inputs(blocks, 1)
     lanes = [reference for _ in assignments]
     saved = state.load(CANDIDATES) if state is not None else None
