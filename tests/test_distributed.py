@@ -96,3 +96,47 @@ def test_flips_and_lanes_measured_on_two_gloo_processes_equal_one_process_measur
     assert len(alone["flips"]) == 4 and len(alone["lanes"]) == 3
     for rank in (0, 1):
         assert json.loads((tmp_path / f"flips-2-{rank}.json").read_text()) == alone, rank
+
+
+def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+    """One of `world` processes (world 1: no group): the streamed probe over 5 blocks, its statistics written."""
+    from safetensors.torch import save_file
+
+    from prismq.engine.stream import LayerStream
+    from prismq.measure.fisher_streamed import probe_streamed
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    try:
+        blocks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
+        with LayerStream(model_dir, torch.float32) as stream:
+            names = [n for n in stream.targets if n != "lm_head"]
+            probed = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False))
+        save_file({k: v.contiguous() for k, v in probed.items()}, str(out / f"probe-{world}-{rank}.safetensors"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Calibration blocks divided among processes, each layer's sums combined: the dense model's and a MoE's
+    Fisher, input statistics and samples equal one process's (sums in another order: to rounding; samples, maxima
+    and routed counts exactly)."""
+    from test_layout import tiny_moe
+
+    for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen3_moe", tmp_path / "moe"))):
+        out = tmp_path / f"out-{number}"
+        out.mkdir()
+        _probe(0, 1, "", model_dir, out)
+        mp.spawn(_probe, args=(2, f"file://{out / 'rendezvous'}", model_dir, out), nprocs=2, join=True)
+        alone = load_file(out / "probe-1-0.safetensors")
+        assert any(".experts." in k for k in alone) == (model_dir != tiny_llama_dir)
+        for rank in (0, 1):
+            divided = load_file(out / f"probe-2-{rank}.safetensors")
+            assert divided.keys() == alone.keys()
+            for key, value in alone.items():
+                if key.endswith(("x_sample", "x_absmax", "x_token_max", "routed_tokens")):
+                    assert torch.equal(divided[key], value), key
+                else:
+                    torch.testing.assert_close(divided[key], value, rtol=1e-6, atol=0, msg=key)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import torch.distributed as dist
+
+from prismq.engine.walkstate import WalkState
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,30 @@ class Ranks:
         for part in everyone:
             merged.update(part)
         return merged
+
+    def reduce_(self, tensor: torch.Tensor, how: Literal["sum", "max"]) -> torch.Tensor:
+        """`tensor` replaced, on every rank, by the elementwise sum or maximum over the ranks (sent as float64 or
+        float32 and cast back: exact for the values a walk keeps, which are that wide or narrower)."""
+        if self.world == 1:
+            return tensor
+        wide = tensor.to(torch.float64 if tensor.dtype in (torch.float64, torch.int64) else torch.float32)
+        dist.all_reduce(wide, op=dist.ReduceOp.SUM if how == "sum" else dist.ReduceOp.MAX)
+        tensor.copy_(wide.to(tensor.dtype))
+        return tensor
+
+    def everyone(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (equal shapes), in rank order, on every rank."""
+        if self.world == 1:
+            return [tensor]
+        wide = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32).contiguous()
+        parts = [torch.empty_like(wide) for _ in range(self.world)]
+        dist.all_gather(parts, wide)
+        return [part.to(tensor.dtype) for part in parts]
+
+    def own(self, state: WalkState | None) -> WalkState | None:
+        """This rank's snapshots beside a walk's `state` (WORK/x.walk -> WORK/x-rank1.walk, so what clears
+        WORK/x*.walk clears them all); the state itself for one process."""
+        if state is None or self.world == 1:
+            return state
+        where = state.directory
+        return WalkState(where.with_name(f"{where.stem}-rank{self.rank}{where.suffix}"), state.expect)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.errors import PrismqError
 from prismq.model.siblings import sample_owner
 
@@ -103,6 +104,15 @@ class Recorder:
         """Drop the reference to the last input seen (a layer's widest activation): the hooks left on the outputs
         would otherwise keep it alive after the layer is done."""
         self._last = None
+
+    def merge(self, ranks: Ranks) -> None:
+        """Combine the sums of processes that each recorded other blocks (`prismq.engine.distributed`): sums
+        added, maxima taken, sampled rows and per-token maxima each filled by one rank (zeros elsewhere) added."""
+        for state in self.states.values():
+            for total in (state.fisher_out, state.x_sq, state.x_sample, state.x_token_max):
+                ranks.reduce_(total, "sum")
+            ranks.reduce_(state.x_absmax, "max")
+            state.calls = int(ranks.reduce_(torch.tensor(state.calls, dtype=torch.int64), "sum"))
 
     def start(self, positions: torch.Tensor, index: int, device: torch.device) -> None:
         """start_block for block `index`: the sampled global `positions` that fall in it."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prismq.engine.distributed import Ranks
 from prismq.measure.fisher import FISHER_OUT, FISHER_TRACE, X_ABSMAX, X_SAMPLE, X_SQ, X_TOKEN_MAX
 from prismq.model.experts import ExpertCall, parameters_of
 from prismq.model.targets import Target
@@ -94,6 +95,21 @@ class ExpertRecorder:
                 dy_sq = grad.detach().to(torch.float32, copy=True).square_()  # [routed, rows]
                 state.fisher_out += norm_sq @ dy_sq
             out.register_hook(accumulate)
+
+    def merge(self, ranks: Ranks) -> None:
+        """Combine the statistics of processes that each recorded other blocks: sums added, maxima taken (a token
+        no rank routed here stays -1), and the sample the rows with the smallest keys among every rank's (the
+        keys are per position, the same on every rank: the sample one process would keep)."""
+        for state in self.states.values():
+            ranks.reduce_(state.fisher_out, "sum")
+            ranks.reduce_(state.x_sq, "sum")
+            ranks.reduce_(state.x_absmax, "max")
+            ranks.reduce_(state.x_token_max, "max")
+            state.routed = int(ranks.reduce_(torch.tensor(state.routed, dtype=torch.int64), "sum"))
+            keys = torch.cat(ranks.everyone(state.sample_keys))
+            kept = torch.topk(keys, state.sample_keys.numel(), largest=False, sorted=True).indices
+            state.sample_keys = keys[kept]
+            state.sample = torch.cat(ranks.everyone(state.sample))[kept]
 
     def results(self) -> dict[str, torch.Tensor]:
         """Every expert target's statistics (NAME.fisher_out, ..., NAME.routed_tokens), normalized by the token

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.engine.stream import LayerStream, run_layer
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
@@ -30,25 +31,35 @@ GRAD = "grad"  # the gradient at the input of the lowest layer done so far (meta
 
 
 def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
-                   seed: int = 0, progress: bool = True, state: WalkState | None = None) -> Mapping[str, torch.Tensor]:
+                   seed: int = 0, progress: bool = True, state: WalkState | None = None,
+                   ranks: Ranks | None = None) -> Mapping[str, torch.Tensor]:
     """`probe` on a streamed model, with the same results (see the module docstring). `state`: where the walk
-    keeps its per-layer inputs and progress (a rerun with the same state resumes); None: a temporary directory."""
+    keeps its per-layer inputs and progress (a rerun with the same state resumes); None: a temporary directory.
+    `ranks` (default: the initialized process group's, else one process): the blocks are divided among the
+    processes (each walks its own, with its own snapshots beside `state`), and after each layer their sums are
+    combined, so every rank gets the statistics one process gets (sums taken in another order: equal to rounding)."""
+    ranks = ranks or Ranks.current()
     check_blocks(blocks, sample_rows)
+    if blocks.shape[0] < ranks.world:
+        raise PrismqError(f"{blocks.shape[0]} calibration blocks cannot be divided among {ranks.world} processes")
     missing = [n for n in names if n not in stream.targets]
     if missing:
         raise PrismqError(f"not quantization targets of this model: {', '.join(missing[:3])}")
     if state is None:
         with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
             return dict(probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress,
-                                       state=WalkState(Path(scratch), {})))
-    walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress)
+                                       state=WalkState(Path(scratch) / "probe.walk", {}), ranks=ranks))
+    state = ranks.own(state)
+    assert state is not None
+    walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress and ranks.leader, ranks)
     done = state.load(GRAD)
     if done is None:
         walk.forward()
         done = state.load(GRAD)
         assert done is not None
     walk.backward(unpack(done[0], GRAD, stream.device, stream.dtype), done[1]["layer"], done[1]["nll"])
-    nll = state.load(GRAD)[1]["nll"]  # type: ignore[index]
+    own_nll = state.load(GRAD)[1]["nll"]  # type: ignore[index]  # this rank's blocks'
+    nll = float(ranks.reduce_(torch.tensor(own_nll, dtype=torch.float64), "sum"))
     layers = []
     for index in range(len(stream)):
         stats = state.load(f"stats-{index}")
@@ -64,14 +75,16 @@ class _ProbeWalk:
     """The two sweeps of one streamed probe over `blocks`, saving their progress in `state`."""
 
     def __init__(self, stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int,
-                 state: WalkState, progress: bool) -> None:
-        self.stream, self.blocks, self.names, self.state, self.progress = stream, blocks, names, state, progress
-        self.seed = seed
+                 state: WalkState, progress: bool, ranks: Ranks) -> None:
+        self.stream, self.names, self.state, self.progress, self.ranks = stream, names, state, progress, ranks
+        self.seed, self.n_blocks, self.seqlen = seed, blocks.shape[0], blocks.shape[1]
+        self.indices = [index for index in range(blocks.shape[0]) if ranks.mine(index)]  # this rank's blocks
+        self.blocks = blocks[self.indices]
         self.total = blocks.numel()
         self.rows = min(sample_rows, self.total)
         self.positions = sample_positions(self.total, sample_rows, seed)
         with torch.no_grad():
-            first = stream.first_inputs(blocks, 1)
+            first = stream.first_inputs(self.blocks, 1)
         self.kwargs = [k for _, k in first]
         self.first = [h for h, _ in first]
 
@@ -118,17 +131,17 @@ class _ProbeWalk:
                 modules = stream.layer_names(index, layer)
                 own = {n: stream.targets[n] for n in self.names if stream.targets[n].module in modules}
                 linears = {n: modules[t.module] for n, t in own.items() if t.expert is None}
-                recorder = Recorder(linears, self.blocks.shape[1], self.rows, self.total, stream.device)
+                recorder = Recorder(linears, self.seqlen, self.rows, self.total, stream.device)
                 experts = ExpertRecorder({n: t for n, t in own.items() if t.expert is not None},
-                                         self.blocks.shape[1], self.rows, self.total, self.seed, stream.device,
+                                         self.seqlen, self.rows, self.total, self.seed, stream.device,
                                          stream.weight_dtype)
                 handles = [module.register_forward_hook(recorder.forward_hook(n)) for n, module in linears.items()]
                 if experts.targets:
                     handles += ExpertCalls(modules, experts.parameters, after=experts).attach()
                 try:
                     for block_index, (x, kwargs) in enumerate(zip(inputs, self.kwargs)):
-                        recorder.start(self.positions, block_index, stream.device)
-                        experts.start(block_index)
+                        recorder.start(self.positions, self.indices[block_index], stream.device)
+                        experts.start(self.indices[block_index])
                         with torch.enable_grad():
                             x = x.detach().requires_grad_(True)
                             out = layer(x, **kwargs)
@@ -138,7 +151,9 @@ class _ProbeWalk:
                     for handle in handles:
                         handle.remove()
                     recorder.forget()
-            stats = {**linear_results(recorder, self.blocks.shape[0], self.total), **experts.results()}
+            recorder.merge(self.ranks)
+            experts.merge(self.ranks)
+            stats = {**linear_results(recorder, self.n_blocks, self.total), **experts.results()}
             self.state.save(f"stats-{index}", once_per_input(stats, list(own)))
             self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
             self.state.remove(f"input-{index}")

@@ -92,17 +92,9 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
         return _measure_flips(stream, base, flips, blocks, input_amax, chunk_size, progress, state)
     mine = [number for number in range(len(flips)) if ranks.mine(number)]
     local = _measure_flips(stream, base, [flips[n] for n in mine], blocks, input_amax, chunk_size,
-                           progress and ranks.leader, _rank_state(state, ranks))
+                           progress and ranks.leader, ranks.own(state))
     measures = ranks.gather(dict(zip(mine, local.flips)))
     return Measured(local.base, [measures[number] for number in range(len(flips))])
-
-
-def _rank_state(state: WalkState | None, ranks: Ranks) -> WalkState | None:
-    """A rank's own snapshots beside `state` (WORK/x.walk -> WORK/x-rank1.walk: the stage clears both alike)."""
-    if state is None or ranks.world == 1:
-        return state
-    where = state.directory
-    return WalkState(where.with_name(f"{where.stem}-rank{ranks.rank}{where.suffix}"), state.expect)
 
 
 @torch.no_grad()
@@ -182,7 +174,7 @@ def measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], blocks
         return _measure_lanes(stream, assignments, blocks, input_amax, chunk_size, progress, state)
     mine = [number for number in range(len(assignments)) if ranks.mine(number)]
     local = _measure_lanes(stream, [assignments[n] for n in mine], blocks, input_amax, chunk_size,
-                           progress and ranks.leader, _rank_state(state, ranks))
+                           progress and ranks.leader, ranks.own(state))
     results = ranks.gather(dict(zip(mine, local)))
     return [results[number] for number in range(len(assignments))]
 
