@@ -108,6 +108,8 @@ class Recorder:
     def merge(self, ranks: Ranks) -> None:
         """Combine the sums of processes that each recorded other blocks (`prismq.engine.distributed`): sums
         added, maxima taken, sampled rows and per-token maxima each filled by one rank (zeros elsewhere) added."""
+        if ranks.world == 1:
+            return
         for state in self.states.values():
             for total in (state.fisher_out, state.x_sq, state.x_sample, state.x_token_max):
                 ranks.reduce_(total, "sum")

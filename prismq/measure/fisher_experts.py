@@ -100,6 +100,8 @@ class ExpertRecorder:
         """Combine the statistics of processes that each recorded other blocks: sums added, maxima taken (a token
         no rank routed here stays -1), and the sample the rows with the smallest keys among every rank's (the
         keys are per position, the same on every rank: the sample one process would keep)."""
+        if ranks.world == 1:
+            return
         for state in self.states.values():
             ranks.reduce_(state.fisher_out, "sum")
             ranks.reduce_(state.x_sq, "sum")
