@@ -1,10 +1,12 @@
 """Several processes dividing one stage's work, through the distributed engine PyTorch ships (torch.distributed:
 gloo on CPUs, NCCL on GPUs), each process started by torchrun or a launcher that initializes the default group.
 
-A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, say) round-robin by
-their index in the order the single process visits them, so each piece is computed exactly as one process computes
-it, and the results are gathered to every rank: the same numbers, bit for bit, as one process. Without an
-initialized group, `Ranks.current()` is one process doing everything.
+A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, a selection lane, a
+calibration block) round-robin by their index in the order the single process visits them, so each piece is
+computed exactly as one process computes it; results are gathered to every rank (the same numbers, bit for bit,
+as one process), or, where each rank summed over its own pieces (the probe's statistics), reduced (sums in another
+order: equal to rounding). Each rank keeps its own walk snapshots. Without an initialized group,
+`Ranks.current()` is one process doing everything.
 """
 
 from __future__ import annotations
