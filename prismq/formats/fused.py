@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 GROUPS_PER_PROGRAM = 128  # NVFP4 / MX groups each program rounds (a [128, group] tile; 64 and 256 were slower)
 ROW_BLOCK, ROW_WARPS = 2048, 8  # FP8 per channel: columns a program visits per step of its row, its warps
-# (H200, 4096 x 14336 bf16: 0.090 ms against 0.100 for 1024 and 4 warps; benchmarks/RESULTS.md)
 AMAX_BLOCK = 8192  # NVFP4's global absmax: values each program reduces
 
 
