@@ -61,8 +61,10 @@ class EncodedStore(Mapping[str, Tensors]):
             store.pending = dict(tensors.pending)
         else:
             store.pending = dict(tensors)
-        store.flush()
-        store._write_index()
+        if store.pending:
+            store.flush()  # writes the index too
+        else:
+            store._write_index()
         return store
 
     def _read_index(self) -> None:
