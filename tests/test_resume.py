@@ -249,3 +249,16 @@ def test_a_run_killed_among_several_uniform_baselines_resumes_each_lane_as_itsel
         for split in ("baseline_evals", "baseline_reports"):
             assert {n: r["mean_kl"] for n, r in rounding[split].items()} == \
                 {n: r["mean_kl"] for n, r in expected[split].items()}, (kill_at, split)
+
+
+def test_a_resume_snapshot_waits_for_its_interval(tmp_path: Path, monkeypatch) -> None:
+    """`checkpoint` writes nothing until `min_interval` seconds have passed since the walk's last snapshot."""
+    monkeypatch.setattr(WalkState, "min_interval", 3600.0)
+    state = WalkState(tmp_path / "walk", {"run": 1})
+    state.checkpoint("snap", {"x": torch.zeros(2)}, layer=1)
+    assert not state.exists("snap")
+    state.last_snapshot -= 3600.0  # an hour later
+    state.checkpoint("snap", {"x": torch.ones(2)}, layer=2)
+    assert state.load("snap")[1]["layer"] == 2
+    state.checkpoint("snap", {"x": torch.ones(2)}, layer=3)  # right after: skipped
+    assert state.load("snap")[1]["layer"] == 2
