@@ -59,19 +59,48 @@ def write_model(path: Path, shape: str, layers: int, tokenizer: Path) -> int:
 
 def quantize(model: Path, out: Path, device: str, job: tuple[str, ...] = ("--target-bits", "4.75")) -> dict:
     """One `prismq quantize` (default: --target-bits 4.75, default settings) in a fresh process: wall and stage
-    seconds."""
+    seconds, and when each progress bar and log line appeared (`_timeline`)."""
     for stale in (out, out.with_name(out.name + ".work")):
         shutil.rmtree(stale, ignore_errors=True)
     command = [sys.executable, "-m", "prismq.cli", "quantize", str(model), *job, "--device", device,
                "--out", str(out)]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    # bytecode may be cached, as a pip install does (an environment that forbids it recompiles every module of
+    # torch and transformers in each process: seconds the user does not pay)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                               env=env)
+    timeline, tail = _timeline(process.stdout, started)
     seconds = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(f"prismq quantize failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if process.wait():
+        raise SystemExit(f"prismq quantize failed ({process.returncode}):\n{tail[-3000:]}")
     summary = json.loads((out.with_name(out.name + ".work") / "summary.json").read_text())
     return {"seconds": round(seconds, 1), "stages": summary.get("seconds", {}),
-            "mean_kl": summary["eval"]["mean_kl"], "bits_per_param": summary["bits_per_param"]}
+            "mean_kl": summary["eval"]["mean_kl"], "bits_per_param": summary["bits_per_param"],
+            "first_output_s": timeline[0][0] if timeline else None,
+            "after_last_output_s": round(seconds - timeline[-1][1], 1) if timeline else None,
+            "timeline": timeline}
+
+
+def _timeline(stream, started: float) -> tuple[list[list], str]:
+    """Seconds since `started` at which each progress bar or log line of a run's output first and last appeared
+    (as [first, last, label]), in order, and the output's last characters: what the stages' own clocks leave out
+    (start-up before the first stage, the report after the last) shows as the gap before the first and after the
+    last entry."""
+    entries: dict[str, list] = {}
+    tail, line = "", ""
+    for char in iter(lambda: stream.read(1), ""):
+        tail = (tail + char)[-4000:]
+        if char not in "\r\n":
+            line += char
+            continue
+        text, line = line.strip(), ""
+        if not text:
+            continue
+        label = text.split(":")[0] if "|" in text else text[:80]  # a tqdm bar's description, or a log line
+        now = round(time.perf_counter() - started, 2)
+        entries.setdefault(label, [now, now, label])[1] = now
+    return list(entries.values()), tail
 
 
 def llmcompressor_gptq(model: Path, site: Path, scratch: Path) -> dict:

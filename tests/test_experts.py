@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from prismq.engine.stream import LayerStream
+from prismq.engine.stream import BATCH_BLOCKS, LayerStream
 from prismq.measure.fisher_streamed import probe_streamed
 from prismq.model.source import load_model
 from prismq.model.targets import model_targets
@@ -69,7 +69,7 @@ def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir:
     blocks = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
     with LayerStream(qwen3_moe_dir, torch.float64) as stream:
         names = [n for n, t in stream.targets.items() if n != "lm_head"]
-        probed = dict(probe_streamed(stream, blocks, names, sample_rows=8, progress=False))
+        probed = dict(probe_streamed(stream, blocks, names, sample_rows=8, progress=False, batch_blocks=2))
     # the reference: the whole model in float64, each expert run densely on every token (zero weight where not
     # routed), Fisher and input statistics summed over routed tokens from the retained per-expert output gradients
     model = load_model(qwen3_moe_dir, torch.float64)
@@ -78,7 +78,7 @@ def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir:
     expected: dict[str, torch.Tensor] = {}
     for layer in model.model.layers:
         layer.mlp.experts.seen = []
-    for block in blocks:
+    for block_index, block in enumerate(blocks):
         logits = model(block[None], use_cache=False).logits
         F.cross_entropy(logits[0, :-1], block[1:], reduction="sum").backward()
         for index, layer in enumerate(model.model.layers):
@@ -93,12 +93,15 @@ def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir:
                                     (f"{base}.down_proj.x_sq", inner.detach()[routed].square().sum(0)),
                                     (f"{base}.gate_proj.routed_tokens", routed.sum().double())):
                     expected[name] = expected.get(name, 0) + value
+                token_max = expected.setdefault(f"{base}.gate_proj.x_token_max", torch.full((total,), -1.0, dtype=torch.float64))
+                rows = routed.nonzero().flatten()  # each routed token's max |x| at its place among all blocks'
+                token_max[block_index * blocks.shape[1] + rows] = x.detach()[rows].abs().amax(-1)
             layer.mlp.experts.seen = []
     model.zero_grad()
     routed_somewhere = 0
     for name, value in expected.items():
         got = probed[name].double()
-        want = value if name.endswith("routed_tokens") else value / total
+        want = value if name.endswith(("routed_tokens", "x_token_max")) else value / total
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-12), name
         routed_somewhere += name.endswith("routed_tokens") and float(value) > 0
     assert routed_somewhere > 0
@@ -179,7 +182,8 @@ def test_a_moe_export_decompresses_to_our_decode_and_computes_the_fake_quantized
     encoded = encode_model(model, assignment, _layer_wide(amax, targets), torch.bfloat16, targets)
     apply_fake_quant(model, assignment, encoded, torch.bfloat16, targets)
     with torch.no_grad():
-        expected = [model.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+        expected = [row for batch in blocks.split(BATCH_BLOCKS)  # the blocks the stream runs together
+                    for row in model.model(batch, use_cache=False).last_hidden_state]
     with LayerStream(result.path, torch.float32) as stream:
         rebuilt = final_hidden_states(stream, blocks, progress=False)
     assert all(torch.equal(got, want) for got, want in zip(rebuilt, expected))

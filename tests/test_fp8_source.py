@@ -113,14 +113,15 @@ def test_a_block_fp8_moe_streams_like_transformers_dequantizes_it(family: str, t
     expert parameters dequantized: the streamed model computes what transformers' dequantizing load computes."""
     from test_layout import tiny_moe
 
-    from prismq.engine.stream import LayerStream, final_hidden_states
+    from prismq.engine.stream import BATCH_BLOCKS, LayerStream, final_hidden_states
     from prismq.model.source import load_model
 
     write_block_fp8(tiny_moe(family, tmp_path / "bf16"), tmp_path / "fp8", block=(16, 16))
     blocks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     whole = load_model(tmp_path / "fp8", torch.float32)  # transformers + FineGrainedFP8Config(dequantize=True)
     with torch.no_grad():
-        expected = [whole.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+        expected = [row for batch in blocks.split(BATCH_BLOCKS)  # the blocks the stream runs together
+                    for row in whole.model(batch, use_cache=False).last_hidden_state]
     with LayerStream(tmp_path / "fp8", torch.float32) as stream:
         assert sum(".experts.3." in key for key in stream.source.scales) >= 3  # gate, up, down per MoE layer
         streamed = final_hidden_states(stream, blocks, progress=False)

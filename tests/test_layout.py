@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from prismq.engine.stream import LayerStream, final_hidden_states
+from prismq.engine.stream import BATCH_BLOCKS, LayerStream, final_hidden_states
 from prismq.model.checkpoint import SourceTensors
 from prismq.model.layout import CheckpointLayout, Part
 from prismq.model.source import load_model
@@ -91,7 +91,8 @@ def test_a_moe_model_streams_like_transformers_loads_it(family: str, tmp_path: P
     blocks = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     whole = load_model(model_dir, torch.float32)
     with torch.no_grad():
-        expected = [whole.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+        expected = [row for batch in blocks.split(BATCH_BLOCKS)  # the blocks the stream runs together
+                    for row in whole.model(batch, use_cache=False).last_hidden_state]
     with LayerStream(model_dir, torch.float32) as stream:
         streamed = final_hidden_states(stream, blocks, progress=False)
     assert all(torch.equal(got, want) for got, want in zip(streamed, expected))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_llama
-from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.stream import BATCH_BLOCKS, LayerStream, run_layer
 from prismq.errors import PrismqError
 from prismq.export.encode import encode_model
 from prismq.measure.kl import evaluate_candidates
@@ -192,10 +192,14 @@ def test_streamed_probe_equals_the_whole_model_probe(tiny_llama_dir: Path, dtype
     blocks = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(4))
     whole = probe(load_model(tiny_llama_dir, dtype), blocks, names, sample_rows=20, progress=False)
     with LayerStream(tiny_llama_dir, dtype) as stream:
-        streamed = probe_streamed(stream, blocks, names, sample_rows=20, progress=False)
-    assert streamed.keys() == whole.keys()
+        streamed = probe_streamed(stream, blocks, names, sample_rows=20, progress=False, batch_blocks=1)
+        batched = probe_streamed(stream, blocks, names, sample_rows=20, progress=False, batch_blocks=2)
+    assert streamed.keys() == whole.keys() == batched.keys()
     for key, expected in whole.items():
         assert torch.equal(streamed[key], expected), key  # the same sums in the same order: bit for bit
+        # blocks 0 and 1 through each layer together, then block 2: each token's rows and sums in their places,
+        # equal to rounding (other matrix shapes; the sums are fp32 over two blocks at once, in any model dtype)
+        torch.testing.assert_close(batched[key], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     assert float(whole["model.layers.0.mlp.down_proj.fisher_trace"]) > 0
     # siblings read one input: its sampled rows are kept once, under q_proj (and gate_proj)
     assert all(f"model.layers.0.{n}.x_sample" in streamed for n in ("self_attn.q_proj", "mlp.gate_proj"))
@@ -219,7 +223,8 @@ def test_an_export_read_back_layer_by_layer_equals_transformers_loading_it(
     blocks = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(5))
     whole = load_model(out, dtype)
     with torch.no_grad():
-        expected = [whole.model(block[None], use_cache=False).last_hidden_state[0] for block in blocks]
+        expected = [row for batch in blocks.split(BATCH_BLOCKS)  # the blocks the stream runs together
+                    for row in whole.model(batch, use_cache=False).last_hidden_state]
     with LayerStream(out, dtype) as stream:
         streamed = final_hidden_states(stream, blocks, progress=False)
     assert all(torch.equal(got, want) for got, want in zip(streamed, expected))

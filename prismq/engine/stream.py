@@ -36,6 +36,9 @@ from prismq.model.source import resolve_device
 from prismq.model.targets import targets_of
 
 FORWARD = "forward"  # a forward walk's snapshot: the hidden states before its next layer
+# token blocks a walk runs through a layer together: a small model's layer on a GPU is bound by kernel launches, not
+# FLOPs, so four blocks cost about what one does; a large model's activations for four 512-token blocks stay small
+BATCH_BLOCKS = 4
 READ_CHUNK_BYTES = 32 << 20  # a large checkpoint tensor is read this many bytes at a time
 TRIM_LAYER_BYTES = 64 << 20  # after a layer this large, freed memory goes back to the system (smaller: kept for reuse)
 
@@ -313,7 +316,7 @@ class LayerStream:
         return {(f"{base}.{name}" if name else base): m for name, m in module.named_modules()}
 
     # --- running ---------------------------------------------------------------------------------------------
-    def first_inputs(self, blocks: torch.Tensor, batch_size: int) -> list[LayerInput]:
+    def first_inputs(self, blocks: torch.Tensor, batch_size: int = BATCH_BLOCKS) -> list[LayerInput]:
         """(hidden states, keyword arguments) the first decoder layer receives for each batch of `blocks`."""
         with self._embeddings_loaded():
             return first_layer_inputs(self.model, self.layers, blocks, batch_size)
@@ -324,6 +327,11 @@ class LayerStream:
         if norm is None:
             raise PrismqError(f"{type(self.model).__name__}: cannot find the decoder's final norm")
         return norm(hidden)
+
+    def final_states(self, inputs: list[LayerInput]) -> list[torch.Tensor]:
+        """Per block [L, hidden], on the stream's device: the decoder's output for the last layer's outputs
+        `inputs` (batches of blocks, wherever they are kept)."""
+        return [row for hidden, _ in inputs for row in self.final_hidden(hidden.to(self.device))]
 
     @property
     def head(self) -> nn.Module:
@@ -396,12 +404,13 @@ def cast_stored(module: nn.Module, stored: torch.dtype, dtype: torch.dtype) -> N
 @torch.no_grad()
 def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: bool = True,
                         desc: str = "forward", state: WalkState | None = None) -> list[torch.Tensor]:
-    """The decoder's final hidden states [L, hidden] of each block (one block per forward), layer by layer.
+    """The decoder's final hidden states [L, hidden] of each block (`BATCH_BLOCKS` blocks per forward), layer by
+    layer.
     `state`: the hidden states are snapshotted there after a layer (`WalkState.checkpoint`), and a rerun with the
     same state resumes after the last layer snapshotted."""
     from tqdm import tqdm
 
-    inputs = stream.first_inputs(blocks, 1)
+    inputs = stream.first_inputs(blocks)
     saved = state.load(FORWARD) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]
     if saved is not None:
@@ -413,7 +422,7 @@ def final_hidden_states(stream: LayerStream, blocks: torch.Tensor, progress: boo
             inputs = run_layer(layer, inputs)
         if state is not None:
             state.checkpoint(FORWARD, pack("hidden", [h for h, _ in inputs]), layer=index + 1)
-    return [stream.final_hidden(hidden)[0] for hidden, _ in inputs]
+    return stream.final_states(inputs)
 
 
 def layer_config(config: dict[str, Any], prefix: str) -> dict[str, Any]:

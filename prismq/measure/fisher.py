@@ -65,15 +65,16 @@ class _InputStats:
     """What one Linear input contributes in a block; fused siblings (q/k/v, gate/up) get the same input tensor,
     so it is computed once for them."""
 
-    norm_sq: torch.Tensor  # [L] fp32 ||x_t||^2
+    norm_sq: torch.Tensor  # [rows] fp32 ||x_t||^2
     col_sq: torch.Tensor  # [in] fp32 sum_t x_tj^2
     absmax: torch.Tensor  # [] fp32
-    token_max: torch.Tensor  # [L] fp32
-    sample: torch.Tensor | None  # [rows in this block, in] the sampled rows, model dtype
+    token_max: torch.Tensor  # [rows] fp32
+    sample: torch.Tensor | None  # [rows sampled from this batch, in] model dtype
 
 
 class Recorder:
-    """Forward and tensor hooks that fill every Linear's `_LinearState` block by block."""
+    """Forward and tensor hooks that fill every Linear's `_LinearState` batch by batch (a batch: one or more
+    blocks run together)."""
 
     def __init__(self, modules: dict[str, nn.Linear], seqlen: int, sample_rows: int, total: int,
                  device: torch.device | None = None) -> None:
@@ -91,14 +92,10 @@ class Recorder:
             )
             for name, m in modules.items()
         }
-        self.slots = torch.zeros(0, dtype=torch.long)  # this block's sample slots and their positions in the block
-        self.block = 0
+        self.slots = torch.zeros(0, dtype=torch.long)  # this batch's sample slots and their rows in the batch
         self.local = torch.zeros(0, dtype=torch.long)
+        self.token_rows = torch.zeros(0, dtype=torch.long)  # the global position of each row of the batch
         self._last: tuple[torch.Tensor, int, _InputStats] | None = None  # the last input seen, for siblings
-
-    def start_block(self, slots: torch.Tensor, local: torch.Tensor) -> None:
-        """Set the sample slots filled from this block and their positions in it; forget the last input."""
-        self.slots, self.local, self._last = slots, local, None
 
     def forget(self) -> None:
         """Drop the reference to the last input seen (a layer's widest activation): the hooks left on the outputs
@@ -116,20 +113,19 @@ class Recorder:
             ranks.reduce_(state.x_absmax, "max")
             state.calls = int(ranks.reduce_(torch.tensor(state.calls, dtype=torch.int64), "sum"))
 
-    def start(self, positions: torch.Tensor, index: int, device: torch.device) -> None:
-        """start_block for block `index`: the sampled global `positions` that fall in it."""
-        in_block = (positions >= index * self.seqlen) & (positions < (index + 1) * self.seqlen)
-        local = (positions[in_block] - index * self.seqlen).to(device)
-        self.start_block(in_block.nonzero().flatten().to(device), local)
-        self.block = index
+    def start(self, positions: torch.Tensor, indices: list[int], device: torch.device) -> None:
+        """Record the next forward as blocks `indices` run as one batch (in that order): which of the sampled global
+        `positions` fall in them and where, and the global position of every row; forget the last input."""
+        self.token_rows, self.slots, self.local = batch_rows(positions, indices, self.seqlen, device)
+        self._last = None
 
     def input_stats(self, given: torch.Tensor) -> _InputStats:
-        """The statistics of a Linear's input [..., in] (one block), reused when the previous Linear got this very
+        """The statistics of a Linear's input [..., in] (one batch), reused when the previous Linear got this very
         tensor (same object, not modified since)."""
         if self._last is not None and self._last[0] is given and self._last[1] == given._version:
             return self._last[2]
-        x = given.detach().reshape(self.seqlen, -1)
-        squares = x.to(torch.float32, copy=True).square_()  # [L, in]; a copy, so fp32 inputs stay untouched
+        x = given.detach().reshape(self.token_rows.numel(), -1)
+        squares = x.to(torch.float32, copy=True).square_()  # [rows, in]; a copy, so fp32 inputs stay untouched
         low, high = torch.aminmax(x)
         stats = _InputStats(norm_sq=squares.sum(dim=1), col_sq=squares.sum(dim=0),
                             absmax=torch.maximum(-low, high).float(), token_max=x.abs().amax(dim=-1).float(),
@@ -143,28 +139,40 @@ class Recorder:
 
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
-            if x.numel() != self.seqlen * x.shape[-1]:
-                raise PrismqError(f"{name} saw {x.numel() // x.shape[-1]} input rows for a block of {self.seqlen} "
+            if x.numel() != self.token_rows.numel() * x.shape[-1]:
+                raise PrismqError(f"{name} saw {x.numel() // x.shape[-1]} input rows for {self.token_rows.numel()} "
                                   "tokens; the probe needs every Linear to see each token once (routed experts "
                                   "are not Linears)")
             if not output.requires_grad:
                 raise PrismqError(f"{name}: its output does not depend on the input embeddings; cannot probe it")
-            state.calls += 1
+            state.calls += self.token_rows.numel() // self.seqlen
             stats = self.input_stats(x)
             state.x_sq += stats.col_sq
             torch.maximum(state.x_absmax, stats.absmax, out=state.x_absmax)
-            state.x_token_max[self.block * self.seqlen:(self.block + 1) * self.seqlen] = stats.token_max
+            state.x_token_max[self.token_rows] = stats.token_max
             if stats.sample is not None:
                 state.x_sample[self.slots] = stats.sample.to(state.x_sample.dtype)
             norm_sq = stats.norm_sq  # kept alive by the hook below until the backward has run
 
             def accumulate(grad: torch.Tensor) -> None:
-                dy_sq = grad.detach().reshape(self.seqlen, -1).to(torch.float32, copy=True).square_()  # [L, out]
-                state.fisher_out += norm_sq @ dy_sq  # sum_t ||x_t||^2 dy_t^2, fp32 within the block
+                dy_sq = grad.detach().reshape(norm_sq.numel(), -1).to(torch.float32, copy=True).square_()  # [rows, out]
+                state.fisher_out += norm_sq @ dy_sq  # sum_t ||x_t||^2 dy_t^2, fp32 within the batch
 
             output.register_hook(accumulate)
 
         return hook
+
+
+def batch_rows(positions: torch.Tensor, indices: list[int], seqlen: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For blocks `indices` run as one batch: the global position of each of its rows (block after block), which
+    of the sampled global `positions` fall in it, and the row each of those is, all on `device`."""
+    order = torch.tensor(indices, dtype=torch.long)
+    token_rows = (order.unsqueeze(1) * seqlen + torch.arange(seqlen)).flatten()
+    match = (positions // seqlen).unsqueeze(1) == order.unsqueeze(0)  # [sampled, batch]
+    slots = match.any(dim=1).nonzero().flatten()
+    local = match[slots].int().argmax(dim=1) * seqlen + positions[slots] % seqlen
+    return token_rows.to(device), slots.to(device), local.to(device)
 
 
 def nll_sum(logits: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -206,7 +214,7 @@ def probe(model: nn.Module, blocks: torch.Tensor, names: list[str], *, sample_ro
             p.requires_grad_(False)
         bar = tqdm(range(n_blocks), desc="probe", unit="block", disable=not progress)
         for index in bar:
-            recorder.start(positions, index, device)
+            recorder.start(positions, [index], device)
             block = blocks[index].to(device)
             with torch.enable_grad():
                 embeds = embed(block.unsqueeze(0)).detach().requires_grad_(True)

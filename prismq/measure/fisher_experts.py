@@ -43,12 +43,12 @@ class _ExpertState:
 
 
 class ExpertRecorder:
-    """`ExpertCalls`' `after` callback filling every expert target's statistics, block by block."""
+    """`ExpertCalls`' `after` callback filling every expert target's statistics, batch by batch."""
 
     def __init__(self, targets: Mapping[str, Target], seqlen: int, sample_rows: int, total: int, seed: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.targets, self.seqlen, self.total = dict(targets), seqlen, total
-        self.block = 0
+        self.token_rows = torch.arange(seqlen, device=device)  # the global position of each row of the batch
         self.keys = torch.rand(total, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
         rows: dict[tuple[str, str, int], int] = {}  # each slot's rows: the largest row any of its targets ends at
         for target in self.targets.values():
@@ -69,9 +69,9 @@ class ExpertRecorder:
         """The 3-D parameters to watch, {experts module: {parameter names}} (what `ExpertCalls` takes)."""
         return parameters_of(self.states)
 
-    def start(self, index: int) -> None:
-        """Record the next calls as block `index`."""
-        self.block = index
+    def start(self, token_rows: torch.Tensor) -> None:
+        """Record the next calls as the batch whose rows are at global positions `token_rows` (`batch_rows`)."""
+        self.token_rows = token_rows
 
     def __call__(self, call: ExpertCall, x: torch.Tensor, out: torch.Tensor) -> None:
         state = self.states.get((call.module, call.parameter_name, call.expert))
@@ -80,7 +80,7 @@ class ExpertRecorder:
         rows = x.detach()
         squares = rows.to(torch.float32, copy=True).square_()
         norm_sq = squares.sum(dim=1)
-        positions = call.positions.to(rows.device) + self.block * self.seqlen
+        positions = self.token_rows[call.positions.to(self.token_rows.device)]
         state.routed += rows.shape[0]
         state.x_sq += squares.sum(dim=0)
         if rows.shape[0]:

@@ -1,12 +1,13 @@
 """The Fisher probe on a streamed model: the per-token Fisher of `prismq.measure.fisher.probe`, one decoder layer in
 memory at a time, resumable after any layer.
 
-A forward walk saves each decoder layer's input (per block) to the walk state on disk; the output head gives each
-block's summed next-token loss and its gradient at the last layer's output; a reverse walk reads each layer's saved
-input, re-runs the layer with autograd and back-propagates the incoming gradient, the Linears' hooks recording the
-same per-token Fisher and input statistics as the whole-model backward. After each reverse step the layer's
-statistics and the gradient at its input are saved and its kept input deleted, so memory holds one layer, one
-layer's hidden states and one layer's statistics, and a killed run resumes at the layer it was in.
+A forward walk saves each decoder layer's input (per batch of blocks) to the walk state on disk; the output head
+gives each block's summed next-token loss and its gradient at the last layer's output; a reverse walk reads each
+layer's saved input, re-runs the layer with autograd and back-propagates the incoming gradient, the Linears' hooks
+recording the same per-token Fisher and input statistics as the whole-model backward. After each reverse step the
+layer's statistics and the gradient at its input are saved and its kept input deleted, so memory holds one layer,
+one layer's hidden states and one layer's statistics, and a killed run resumes at the layer it was in. Blocks go
+through a layer `BATCH_BLOCKS` at a time: on a GPU a small model's layer is bound by kernel launches, not FLOPs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.engine.distributed import Ranks
-from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.stream import BATCH_BLOCKS, LayerStream, run_layer
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.measure.fisher import Recorder, check_blocks, linear_results, nll_sum, once_per_input, sample_positions
@@ -32,9 +33,11 @@ GRAD = "grad"  # the gradient at the input of the lowest layer done so far (meta
 
 def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
                    seed: int = 0, progress: bool = True, state: WalkState | None = None,
-                   ranks: Ranks | None = None) -> Mapping[str, torch.Tensor]:
-    """`probe` on a streamed model, with the same results (see the module docstring). `state`: where the walk
-    keeps its per-layer inputs and progress (a rerun with the same state resumes); None: a temporary directory.
+                   ranks: Ranks | None = None, batch_blocks: int = BATCH_BLOCKS) -> Mapping[str, torch.Tensor]:
+    """`probe` on a streamed model, with the same results (see the module docstring; bit for bit with
+    `batch_blocks` 1, else to fp32 rounding: `batch_blocks` blocks run through a layer together and their sums are
+    taken in fp32 together). `state`: where the walk keeps its per-layer inputs and progress (a rerun with the same
+    state and `batch_blocks` resumes); None: a temporary directory.
     `ranks` (default: the initialized process group's, else one process): the blocks are divided among the
     processes (each walks its own, with its own snapshots beside `state`), and after each layer their sums are
     combined, so every rank gets the statistics one process gets (sums taken in another order: equal to rounding)."""
@@ -48,10 +51,11 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
     if state is None:
         with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
             return dict(probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress,
-                                       state=WalkState(Path(scratch) / "probe.walk", {}), ranks=ranks))
-    state = ranks.own(state)
+                                       state=WalkState(Path(scratch) / "probe.walk", {}), ranks=ranks,
+                                       batch_blocks=batch_blocks))
+    state = ranks.own(WalkState(state.directory, {**state.expect, "batch_blocks": batch_blocks}))
     assert state is not None
-    walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress and ranks.leader, ranks)
+    walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress and ranks.leader, ranks, batch_blocks)
     done = state.load(GRAD)
     if done is None:
         walk.forward()
@@ -75,21 +79,22 @@ class _ProbeWalk:
     """The two sweeps of one streamed probe over `blocks`, saving their progress in `state`."""
 
     def __init__(self, stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int,
-                 state: WalkState, progress: bool, ranks: Ranks) -> None:
+                 state: WalkState, progress: bool, ranks: Ranks, batch_blocks: int) -> None:
         self.stream, self.names, self.state, self.progress, self.ranks = stream, names, state, progress, ranks
         self.seed, self.n_blocks, self.seqlen = seed, blocks.shape[0], blocks.shape[1]
-        self.indices = [index for index in range(blocks.shape[0]) if ranks.mine(index)]  # this rank's blocks
-        self.blocks = blocks[self.indices]
+        own = [index for index in range(blocks.shape[0]) if ranks.mine(index)]  # this rank's blocks
+        self.batches = [own[start:start + batch_blocks] for start in range(0, len(own), batch_blocks)]
+        self.blocks = blocks[own]
         self.total = blocks.numel()
         self.rows = min(sample_rows, self.total)
         self.positions = sample_positions(self.total, sample_rows, seed)
         with torch.no_grad():
-            first = stream.first_inputs(self.blocks, 1)
+            first = stream.first_inputs(self.blocks, batch_blocks)
         self.kwargs = [k for _, k in first]
         self.first = [h for h, _ in first]
 
     def _input(self, index: int) -> list[torch.Tensor] | None:
-        """The saved input of layer `index` (per block), None if not saved."""
+        """The saved input of layer `index` (per batch), None if not saved."""
         found = self.state.load(f"input-{index}")
         return None if found is None else unpack(found[0], "hidden", self.stream.device, self.stream.dtype)
 
@@ -107,12 +112,13 @@ class _ProbeWalk:
                 hidden = [h for h, _ in run_layer(layer, list(zip(hidden, self.kwargs)))]
             self.state.save(f"input-{index + 1}", pack("hidden", hidden))
         grads, nll = [], 0.0
-        for block, last in zip(self.blocks, hidden):
-            with torch.enable_grad():
+        for block, last in zip(self.blocks, (row.unsqueeze(0) for batch in hidden for row in batch)):
+            with torch.enable_grad():  # one block at a time: the logits are vocabulary-wide
                 last = last.detach().requires_grad_(True)
                 loss = nll_sum(self.stream.head(self.stream.final_hidden(last)), block.to(self.stream.device))
                 grads.append(torch.autograd.grad(loss, [last])[0])
             nll += float(loss.detach().double())
+        grads = [torch.cat(grads[start:start + len(b)]) for start, b in zip(self._starts(), self.batches)]
         self.state.save(GRAD, pack(GRAD, grads), layer=len(self.stream), nll=nll)
         self.state.remove(f"input-{len(self.stream)}")
 
@@ -139,14 +145,14 @@ class _ProbeWalk:
                 if experts.targets:
                     handles += ExpertCalls(modules, experts.parameters, after=experts).attach()
                 try:
-                    for block_index, (x, kwargs) in enumerate(zip(inputs, self.kwargs)):
-                        recorder.start(self.positions, self.indices[block_index], stream.device)
-                        experts.start(self.indices[block_index])
+                    for batch_index, (x, kwargs) in enumerate(zip(inputs, self.kwargs)):
+                        recorder.start(self.positions, self.batches[batch_index], stream.device)
+                        experts.start(recorder.token_rows)
                         with torch.enable_grad():
                             x = x.detach().requires_grad_(True)
                             out = layer(x, **kwargs)
                             out = out[0] if isinstance(out, tuple) else out
-                            grads[block_index] = torch.autograd.grad(out, [x], grad_outputs=grads[block_index])[0]
+                            grads[batch_index] = torch.autograd.grad(out, [x], grad_outputs=grads[batch_index])[0]
                 finally:
                     for handle in handles:
                         handle.remove()
@@ -157,3 +163,7 @@ class _ProbeWalk:
             self.state.save(f"stats-{index}", once_per_input(stats, list(own)))
             self.state.save(GRAD, pack(GRAD, grads), layer=index, nll=nll)
             self.state.remove(f"input-{index}")
+
+    def _starts(self) -> list[int]:
+        """Where each batch's first block is in this rank's blocks."""
+        return [sum(len(b) for b in self.batches[:i]) for i in range(len(self.batches))]

@@ -137,7 +137,8 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
     candidates: dict[str, torch.Tensor] = {}
     if token_max is not None:
         candidates = {g[0]: candidates_from([token_max[g[0]].float()]) for g in groups}
-    inputs = stream.first_inputs(blocks if token_max is None else blocks[scored], 1)
+    # without `token_max` every block runs and the scored ones are picked from them: one block per batch then
+    inputs = stream.first_inputs(blocks, 1) if token_max is None else stream.first_inputs(blocks[scored])
     errors: dict[str, torch.Tensor] = {}
     saved = state.load(RANGES) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]

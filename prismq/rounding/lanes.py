@@ -142,7 +142,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     settings = settings or GPTQSettings()
     groups = [_by_layer(stream, assignment) for assignment, _ in candidates]
     first_calibration = [] if calibration is None else stream.first_inputs(calibration, batch_size)
-    first_heldout = stream.first_inputs(heldout, 1)
+    first_heldout = stream.first_inputs(heldout)
     if state is not None and spill_dir is None:
         raise PrismqError("a resumable rounding walk needs a spill directory for its tensors")
     saved = state.load(LANES) if state is not None else None
@@ -193,12 +193,11 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
             _save(state, index + 1, lanes, branches, reference)
     _encode_outside(stream, lanes)
     if reference is not None:
-        reference_hidden = [stream.final_hidden(hidden)[0] for hidden, _ in reference]
+        reference_hidden = stream.final_states(reference)
     assert reference_hidden is not None
     walked = [lane.heldout for lane in lanes]
     walked += [lanes[b.lane].heldout if b.heldout is None else b.heldout for b in branches]
-    candidates_hidden = [[stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
-                         for inputs in walked]
+    candidates_hidden = [stream.final_states(inputs) for inputs in walked]
     kl = evaluate_states(HiddenStates(stream.head, heldout, reference_hidden),
                          [HiddenStates(stream.head, heldout, hidden) for hidden in candidates_hidden], heldout,
                          chunk_size, progress)

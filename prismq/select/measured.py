@@ -108,7 +108,7 @@ def _measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip],
         if index is None:
             raise ValueError(f"{flip.unit[0]} lies outside the decoder layers: it cannot be measured as a flip")
         starts.setdefault(index, []).append(number)
-    reference = stream.first_inputs(blocks, 1)
+    reference = stream.first_inputs(blocks)
     lane_bytes = sum(h.numel() * h.element_size() for h, _ in reference)
     if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(flips) + 2) * lane_bytes) < 2:
         logger.info("the %d lanes' hidden states (%.2f GB) do not fit on %s beside two layers: kept in host memory",
@@ -156,7 +156,7 @@ def _measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip],
                 tensors.update(pack(f"flip{number}", [h for h, _ in hidden]))
             state.checkpoint(FLIPS, tensors, layer=index + 1, lanes=sorted(lanes))
     lanes_in_order = [base_lane, *(lanes[number] for number in range(len(flips)))]
-    results = lanes_kl(stream, blocks, final_states(stream, reference), lanes_in_order, chunk_size, progress)
+    results = lanes_kl(stream, blocks, stream.final_states(reference), lanes_in_order, chunk_size, progress)
     return Measured(results[0], [paired(flip, result, results[0]) for flip, result in zip(flips, results[1:])])
 
 
@@ -184,7 +184,7 @@ def _measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], block
                    input_amax: dict[str, torch.Tensor], chunk_size: int, progress: bool,
                    state: WalkState | None) -> list[KLResult]:
     """`measure_lanes` in one process."""
-    reference = stream.first_inputs(blocks, 1)
+    reference = stream.first_inputs(blocks)
     lanes = [reference for _ in assignments]
     saved = state.load(CANDIDATES) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]
@@ -213,12 +213,7 @@ def _measure_lanes(stream: LayerStream, assignments: list[dict[str, str]], block
             for number, lane in enumerate(lanes):
                 tensors.update(pack(f"lane{number}", [h for h, _ in lane]))
             state.checkpoint(CANDIDATES, tensors, layer=index + 1)
-    return lanes_kl(stream, blocks, final_states(stream, reference), lanes, chunk_size, progress)
-
-
-def final_states(stream: LayerStream, inputs: list[LayerInput]) -> list[torch.Tensor]:
-    """A lane's final hidden states per block (the last decoder layer's outputs through the final norm)."""
-    return [stream.final_hidden(hidden.to(stream.device))[0] for hidden, _ in inputs]
+    return lanes_kl(stream, blocks, stream.final_states(reference), lanes, chunk_size, progress)
 
 
 def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[torch.Tensor], lanes: list[list[LayerInput]],
@@ -226,5 +221,5 @@ def lanes_kl(stream: LayerStream, blocks: torch.Tensor, reference: list[torch.Te
     """Each lane's KL statistics, from its last decoder layer's outputs (final norm, head), against the reference's
     final hidden states."""
     return evaluate_states(HiddenStates(stream.head, blocks, reference),
-                           [HiddenStates(stream.head, blocks, final_states(stream, lane)) for lane in lanes], blocks,
+                           [HiddenStates(stream.head, blocks, stream.final_states(lane)) for lane in lanes], blocks,
                            chunk_size, progress)

@@ -34,7 +34,7 @@ from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import Method, RoundedModel, round_layer
 from prismq.rounding.store import EncodedStore, variant_key
-from prismq.select.measured import final_states, lanes_kl
+from prismq.select.measured import lanes_kl
 
 VARIANTS = "variants"  # the walk's snapshot: every lane's hidden states before its next layer
 
@@ -131,7 +131,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
         if not variant or any(index is None for index in layers):
             raise ValueError(f"variant {number} changes nothing or something outside the decoder layers")
         starts.setdefault(min(layers), []).append(number)  # type: ignore[type-var]
-    reference = stream.first_inputs(blocks, 1)
+    reference = stream.first_inputs(blocks)
     # the base's calibration hidden states are needed up to the last layer with a unit to round (by GPTQ) yet
     to_round = [stream.layer_of(n) or 0 for variant in variants for n, f in variant.items()
                 if variant_key(n, f) not in store and get_format(f).rounds_weights]
@@ -190,7 +190,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             for number, hidden in lanes.items():
                 tensors.update(pack(f"variant{number}", [h for h, _ in hidden]))
             state.checkpoint(VARIANTS, tensors, layer=index + 1, lanes=sorted(lanes))
-    reference_hidden = final_states(stream, reference)
+    reference_hidden = stream.final_states(reference)
     return VariantsKL(lanes_kl(stream, blocks, reference_hidden,
                                [base_lane, *(lanes[number] for number in range(len(variants)))], chunk_size, progress),
                       reference_hidden)
