@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,11 +66,8 @@ def quantize(model: Path, out: Path, device: str, job: tuple[str, ...] = ("--tar
     command = [sys.executable, "-m", "prismq.cli", "quantize", str(model), *job, "--device", device,
                "--out", str(out)]
     started = time.perf_counter()
-    # bytecode may be cached, as a pip install does (an environment that forbids it recompiles every module of
-    # torch and transformers in each process: seconds the user does not pay)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-                               env=env)
+                               env=_bytecode_cached(os.environ))
     timeline, tail = _timeline(process.stdout, started)
     seconds = time.perf_counter() - started
     if process.wait():
@@ -80,6 +78,13 @@ def quantize(model: Path, out: Path, device: str, job: tuple[str, ...] = ("--tar
             "first_output_s": timeline[0][0] if timeline else None,
             "after_last_output_s": round(seconds - timeline[-1][1], 1) if timeline else None,
             "timeline": timeline}
+
+
+def _bytecode_cached(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` letting Python cache the bytecode it compiles, as a pip install does: an environment that forbids it
+    (PYTHONDONTWRITEBYTECODE) recompiles every module of torch and transformers in each process, seconds that a
+    user does not pay. Both tools' processes get it."""
+    return {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def _timeline(stream, started: float) -> tuple[list[list], str]:
@@ -113,7 +118,7 @@ def llmcompressor_gptq(model: Path, site: Path, scratch: Path) -> dict:
     calib, out, info = scratch / "llmc-calibration.safetensors", scratch / "llmc-out", scratch / "llmc-info.json"
     shutil.rmtree(out, ignore_errors=True)
     save_file({"input_ids": calibration_blocks(model).contiguous()}, str(calib))
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**_bytecode_cached(os.environ), "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "llmcompressor_gptq.py"), "--worker",
                            "gptq", "--model", str(model), "--calib", str(calib), "--out", str(out), "--info",
