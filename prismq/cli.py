@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,9 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
     sub.add_argument("--out", type=Path, metavar="DIR", help="output checkpoint directory (required)")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
+    sub.add_argument("--gpus", type=int, metavar="N",
+                     help="spread the probe, the cost stage and selection's measurements over N GPUs of this host, "
+                     "one process each (default 1; under torchrun, its processes are used)")
     sub.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], help=_COMPUTE_HELP)
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     sub.add_argument("--max-memory", metavar="SIZE", help="memory the streaming engine may use on the compute device, "
@@ -236,9 +240,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise PrismqError("--out is required: where to write the checkpoint (or 'out' in the config file)")
     if early and config.out is None and config.work_dir is None:
         raise PrismqError("give --work-dir: where the stages keep their artifacts")
+    from prismq.engine.launch import run_on_ranks
     from prismq.pipeline import quantize
 
-    quantize(config, until=args.command if early else "export")
+    run_on_ranks(partial(quantize, config, until=args.command if early else "export"), config.gpus, config.device)
     return 0
 
 

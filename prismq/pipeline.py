@@ -6,8 +6,8 @@ sweep of budgets; the uniform baselines that fit the same budget) -> input range
 calibration data, once, for every Linear some option could give one) -> select (SCOUT: L2 re-costing, L3 measured
 flips, the validated frontier; `prismq.select`) -> round (the selected mix rounded by rtn / gptq / gptq+sweep layer
 by layer, every candidate measured on the selection split, the kept method's mix and alternatives also on the
-report split; an alternative of the same budget ships instead when it measures better) -> polish (moves measured on the weights exactly as they ship, kept only if they
-lower the selection KL) -> export (exactly the tensors that were measured) -> eval (report-split KL of the
+report split; an alternative of the same budget ships instead when it measures better) -> polish (moves measured
+on the weights exactly as they ship, kept only if they lower the selection KL) -> export (exactly the tensors that were measured) -> eval (report-split KL of the
 checkpoint read back layer by layer by compressed-tensors' own code) -> report.md + summary.json + the model card.
 
 Each stage writes a fingerprinted artifact in the work directory and resumes from it; every stage that runs the
@@ -28,6 +28,7 @@ from typing import Any, Literal
 from prismq.allocate.stage import Allocation, allocation_problem, offered_formats, stage_allocate
 from prismq.artifacts import read_json
 from prismq.config import MeasureConfig, QuantizeConfig
+from prismq.engine.distributed import Ranks
 from prismq.engine.memory import StageLog
 from prismq.errors import PrismqError
 from prismq.export.card import write_model_card
@@ -140,6 +141,7 @@ def quantize(config: QuantizeConfig, until: Until = "export") -> QuantizeResult:
     all_bytes = result.linear_bytes + experts * model_dtype(model_dir).itemsize
     summary = _summary(config, allocation, selection, rounding, result, evaluation, rows,
                        {"compute_dtype": dtype_name(dtype), "device": device_description(target),
+                        "processes": Ranks.current().world,
                         "seconds": {k: round(v, 1) for k, v in log.seconds.items()},
                         "peak_memory_gb": {k: {"host": round(v / 1e9, 3),
                                                **({"gpu": round(log.peak_gpu[k] / 1e9, 3)} if k in log.peak_gpu

@@ -112,9 +112,8 @@ def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -
         blocks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
         with LayerStream(model_dir, torch.float32) as stream:
             names = [n for n in stream.targets if n != "lm_head"]
-            # one block per pass: a rank's batches hold other blocks than one process's, so batched passes would
-            # agree only to rounding (test_stream checks batching against one block per pass)
-            probed = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False, batch_blocks=1))
+            # 5 blocks in batches of 2: ranks 0 and 1 get batches [0, 1] + [4] and [2, 3], as one process runs them
+            probed = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False, batch_blocks=2))
         save_file({k: v.contiguous() for k, v in probed.items()}, str(out / f"probe-{world}-{rank}.safetensors"))
     finally:
         if world > 1:
@@ -142,3 +141,39 @@ def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama
                     assert torch.equal(divided[key], value), key
                 else:
                     torch.testing.assert_close(divided[key], value, rtol=1e-6, atol=0, msg=key)
+
+
+def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llama: Path, tmp_path: Path) -> None:
+    """`prismq quantize --gpus 2` (here two CPU processes on gloo): the probe's batches, the cost stage's batches,
+    L2's re-probe and re-cost, L3's flips and the frontier's candidates divided, rank 0 the only writer: the same
+    selection and the same checkpoint, byte for byte, as one process."""
+    from prismq.cli import main
+
+    settings = ["--calib-blocks", "8", "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2",
+                "--rounding", "rtn", "--select-units", "2", "--select-recost", "1", "--polish-units", "2",
+                "--device", "cpu", "--compute-dtype", "fp32", "--target-bits", "5"]
+    assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "one"), *settings]) == 0
+    assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "two"), *settings, "--gpus", "2"]) == 0
+    one, two = tmp_path / "one.work", tmp_path / "two.work"
+    for name, key in (("selection.json", "selection"), ("rounding.json", "rounding"), ("polish.json", "polish")):
+        alone, divided = (json.loads((work / name).read_text())[key] for work in (one, two))
+        assert divided["assignment"] == alone["assignment"], name  # the surrogate's numbers: equal to rounding
+    assert json.loads((two / "eval.json").read_text())["mean_kl"] == json.loads((one / "eval.json").read_text())[
+        "mean_kl"]
+    shipped = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert shipped and shipped == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors"))
+    for name in shipped:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert not list(tmp_path.glob("two.work/*rank*"))  # no per-rank leftovers in the work directory
+    assert [json.loads((work / "summary.json").read_text())["processes"] for work in (one, two)] == [1, 2]
+
+
+def test_an_error_on_several_processes_is_one_line(small_vocab_llama: Path, tmp_path: Path, capsys) -> None:
+    """A run that cannot be divided stops every process and says why in one line, as one process would."""
+    from prismq.cli import EXIT_ERROR, main
+
+    assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "out"), "--target-bits", "5",
+                 "--calib-blocks", "4", "--calib-seqlen", "32", "--device", "cpu", "--gpus", "2"]) == EXIT_ERROR
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == "prismq: error: 4 calibration blocks in batches of 4 cannot be divided among 2 processes"
+    assert not (tmp_path / "out").exists()

@@ -5,20 +5,26 @@ A stage hands out its independent pieces of work (a chunk of equal-shape Linears
 calibration block) round-robin by their index in the order the single process visits them, so each piece is
 computed exactly as one process computes it; results are gathered to every rank (the same numbers, bit for bit,
 as one process), or, where each rank summed over its own pieces (the probe's statistics), reduced (sums in another
-order: equal to rounding). Each rank keeps its own walk snapshots. Without an initialized group,
+order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an initialized group,
 `Ranks.current()` is one process doing everything.
+
+A run on several processes (`prismq quantize --gpus N`, or under torchrun: `prismq.launch`) is led by rank 0,
+which runs the stages, decides what resumes and is the only writer of the work directory and the checkpoint; the
+other ranks wait in `serve` and join each divided walk the leader hands out with `run_everywhere`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from prismq.engine.walkstate import WalkState
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,44 @@ class Ranks:
         return [part.to(tensor.dtype) for part in parts]
 
     def own(self, state: WalkState | None) -> WalkState | None:
-        """This rank's snapshots beside a walk's `state` (WORK/x.walk -> WORK/x-rank1.walk, so what clears
-        WORK/x*.walk clears them all); the state itself for one process."""
-        if state is None or self.world == 1:
-            return state
-        where = state.directory
-        return WalkState(where.with_name(f"{where.stem}-rank{self.rank}{where.suffix}"), state.expect)
+        """A divided walk's snapshots: `state` for one process; none for several (each rank would resume from the
+        layer its own last snapshot reached, and ranks killed at different layers would pair their collectives
+        wrongly: a divided walk that was interrupted starts again from its first layer)."""
+        return state if self.world == 1 else None
+
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's GPU for a CUDA `device` when several processes share a host (rank r: GPU r modulo the GPUs
+        seen); `device` itself otherwise."""
+        if self.world == 1 or device.type != "cuda":
+            return device
+        return torch.device("cuda", self.rank % torch.cuda.device_count())
+
+
+def run_everywhere(job: Callable[..., T], /, **arguments: Any) -> T:
+    """`job(**arguments)` here, and, on the leader of several processes, on every other rank too (they wait in
+    `serve`): the way a stage hands out a divided walk. `job` is a module-level function (sent by reference, its
+    arguments pickled over the process group: paths, settings, token blocks; never the model) that divides its
+    work with `Ranks` and returns every rank the same result."""
+    ranks = Ranks.current()
+    if ranks.world > 1 and ranks.leader:
+        dist.broadcast_object_list([(job, arguments)], src=0)
+    return job(**arguments)
+
+
+def serve() -> None:
+    """A non-leader rank's part of a run: each job the leader hands out (`run_everywhere`), until it says stop
+    (`stop_serving`)."""
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        job, arguments = box[0]
+        job(**arguments)
+
+
+def stop_serving() -> None:
+    """On the leader of several processes: let the others' `serve` return (the run is over, or failed)."""
+    ranks = Ranks.current()
+    if ranks.world > 1 and ranks.leader:
+        dist.broadcast_object_list([None], src=0)

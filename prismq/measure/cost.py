@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from prismq.artifacts import fingerprint_model, read_json, read_tensors, write_json
-from prismq.engine.distributed import Ranks
+from prismq.engine.distributed import Ranks, run_everywhere
 from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.model.checkpoint import SourceTensors
@@ -166,6 +166,18 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     return [rows[(n, f)] for n in linears for f in formats if (n, f) in rows]
 
 
+def cost_walk(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], formats: list[str],
+              device: torch.device, progress: bool, dtype: torch.dtype | None) -> list[CostRow]:
+    """`measure_costs` over the work directory's probe (on every rank of a run on several processes:
+    `run_everywhere`)."""
+    probe_read = read_tensors(work_dir / "probe", "probe", expect={"model": fingerprint_model(model_dir)})
+    if probe_read is None:
+        raise PrismqError(f"no probe in {work_dir}: run `prismq probe` first")
+    with ExitStack() as stack:
+        return measure_costs(SourceTensors(model_dir, stack), probe_read[0], targets, formats,
+                             Ranks.current().device(device), progress, dtype=dtype)
+
+
 def run_cost(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], formats: list[str], device: torch.device,
              progress: bool = True, dtype: torch.dtype | None = None) -> list[CostRow]:
     """The cost stage: rows of `formats` for `targets`. Formats already priced in work_dir/cost.json for this model and
@@ -183,9 +195,8 @@ def run_cost(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], for
     rows = [] if done is None else [CostRow(**row) for row in done["rows"]]
     missing = [n for n in names if n not in known]
     if missing:
-        with ExitStack() as stack:
-            rows += measure_costs(SourceTensors(Path(model_dir), stack), probe, targets, missing, device, progress,
-                                  dtype=dtype)
+        rows += run_everywhere(cost_walk, model_dir=Path(model_dir), work_dir=Path(work_dir), targets=targets,
+                               formats=missing, device=device, progress=progress, dtype=dtype)
         write_json(Path(work_dir) / "cost.json", "cost",
                    {**expect, "formats": known + missing, "rows": [asdict(r) for r in rows]})
     wanted, members = set(names), set(targets)

@@ -38,23 +38,31 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
     `batch_blocks` 1, else to fp32 rounding: `batch_blocks` blocks run through a layer together and their sums are
     taken in fp32 together). `state`: where the walk keeps its per-layer inputs and progress (a rerun with the same
     state and `batch_blocks` resumes); None: a temporary directory.
-    `ranks` (default: the initialized process group's, else one process): the blocks are divided among the
-    processes (each walks its own, with its own snapshots beside `state`), and after each layer their sums are
-    combined, so every rank gets the statistics one process gets (sums taken in another order: equal to rounding)."""
+    `ranks` (default: the initialized process group's, else one process): the single process's batches of blocks
+    are divided among the processes (each walks its own, in a temporary directory of its own: `Ranks.own`), and
+    after each layer their sums are combined, so every rank gets the statistics one process gets (samples and
+    maxima exactly; sums taken in another order: equal to rounding)."""
     ranks = ranks or Ranks.current()
     check_blocks(blocks, sample_rows)
-    if blocks.shape[0] < ranks.world:
-        raise PrismqError(f"{blocks.shape[0]} calibration blocks cannot be divided among {ranks.world} processes")
+    if -(-blocks.shape[0] // batch_blocks) < ranks.world:
+        raise PrismqError(f"{blocks.shape[0]} calibration blocks in batches of {batch_blocks} cannot be divided "
+                          f"among {ranks.world} processes")
     missing = [n for n in names if n not in stream.targets]
     if missing:
         raise PrismqError(f"not quantization targets of this model: {', '.join(missing[:3])}")
+    state = ranks.own(state)
     if state is None:
         with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
-            return dict(probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed, progress=progress,
-                                       state=WalkState(Path(scratch) / "probe.walk", {}), ranks=ranks,
-                                       batch_blocks=batch_blocks))
-    state = ranks.own(WalkState(state.directory, {**state.expect, "batch_blocks": batch_blocks}))
-    assert state is not None
+            walked = _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks,
+                           WalkState(Path(scratch) / "probe.walk", {}))
+            return {key: walked[key] for key in walked}  # read from the directory before it goes
+    return _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks, state)
+
+
+def _walk(stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int, progress: bool,
+          batch_blocks: int, ranks: Ranks, state: WalkState) -> Mapping[str, torch.Tensor]:
+    """`probe_streamed` keeping its walk in `state`."""
+    state = WalkState(state.directory, {**state.expect, "batch_blocks": batch_blocks})
     walk = _ProbeWalk(stream, blocks, names, sample_rows, seed, state, progress and ranks.leader, ranks, batch_blocks)
     done = state.load(GRAD)
     if done is None:
@@ -82,9 +90,11 @@ class _ProbeWalk:
                  state: WalkState, progress: bool, ranks: Ranks, batch_blocks: int) -> None:
         self.stream, self.names, self.state, self.progress, self.ranks = stream, names, state, progress, ranks
         self.seed, self.n_blocks, self.seqlen = seed, blocks.shape[0], blocks.shape[1]
-        own = [index for index in range(blocks.shape[0]) if ranks.mine(index)]  # this rank's blocks
-        self.batches = [own[start:start + batch_blocks] for start in range(0, len(own), batch_blocks)]
-        self.blocks = blocks[own]
+        # the single process's batches, dealt among the ranks whole: each block computed as one process computes it
+        batches = [list(range(start, min(start + batch_blocks, blocks.shape[0])))
+                   for start in range(0, blocks.shape[0], batch_blocks)]
+        self.batches = [batch for number, batch in enumerate(batches) if ranks.mine(number)]
+        self.blocks = blocks[[index for batch in self.batches for index in batch]]
         self.total = blocks.numel()
         self.rows = min(sample_rows, self.total)
         self.positions = sample_positions(self.total, sample_rows, seed)

@@ -8,15 +8,18 @@ NAME.x_sq, NAME.x_absmax, NAME.x_sample, NAME.x_token_max; `loss`, the mean cali
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_tensors, write_tensors
+from prismq.engine.distributed import Ranks, run_everywhere
 from prismq.engine.stream import LayerStream
 from prismq.engine.walkstate import WalkState
 from prismq.measure import fisher_streamed
+from prismq.model.source import resolve_device
 from prismq.model.targets import model_targets
 
 PROBE_KIND = "probe"
@@ -45,15 +48,25 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
     if read_tensors(stem, PROBE_KIND, expect) is not None:
         return stem
     names = list(model_targets(model_dir))
-    with LayerStream(model_dir, dtype, device, max_memory) as stream:
-        computed_in = str(stream.dtype).removeprefix("torch.")
-        state = WalkState(work_dir / f"{PROBE_STEM}.walk", {**expect, "dtype": computed_in,
-                                                             "device": stream.device.type})
-        tensors = fisher_streamed.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed,
-                                                 progress=progress, state=state)
+    walk = work_dir / f"{PROBE_STEM}.walk"
+    computed_in, tensors = run_everywhere(probe_walk, model_dir=model_dir, blocks=blocks, names=names, device=device,
+                                          sample_rows=sample_rows, seed=seed, progress=progress, dtype=dtype,
+                                          max_memory=max_memory, walk=walk, expect=expect)
     loss = float(tensors["loss"])
     meta = {**expect, "tokens": int(blocks.numel()), "blocks": int(blocks.shape[0]), "seqlen": int(blocks.shape[1]),
             "loss": loss, "dtype": computed_in, "linears": len(names)}
     write_tensors(stem, PROBE_KIND, tensors, meta)
-    state.clear()
+    WalkState(walk, expect).clear()
     return stem
+
+
+def probe_walk(model_dir: Path, blocks: torch.Tensor, names: list[str], device: str | torch.device, sample_rows: int,
+               seed: int, progress: bool, dtype: torch.dtype | None, max_memory: int | None, walk: Path,
+               expect: dict[str, Any]) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """The probe's streamed walk (on every rank of a run on several processes: `run_everywhere`), kept in `walk`
+    for `expect`: the compute dtype's name and the statistics."""
+    with LayerStream(model_dir, dtype, Ranks.current().device(resolve_device(device)), max_memory) as stream:
+        computed_in = str(stream.dtype).removeprefix("torch.")
+        state = WalkState(walk, {**expect, "dtype": computed_in, "device": stream.device.type})
+        return computed_in, fisher_streamed.probe_streamed(stream, blocks, names, sample_rows=sample_rows, seed=seed,
+                                                           progress=progress, state=state)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,17 @@ from prismq.allocate.pareto import budgets_from_bits
 from prismq.allocate.stage import Allocation, allocation_budget, allocation_problem
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, write_json
 from prismq.config import QuantizeConfig
-from prismq.engine.stream import LayerStream
+from prismq.engine.distributed import run_everywhere
 from prismq.engine.walkstate import WalkState
-from prismq.measure.cost import CostRow, measure_costs
-from prismq.measure.fisher_streamed import probe_streamed
-from prismq.model.checkpoint import SourceTensors
+from prismq.measure.cost import CostRow
 from prismq.model.source import resolve_device
-from prismq.model.targets import model_targets
 from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.stage import assignment_fingerprint
 from prismq.select.frontier import (LADDER_BITS, MeasuredPoint, best_within, leave_one_out, measured_front,
                                     plot_measured)
-from prismq.select.measured import Flip, measure_flips, measure_lanes
-from prismq.select.perturbed import FixedPoint, QuantizedWeights, fixed_point
+from prismq.select.measured import Flip
+from prismq.select.perturbed import FixedPoint, fixed_point
+from prismq.select.walks import flips_walk, lanes_walk, recost_walk
 from prismq.select.scout import (estimates, exchange_rate, flips_for, measured_costs, surrogate_error,
                                  surrogate_scale, uncertain_units)
 
@@ -116,19 +113,16 @@ def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[Cost
     """L2: the knapsack re-solved on costs measured with the current assignment installed, to a fixed point;
     returns the problem priced under the last assignment solved and the iterations."""
     problem = allocation_problem(config, model_dir, rows)
-    targets = model_targets(model_dir)
     walk_expect = {**expect, "model": fingerprint_model(model_dir), "device": resolve_device(device).type}
     priced: dict[str, Problem] = {}
 
     def step(assignment: dict[str, str]) -> dict[str, str]:
         key = assignment_fingerprint(assignment)
         state = WalkState(work / f"selection.recost-{key}.walk", walk_expect)
-        with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-            probed = probe_streamed(QuantizedWeights(stream, assignment, ranges_for(input_amax, [assignment])),
-                                    calibration, list(targets), seed=0, state=state)  # type: ignore[arg-type]
-            with ExitStack() as files:
-                new_rows = measure_costs(SourceTensors(model_dir, files), probed, targets, problem.formats,
-                                         stream.device, dtype=dtype)
+        new_rows = run_everywhere(recost_walk, model_dir=model_dir, dtype=dtype, device=device,
+                                  max_memory=config.max_memory_bytes, assignment=assignment,
+                                  input_amax=ranges_for(input_amax, [assignment]), calibration=calibration,
+                                  formats=problem.formats, state=state)
         priced[key] = allocation_problem(config, model_dir, new_rows)
         solved = solve(priced[key].cost, priced[key].size, budget, problem.params).choice
         return priced[key].assignment(solved)
@@ -166,15 +160,16 @@ def _measured(work: Path, config: QuantizeConfig, allocation: Allocation, model_
                 len(blocks))
     state = WalkState(work / "selection.walk", {**expect, "model": fingerprint_model(model_dir),
                                                 "device": resolve_device(device).type})
-    with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        seconds["L2"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
-        measured = measure_flips(stream, start, flips, blocks, flip_ranges, state=state)
-        seconds["L3"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
-        alpha = surrogate_scale(problem, choice, measured.flips)
-        cost = measured_costs(problem, choice, measured.flips, alpha)
-        candidates = _candidates(problem, cost, budget, allocation.assignment)
-        results = measure_lanes(stream, list(candidates.values()), blocks,
-                                ranges_for(input_amax, candidates.values()), state=state)
+    streamed = {"model_dir": model_dir, "dtype": dtype, "device": device, "max_memory": config.max_memory_bytes}
+    seconds["L2"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+    measured = run_everywhere(flips_walk, **streamed, base=start, flips=flips, blocks=blocks, input_amax=flip_ranges,
+                              state=state)
+    seconds["L3"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+    alpha = surrogate_scale(problem, choice, measured.flips)
+    cost = measured_costs(problem, choice, measured.flips, alpha)
+    candidates = _candidates(problem, cost, budget, allocation.assignment)
+    results = run_everywhere(lanes_walk, **streamed, assignments=list(candidates.values()), blocks=blocks,
+                             input_amax=ranges_for(input_amax, candidates.values()), state=state)
     seconds["frontier"] = round(time.perf_counter() - clock, 1)
     points = [MeasuredPoint(name, 8 * _size(problem, a) / problem.params, _size(problem, a), r.mean_kl,
                             float(r.kl.double().std()) / r.kl.numel() ** 0.5)
