@@ -4,6 +4,8 @@ bit for bit."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -165,7 +167,14 @@ def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llam
     for name in shipped:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert not list(tmp_path.glob("two.work/*rank*"))  # no per-rank leftovers in the work directory
-    assert [json.loads((work / "summary.json").read_text())["processes"] for work in (one, two)] == [1, 2]
+    # the same under torchrun's two processes (it sets RANK and WORLD_SIZE; --gpus is left at 1)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                    "prismq.cli", "quantize", str(small_vocab_llama), "--out", str(tmp_path / "torchrun"), *settings],
+                   check=True, capture_output=True)
+    for name in shipped:
+        assert (tmp_path / "torchrun" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert [json.loads((tmp_path / f"{run}.work" / "summary.json").read_text())["processes"]
+            for run in ("one", "two", "torchrun")] == [1, 2, 2]
 
 
 def test_an_error_on_several_processes_is_one_line(small_vocab_llama: Path, tmp_path: Path, capsys) -> None:
