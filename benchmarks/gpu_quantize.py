@@ -13,10 +13,15 @@ by llm-compressor's GPTQ (its GPTQModifier defaults, on prismq's default calibra
 pipeline onloads each layer to the GPU: `benchmarks/llmcompressor_gptq.py`'s worker) and by prismq with
 `--uniform NVFP4 --rounding gptq` (the same job: no selection), and the times are put side by side.
 
+With `--gpus 1,2,4` each depth is also quantized with `--gpus N` (one process per GPU, rank 0 leading: the
+several-GPU issue's benchmark), and the wall time and scaling efficiency (one GPU's seconds / (N x N GPUs'
+seconds)) are printed and kept under `on_gpus` in the JSON.
+
 Run from the repo root:
     python benchmarks/gpu_quantize.py --shape 8b --layers 2,4 [--device cuda] [--tokenizer DIR]
     python benchmarks/gpu_quantize.py --shape smollm2
     python benchmarks/gpu_quantize.py --shape 8b --layers 1,2 --llmcompressor /tmp/llmc
+    python benchmarks/gpu_quantize.py --shape 8b --layers 4 --gpus 1,2,4      (on a machine with 4 GPUs)
 Writes benchmarks/results/gpu_quantize_SHAPE.json and prints a markdown table.
 """
 
@@ -140,7 +145,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--llmcompressor", type=Path, metavar="SITE",
                         help="also time llm-compressor's GPTQ (uniform NVFP4), importable from SITE")
+    parser.add_argument("--gpus", default="1", help="GPU counts to run each depth on, comma-separated (--gpus N of "
+                        "prismq quantize; e.g. 1,2,4): wall time and scaling efficiency against one GPU")
     args = parser.parse_args()
+    counts = [int(v) for v in args.gpus.split(",")]
     full = SHAPES[args.shape]["full_depth"]
     depths = [int(v) for v in (args.layers or str(full)).split(",")]
     tokenizer = args.tokenizer or resolve_model(None)
@@ -151,6 +159,12 @@ def main() -> None:
         result = quantize(model, args.scratch / f"out-{layers}L", args.device)
         row = {"layers": layers, "checkpoint_bytes": size, **result}
         print(f"{layers} layers: {result}", flush=True)
+        row["on_gpus"] = {count: quantize(model, args.scratch / f"out-{layers}L-{count}gpus", args.device,
+                                          ("--target-bits", "4.75", "--gpus", str(count)))
+                          for count in counts if count > 1}
+        for count, spread in row["on_gpus"].items():
+            print(f"  on {count} GPUs: {spread['seconds']} s (one GPU {result['seconds']} s: scaling efficiency "
+                  f"{result['seconds'] / (count * spread['seconds']):.0%})", flush=True)
         if args.llmcompressor is not None:
             row["prismq_uniform_nvfp4_gptq"] = quantize(model, args.scratch / f"uniform-{layers}L", args.device,
                                                         ("--uniform", "NVFP4", "--rounding", "gptq"))

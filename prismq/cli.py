@@ -243,7 +243,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from prismq.engine.launch import run_on_ranks
     from prismq.pipeline import quantize
 
-    run_on_ranks(partial(quantize, config, until=args.command if early else "export"), config.gpus, config.device)
+    run_on_ranks(partial(quantize, config, until=args.command if early else "export"), config.gpus, config.device,
+                 _show_library_messages)
     return 0
 
 

@@ -116,6 +116,11 @@ def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -
             names = [n for n in stream.targets if n != "lm_head"]
             # 5 blocks in batches of 2: ranks 0 and 1 get batches [0, 1] + [4] and [2, 3], as one process runs them
             probed = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False, batch_blocks=2))
+            # one batch of all 5: rank 1 has none and still joins every layer's merge
+            whole = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False, batch_blocks=8))
+            assert whole.keys() == probed.keys()
+            for key, value in probed.items():
+                torch.testing.assert_close(whole[key], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
         save_file({k: v.contiguous() for k, v in probed.items()}, str(out / f"probe-{world}-{rank}.safetensors"))
     finally:
         if world > 1:
@@ -145,7 +150,8 @@ def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama
                     torch.testing.assert_close(divided[key], value, rtol=1e-6, atol=0, msg=key)
 
 
-def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llama: Path, tmp_path: Path) -> None:
+def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llama: Path, tmp_path: Path,
+                                                                capfd) -> None:
     """`prismq quantize --gpus 2` (here two CPU processes on gloo): the probe's batches, the cost stage's batches,
     L2's re-probe and re-cost, L3's flips and the frontier's candidates divided, rank 0 the only writer: the same
     selection and the same checkpoint, byte for byte, as one process."""
@@ -155,7 +161,10 @@ def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llam
                 "--rounding", "rtn", "--select-units", "2", "--select-recost", "1", "--polish-units", "2",
                 "--device", "cpu", "--compute-dtype", "fp32", "--target-bits", "5"]
     assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "one"), *settings]) == 0
+    capfd.readouterr()
     assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "two"), *settings, "--gpus", "2"]) == 0
+    said = capfd.readouterr().out.splitlines()  # the leader's messages, once
+    assert sum(line.startswith("prismq: serve it with") for line in said) == 1
     one, two = tmp_path / "one.work", tmp_path / "two.work"
     for name, key in (("selection.json", "selection"), ("rounding.json", "rounding"), ("polish.json", "polish")):
         alone, divided = (json.loads((work / name).read_text())[key] for work in (one, two))
@@ -178,11 +187,18 @@ def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llam
 
 
 def test_an_error_on_several_processes_is_one_line(small_vocab_llama: Path, tmp_path: Path, capsys) -> None:
-    """A run that cannot be divided stops every process and says why in one line, as one process would."""
+    """An error the leader raises while the others wait stops every process and says why in one line, as one
+    process would; the existing output is left as it was."""
     from prismq.cli import EXIT_ERROR, main
 
-    assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "out"), "--target-bits", "5",
-                 "--calib-blocks", "4", "--calib-seqlen", "32", "--device", "cpu", "--gpus", "2"]) == EXIT_ERROR
-    error = capsys.readouterr().err.strip().splitlines()
-    assert error[-1] == "prismq: error: 4 calibration blocks in batches of 4 cannot be divided among 2 processes"
-    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    argv = ["quantize", str(small_vocab_llama), "--out", str(tmp_path / "out"), "--target-bits", "5",
+            "--calib-blocks", "4", "--calib-seqlen", "32", "--device", "cpu"]
+    assert main(argv) == EXIT_ERROR
+    alone = capsys.readouterr().err.strip().splitlines()[-1]
+    assert alone.startswith("prismq: error: ")
+    for _ in range(3):  # the leader's message, whichever process the launcher hears of first
+        assert main([*argv, "--gpus", "2"]) == EXIT_ERROR
+        assert capsys.readouterr().err.strip().splitlines()[-1] == alone
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -8,9 +8,9 @@ as one process), or, where each rank summed over its own pieces (the probe's sta
 order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an initialized group,
 `Ranks.current()` is one process doing everything.
 
-A run on several processes (`prismq quantize --gpus N`, or under torchrun: `prismq.launch`) is led by rank 0,
-which runs the stages, decides what resumes and is the only writer of the work directory and the checkpoint; the
-other ranks wait in `serve` and join each divided walk the leader hands out with `run_everywhere`.
+A run on several processes (`prismq quantize --gpus N`, or under torchrun: `prismq.engine.launch`) is led by
+rank 0, which runs the stages, decides what resumes and is the only writer of the work directory and the
+checkpoint; the other ranks wait in `serve` and join each divided walk the leader hands out with `run_everywhere`.
 """
 
 from __future__ import annotations

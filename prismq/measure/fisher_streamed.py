@@ -41,22 +41,21 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
     `ranks` (default: the initialized process group's, else one process): the single process's batches of blocks
     are divided among the processes (each walks its own, in a temporary directory of its own: `Ranks.own`), and
     after each layer their sums are combined, so every rank gets the statistics one process gets (samples and
-    maxima exactly; sums taken in another order: equal to rounding)."""
+    maxima exactly; sums taken in another order: equal to rounding); a rank without a batch walks empty-handed.
+    Several processes keep their walks in temporary directories beside `state`'s."""
     ranks = ranks or Ranks.current()
     check_blocks(blocks, sample_rows)
-    if -(-blocks.shape[0] // batch_blocks) < ranks.world:
-        raise PrismqError(f"{blocks.shape[0]} calibration blocks in batches of {batch_blocks} cannot be divided "
-                          f"among {ranks.world} processes")
     missing = [n for n in names if n not in stream.targets]
     if missing:
         raise PrismqError(f"not quantization targets of this model: {', '.join(missing[:3])}")
-    state = ranks.own(state)
-    if state is None:
-        with tempfile.TemporaryDirectory(prefix="prismq-probe-") as scratch:
+    own = ranks.own(state)
+    if own is None:  # a walk of its own, beside the work directory's if there is one (it holds layer inputs)
+        where = None if state is None else state.directory.parent
+        with tempfile.TemporaryDirectory(prefix=f".probe-rank{ranks.rank}-", dir=where) as scratch:
             walked = _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks,
                            WalkState(Path(scratch) / "probe.walk", {}))
             return {key: walked[key] for key in walked}  # read from the directory before it goes
-    return _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks, state)
+    return _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks, own)
 
 
 def _walk(stream: LayerStream, blocks: torch.Tensor, names: list[str], sample_rows: int, seed: int, progress: bool,
@@ -98,8 +97,8 @@ class _ProbeWalk:
         self.total = blocks.numel()
         self.rows = min(sample_rows, self.total)
         self.positions = sample_positions(self.total, sample_rows, seed)
-        with torch.no_grad():
-            first = stream.first_inputs(self.blocks, batch_blocks)
+        with torch.no_grad():  # a rank left without a batch (fewer batches than ranks) still joins every merge
+            first = stream.first_inputs(self.blocks, batch_blocks) if self.batches else []
         self.kwargs = [k for _, k in first]
         self.first = [h for h, _ in first]
 
