@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from prismq.engine.stream import LayerStream, run_layer
+from prismq.engine.stream import BATCH_BLOCKS, LayerStream, run_layer
 from prismq.engine.walkstate import WalkState, pack, unpack
 from prismq.errors import PrismqError
 from prismq.formats import get_format
@@ -37,7 +37,8 @@ SCORE_BLOCKS = 8
 
 
 def _run(model: nn.Module, blocks: torch.Tensor, hooks: dict[str, object], desc: str, progress: bool) -> None:
-    """Run every calibration block through the model with forward pre-hooks on the named modules; only through its
+    """Run every calibration block through the model with forward pre-hooks on the named modules, `BATCH_BLOCKS`
+    at a time as the streamed walks run them (so the streamed ranges equal these to the bit); only through its
     decoder (no output head, whose logits nobody reads here) when every hooked module lies inside it."""
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
@@ -46,8 +47,8 @@ def _run(model: nn.Module, blocks: torch.Tensor, hooks: dict[str, object], desc:
     runner = decoder if decoder is not None and all(id(modules[n]) in inside for n in hooks) else model
     handles = [modules[name].register_forward_pre_hook(hook) for name, hook in hooks.items()]
     try:
-        for block in tqdm(blocks, desc=desc, unit="block", disable=not progress):
-            runner(block.unsqueeze(0).to(device), use_cache=False)
+        for batch in tqdm(blocks.split(BATCH_BLOCKS), desc=desc, unit="batch", disable=not progress):
+            runner(batch.to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
