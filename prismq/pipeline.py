@@ -7,8 +7,9 @@ calibration data, once, for every Linear some option could give one) -> select (
 flips, the validated frontier; `prismq.select`) -> round (the selected mix rounded by rtn / gptq / gptq+sweep layer
 by layer, every candidate measured on the selection split, the kept method's mix and alternatives also on the
 report split; an alternative of the same budget ships instead when it measures better) -> polish (moves measured
-on the weights exactly as they ship, kept only if they lower the selection KL) -> export (exactly the tensors that were measured) -> eval (report-split KL of the
-checkpoint read back layer by layer by compressed-tensors' own code) -> report.md + summary.json + the model card.
+on the weights exactly as they ship, kept only if they lower the selection KL) -> export (exactly the tensors that
+were measured) -> eval (report-split KL of the checkpoint read back layer by layer by compressed-tensors' own code)
+-> report.md + summary.json + the model card.
 
 Each stage writes a fingerprinted artifact in the work directory and resumes from it; every stage that runs the
 model streams it (`prismq.engine.stream`): decoder layers are read from disk one at a time, candidates are lanes of

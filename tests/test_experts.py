@@ -93,7 +93,8 @@ def test_expert_fisher_is_the_per_token_fisher_over_routed_tokens(qwen3_moe_dir:
                                     (f"{base}.down_proj.x_sq", inner.detach()[routed].square().sum(0)),
                                     (f"{base}.gate_proj.routed_tokens", routed.sum().double())):
                     expected[name] = expected.get(name, 0) + value
-                token_max = expected.setdefault(f"{base}.gate_proj.x_token_max", torch.full((total,), -1.0, dtype=torch.float64))
+                token_max = expected.setdefault(f"{base}.gate_proj.x_token_max",
+                                                torch.full((total,), -1.0, dtype=torch.float64))
                 rows = routed.nonzero().flatten()  # each routed token's max |x| at its place among all blocks'
                 token_max[block_index * blocks.shape[1] + rows] = x.detach()[rows].abs().amax(-1)
             layer.mlp.experts.seen = []

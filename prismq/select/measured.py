@@ -81,11 +81,11 @@ def measure_flips(stream: LayerStream, base: dict[str, str], flips: list[Flip], 
                   input_amax: dict[str, torch.Tensor], chunk_size: int = DEFAULT_CHUNK,
                   progress: bool = True, state: WalkState | None = None, ranks: Ranks | None = None) -> Measured:
     """KL of the base assignment and the paired cost of every flip on token `blocks` [N, L] (see the module
-    docstring); one block per forward, as the KL evaluator runs them. Units outside the decoder layers cannot flip
-    (only BF16 is assigned there). `state`: every lane's hidden states are snapshotted there after a layer
+    docstring); `BATCH_BLOCKS` blocks per forward, as the other walks run them. Units outside the decoder layers
+    cannot flip (only BF16 is assigned there). `state`: every lane's hidden states are snapshotted there after a layer
     (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted.
     `ranks` (default: the initialized process group's, else one process): the flips are divided among the
-    processes, each walking the base and its own flips (its own snapshots beside `state`), and every rank gets every
+    processes, each walking the base and its own flips (no snapshots: `Ranks.own`), and every rank gets every
     flip's measure, the same as one process measures (a lane's numbers do not depend on the other lanes)."""
     ranks = ranks or Ranks.current()
     if ranks.world == 1:
