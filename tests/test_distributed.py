@@ -162,6 +162,9 @@ def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llam
                 "--device", "cpu", "--compute-dtype", "fp32", "--target-bits", "5"]
     assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "one"), *settings]) == 0
     capfd.readouterr()
+    leftover = tmp_path / "two.work" / ".probe-rank1-killed"  # what a killed run of several processes leaves
+    leftover.mkdir(parents=True)
+    (leftover / "input-0.safetensors").write_bytes(b"layer inputs")
     assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "two"), *settings, "--gpus", "2"]) == 0
     said = capfd.readouterr().out.splitlines()  # the leader's messages, once
     assert sum(line.startswith("prismq: serve it with") for line in said) == 1
@@ -175,7 +178,7 @@ def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llam
     assert shipped and shipped == sorted(p.name for p in (tmp_path / "two").glob("*.safetensors"))
     for name in shipped:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
-    assert not list(tmp_path.glob("two.work/*rank*"))  # no per-rank leftovers in the work directory
+    assert not list(tmp_path.glob("two.work/*rank*"))  # no per-rank leftovers, an old one removed
     # the same under torchrun's two processes (it sets RANK and WORLD_SIZE; --gpus is left at 1)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                     "prismq.cli", "quantize", str(small_vocab_llama), "--out", str(tmp_path / "torchrun"), *settings],

@@ -12,6 +12,7 @@ through a layer `BATCH_BLOCKS` at a time: on a GPU a small model's layer is boun
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections import ChainMap
 from collections.abc import Mapping
@@ -29,6 +30,14 @@ from prismq.measure.fisher_experts import ExpertRecorder
 from prismq.model.experts import ExpertCalls
 
 GRAD = "grad"  # the gradient at the input of the lowest layer done so far (meta: that layer, the summed loss)
+SCRATCH_PREFIX = ".probe-rank"  # a rank's temporary walk directory, beside the work directory's walks
+
+
+def remove_scratch(directory: Path) -> None:
+    """Delete the ranks' temporary probe walks a killed run left in `directory` (each holds layer inputs: on a
+    large model, many GB). Only while no walk runs: the leader, before it hands a probe out."""
+    for leftover in Path(directory).glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], *, sample_rows: int = 128,
@@ -51,7 +60,7 @@ def probe_streamed(stream: LayerStream, blocks: torch.Tensor, names: list[str], 
     own = ranks.own(state)
     if own is None:  # a walk of its own, beside the work directory's if there is one (it holds layer inputs)
         where = None if state is None else state.directory.parent
-        with tempfile.TemporaryDirectory(prefix=f".probe-rank{ranks.rank}-", dir=where) as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{ranks.rank}-", dir=where) as scratch:
             walked = _walk(stream, blocks, names, sample_rows, seed, progress, batch_blocks, ranks,
                            WalkState(Path(scratch) / "probe.walk", {}))
             return {key: walked[key] for key in walked}  # read from the directory before it goes

@@ -49,6 +49,7 @@ def run_probe(model_dir: Path, work_dir: Path, blocks: torch.Tensor, *, device: 
         return stem
     names = list(model_targets(model_dir))
     walk = work_dir / f"{PROBE_STEM}.walk"
+    fisher_streamed.remove_scratch(work_dir)
     computed_in, tensors = run_everywhere(probe_walk, model_dir=model_dir, blocks=blocks, names=names, device=device,
                                           sample_rows=sample_rows, seed=seed, progress=progress, dtype=dtype,
                                           max_memory=max_memory, walk=walk, expect=expect)

@@ -34,6 +34,7 @@ from prismq.config import QuantizeConfig
 from prismq.engine.distributed import run_everywhere
 from prismq.engine.walkstate import WalkState
 from prismq.measure.cost import CostRow
+from prismq.measure.fisher_streamed import remove_scratch
 from prismq.model.source import resolve_device
 from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.stage import assignment_fingerprint
@@ -119,6 +120,7 @@ def _recost(work: Path, config: QuantizeConfig, model_dir: Path, rows: list[Cost
     def step(assignment: dict[str, str]) -> dict[str, str]:
         key = assignment_fingerprint(assignment)
         state = WalkState(work / f"selection.recost-{key}.walk", walk_expect)
+        remove_scratch(work)
         new_rows = run_everywhere(recost_walk, model_dir=model_dir, dtype=dtype, device=device,
                                   max_memory=config.max_memory_bytes, assignment=assignment,
                                   input_amax=ranges_for(input_amax, [assignment]), calibration=calibration,
