@@ -138,14 +138,18 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
     candidates: dict[str, torch.Tensor] = {}
     if token_max is not None:
         candidates = {g[0]: candidates_from([token_max[g[0]].float()]) for g in groups}
-    # without `token_max` every block runs and the scored ones are picked from them: one block per batch then
-    inputs = stream.first_inputs(blocks, 1) if token_max is None else stream.first_inputs(blocks[scored])
+    # the scored blocks are a lane of their own; every block runs (for the maxima) only without `token_max`; both
+    # in batches as `calibrated_input_amax` runs them, so the ranges are its ranges to the bit
+    inputs = stream.first_inputs(blocks[scored])
+    every = stream.first_inputs(blocks) if token_max is None else []
     errors: dict[str, torch.Tensor] = {}
     saved = state.load(RANGES) if state is not None else None
     start = 0 if saved is None else saved[1]["layer"]
     if saved is not None:
         hidden = unpack(saved[0], "hidden", stream.device, stream.dtype)
         inputs = [(h, kwargs) for h, (_, kwargs) in zip(hidden, inputs)]
+        hidden = unpack(saved[0], "every", stream.device, stream.dtype)
+        every = [(h, kwargs) for h, (_, kwargs) in zip(hidden, every)]
         for key in saved[0]:
             kind, _, name = key.partition(":")
             if kind in ("errors", "candidates"):
@@ -159,17 +163,13 @@ def streamed_input_amax(stream: LayerStream, blocks: torch.Tensor, assignment: d
             here = [g for g in groups if g[0] in modules]
             if token_max is None:
                 maxima: dict[str, list[torch.Tensor]] = {g[0]: [] for g in here}
-                outputs = _hooked(layer, inputs, {modules[n]: _maxima_hook(store) for n, store in maxima.items()})
+                every = _hooked(layer, every, {modules[n]: _maxima_hook(store) for n, store in maxima.items()})
                 candidates.update({name: candidates_from(values) for name, values in maxima.items()})
-                inputs_to_score = [inputs[i] for i in scored]
-            else:
-                inputs_to_score = inputs
             errors.update({g[0]: torch.zeros(len(candidates[g[0]]), dtype=torch.float64) for g in here})
             hooks = {modules[g[0]]: _score_hook(candidates[g[0]], assignment[g[0]], errors[g[0]]) for g in here}
-            scored_outputs = _hooked(layer, inputs_to_score, hooks)
-            inputs = outputs if token_max is None else scored_outputs
+            inputs = _hooked(layer, inputs, hooks)
         if state is not None:
-            state.checkpoint(RANGES, {**pack("hidden", [h for h, _ in inputs]),
+            state.checkpoint(RANGES, {**pack("hidden", [h for h, _ in inputs]), **pack("every", [h for h, _ in every]),
                                       **{f"errors:{n}": e for n, e in errors.items()},
                                       **{f"candidates:{n}": c for n, c in candidates.items()}}, layer=index + 1)
     outside = [g[0] for g in groups if g[0] not in errors]
