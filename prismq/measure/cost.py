@@ -166,11 +166,11 @@ def measure_costs(source: SourceTensors, probe: Mapping[str, torch.Tensor], targ
     return [rows[(n, f)] for n in linears for f in formats if (n, f) in rows]
 
 
-def cost_walk(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], formats: list[str],
-              device: torch.device, progress: bool, dtype: torch.dtype | None) -> list[CostRow]:
-    """`measure_costs` over the work directory's probe (on every rank of a run on several processes:
-    `run_everywhere`)."""
-    probe_read = read_tensors(work_dir / "probe", "probe", expect={"model": fingerprint_model(model_dir)})
+def cost_walk(model_dir: Path, work_dir: Path, probe_expect: dict[str, str], targets: Mapping[str, Target],
+              formats: list[str], device: torch.device, progress: bool, dtype: torch.dtype | None) -> list[CostRow]:
+    """`measure_costs` over the work directory's probe, read (and checked against `probe_expect`) here (on every
+    rank of a run on several processes: `run_everywhere`)."""
+    probe_read = read_tensors(work_dir / "probe", "probe", expect=probe_expect)
     if probe_read is None:
         raise PrismqError(f"no probe in {work_dir}: run `prismq probe` first")
     with ExitStack() as stack:
@@ -184,10 +184,10 @@ def run_cost(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], for
     probe are reused; only missing ones are measured and merged in (a new budget or format list reuses the work).
     A cost.json made from another model or probe is refused as stale. `dtype`: the compute dtype activation
     quantization is simulated in."""
-    probe_read = read_tensors(Path(work_dir) / "probe", "probe", expect={"model": fingerprint_model(model_dir)})
-    if probe_read is None:
+    # the probe's sidecar only: its tensors are read (and their digest checked) where formats are to be priced
+    probe_meta = read_json(Path(work_dir) / "probe.json", "probe", {"model": fingerprint_model(model_dir)})
+    if probe_meta is None:
         raise PrismqError(f"no probe in {work_dir}: run `prismq probe` first")
-    probe, probe_meta = probe_read
     names = [get_format(f).name for f in formats]
     expect = {"model": probe_meta["model"], "probe": probe_meta["tensors_sha256"]}
     done = read_json(Path(work_dir) / "cost.json", "cost", expect)
@@ -196,6 +196,8 @@ def run_cost(model_dir: Path, work_dir: Path, targets: Mapping[str, Target], for
     missing = [n for n in names if n not in known]
     if missing:
         rows += run_everywhere(cost_walk, model_dir=Path(model_dir), work_dir=Path(work_dir), targets=targets,
+                               probe_expect={"model": probe_meta["model"],
+                                             "tensors_sha256": probe_meta["tensors_sha256"]},
                                formats=missing, device=device, progress=progress, dtype=dtype)
         write_json(Path(work_dir) / "cost.json", "cost",
                    {**expect, "formats": known + missing, "rows": [asdict(r) for r in rows]})
