@@ -3,7 +3,10 @@
 Why: the GPU-speed issue asks for codec qdq at >= 50 % of the device's copy bandwidth. A kernel's bandwidth is read
 from device time (CUDA events around back-to-back launches, as for the copy); a lone `Format.qdq` call adds what a
 copy does not: Python dispatch, Triton's launch, the wait for the non-finite flag (one host sync per call), and for
-NVFP4 without given maxima a pass for the global absmax. Both are printed, side by side with a bf16 copy.
+NVFP4 without given maxima a pass for the global absmax. Both are printed, side by side with a bf16 copy, and so is
+the device time of every kernel the shipped call launches (the profiler's kernel records: the non-finite check, the
+flag's zeroing and NVFP4's absmax pass included; host waits excluded), checked against CUDA events on the unchecked
+kernel alone.
 
 Run from the repo root on a CUDA machine:  python benchmarks/qdq_parts.py [--shape 4096x14336] [--json PATH]
 Prints a markdown table (milliseconds) and writes benchmarks/results/qdq_parts.json.
@@ -44,6 +47,20 @@ def device_ms(call: Callable[[], object], reps: int = 200) -> float:
     return start.elapsed_time(end) / reps
 
 
+def kernels_ms(call: Callable[[], object], reps: int = 50) -> float:
+    """Device milliseconds per call of every CUDA kernel `call` launches (the profiler's kernel records; 5 warmup
+    calls): the device's share of a call that waits for the host between calls, which CUDA events cannot isolate."""
+    for _ in range(5):
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in kernels) / 1000 / reps
+
+
 def wall_ms(call: Callable[[], object], reps: int = 50) -> float:
     """Median milliseconds of `reps` synchronized calls after 5 warmup calls."""
     for _ in range(5):
@@ -70,22 +87,27 @@ def main() -> None:
     gbs = 2 * weight.numel() * weight.element_size() / copy_device / 1e6
     print(f"{args.shape} bf16 on {torch.cuda.get_device_name()}, torch {torch.__version__}: copy {copy_device:.4f} ms "
           f"device ({gbs:.0f} GB/s read + write), {copy_wall:.4f} ms per synchronized call")
-    print("| format | kernel ms (device; no non-finite check) | kernel share of copy bandwidth | "
-          "qdq ms (a synchronized call) | "
+    print("| format | kernel ms (device; no non-finite check) | kernel share of copy bandwidth | same, profiler ms | "
+          "shipped qdq kernels ms (profiler; check included) | their share | qdq ms (a synchronized call) | "
           "call share | qdq given the global scale ms | its share |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "copy_device_ms": copy_device, "copy_wall_ms": copy_wall, "formats": {}}
     for name in FORMATS:
         fmt = get_format(name)
         grid = fmt.grid(weight)
         kernel = device_ms(lambda: fused_qdq(grid, weight, check_finite=False))
+        kernel_profiled = kernels_ms(lambda: fused_qdq(grid, weight, check_finite=False))
+        shipped = kernels_ms(lambda: fmt.qdq(weight))
         whole = wall_ms(lambda: fmt.qdq(weight))
         amax = weight.abs().amax() if name == "NVFP4" else None
         given = wall_ms(lambda: fmt.qdq(weight, shared_amax=amax)) if amax is not None else None
-        results["formats"][name] = {"kernel_device_ms": kernel, "qdq_wall_ms": whole, "qdq_given_amax_wall_ms": given}
+        results["formats"][name] = {"kernel_device_ms": kernel, "kernel_profiled_ms": kernel_profiled,
+                                    "shipped_kernels_device_ms": shipped, "qdq_wall_ms": whole,
+                                    "qdq_given_amax_wall_ms": given}
         given_cells = f"{given:.4f} | {copy_wall / given:.0%}" if given is not None else "- | -"
-        print(f"| {name} | {kernel:.4f} | {copy_device / kernel:.0%} | {whole:.4f} | {copy_wall / whole:.0%} | "
+        print(f"| {name} | {kernel:.4f} | {copy_device / kernel:.0%} | {kernel_profiled:.4f} | {shipped:.4f} | "
+              f"{copy_device / shipped:.0%} | {whole:.4f} | {copy_wall / whole:.0%} | "
               f"{given_cells} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
