@@ -147,3 +147,15 @@ def test_fused_activation_qdq_takes_one_global_scale_per_batch_entry() -> None:
     expanded = x[0].cuda().unsqueeze(0).expand(3, -1, -1)  # the clip search's candidates share one input
     assert torch.equal(_bits(fmt.qdq_activation(expanded, scales.cuda()).cpu()),
                        _bits(fmt.qdq_activation(x[0].unsqueeze(0).expand(3, -1, -1), scales)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_gpu_absmax_pass_finds_a_non_finite_value_in_any_matrix_of_a_batch(bad: float) -> None:
+    """Without shared maxima NVFP4's check runs in the absmax pass (the rounding kernel then checks nothing): a
+    non-finite value in the last matrix of a batch, in the last program's tile, is found."""
+    from prismq.formats.fused import fused_nvfp4_qdq
+
+    weight = torch.randn(3, 64, 512, device="cuda", dtype=torch.bfloat16)
+    assert fused_nvfp4_qdq(get_format("NVFP4"), weight)[1] is False
+    weight[2, 63, 511] = bad
+    assert fused_nvfp4_qdq(get_format("NVFP4"), weight)[1] is True
