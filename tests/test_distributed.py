@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from prismq.engine.distributed import Ranks
 from prismq.measure.cost import measure_costs
@@ -102,8 +103,6 @@ def test_flips_and_lanes_measured_on_two_gloo_processes_equal_one_process_measur
 
 def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
     """One of `world` processes (world 1: no group): the streamed probe over 5 blocks, its statistics written."""
-    from safetensors.torch import save_file
-
     from prismq.engine.stream import LayerStream
     from prismq.measure.fisher_streamed import probe_streamed
 
@@ -205,3 +204,136 @@ def test_an_error_on_several_processes_is_one_line(small_vocab_llama: Path, tmp_
         assert main([*argv, "--gpus", "2"]) == EXIT_ERROR
         assert capsys.readouterr().err.strip().splitlines()[-1] == alone
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@contextmanager
+def _joined_counting_gptq(rank: int, world: int, rendezvous: str) -> Iterator[list[int]]:
+    """Inside: one of `world` processes of a gloo group (world 1: no group), its GPTQ passes counted (one entry
+    each in the list yielded)."""
+    from prismq.rounding import sequential
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    gptq, calls = sequential.gptq_siblings, []
+    sequential.gptq_siblings = lambda *args, **kwargs: calls.append(1) or gptq(*args, **kwargs)
+    try:
+        yield calls
+    finally:
+        sequential.gptq_siblings = gptq
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _save_bits(tensors: Mapping[str, Mapping[str, torch.Tensor]], path: Path) -> None:
+    """Shipped tensors (name -> suffix -> tensor) in a safetensors file, one-byte dtypes as their bytes."""
+    save_file({f"{name}::{suffix}": t.view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous()
+               for name, parts in tensors.items() for suffix, t in parts.items()}, str(path))
+
+
+def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+    """One of `world` processes (world 1: no group): the rounding walk of a gptq+sweep lane with method and format
+    variants; the leader writes every tensor it keeps, each rank the details and KLs it ends with."""
+    from prismq.engine.stream import LayerStream
+    from prismq.model.siblings import sibling_groups
+    from prismq.rounding.lanes import round_lanes
+
+    with _joined_counting_gptq(rank, world, rendezvous) as calls:
+        g = torch.Generator().manual_seed(5)
+        calibration, heldout = torch.randint(0, 256, (4, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
+        with LayerStream(model_dir, torch.float32) as stream:
+            names = [n for n in stream.targets if n != "lm_head"]
+            base = dict.fromkeys(names, "NVFP4")
+            upgraded = {**base, **{n: "MXFP8" for group in sibling_groups(base)[1::3] for n in group}}
+            amax = {n: torch.tensor(3.0) for n in names}
+            walk = round_lanes(stream, [(base, "gptq+sweep")], calibration, heldout, amax, progress=False,
+                               variants=[(0, base, "gptq"), (0, upgraded), (0, upgraded, "rtn")],
+                               ranks=Ranks.current())
+        if rank == 0:
+            _save_bits({f"{number}/{name}": tensors for number, rounded in enumerate(walk.rounded)
+                        for name, tensors in rounded.encoded.items()}, out / f"rounded-{world}.safetensors")
+        (out / f"rounding-{world}-{rank}.json").write_text(json.dumps(
+            {"kl": [r.kl.tolist() for r in walk.kl], "details": [r.details for r in walk.rounded] if rank == 0 else [],
+             "names": [sorted(r.encoded) for r in walk.rounded], "gptq_calls": len(calls)}))
+
+
+def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_process_does(tiny_llama_dir: Path,
+                                                                                         tmp_path: Path) -> None:
+    """Each layer's groups (dense Linears, routed experts) dealt to two processes, GPTQ'd with their method and
+    format variants on each rank's share, gathered: the leader keeps the same tensors bit for bit, the same GPTQ
+    details, and every rank measures the same held-out KL as one process rounding everything."""
+    from test_layout import tiny_moe
+
+    for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen3_moe", tmp_path / "moe"))):
+        out = tmp_path / f"out-{number}"
+        out.mkdir()
+        _rounding(0, 1, "", model_dir, out)
+        mp.spawn(_rounding, args=(2, f"file://{out / 'rendezvous'}", model_dir, out), nprocs=2, join=True)
+        alone, divided = load_file(out / "rounded-1.safetensors"), load_file(out / "rounded-2.safetensors")
+        assert any(".experts." in k for k in alone) == (number == 1)
+        assert divided.keys() == alone.keys() and len(alone) > 20
+        assert all(torch.equal(divided[k], value) for k, value in alone.items())
+        one, leader, follower = (json.loads((out / f"rounding-{run}.json").read_text())
+                                 for run in ("1-0", "2-0", "2-1"))
+        assert len(one["kl"]) == 4 and len(one["details"][0]) > 4
+        calls = one.pop("gptq_calls"), leader.pop("gptq_calls"), follower.pop("gptq_calls")
+        assert calls[1] + calls[2] == calls[0] and min(calls) > 0  # the GPTQ work divided, none done twice
+        assert leader == one
+        assert follower["kl"] == one["kl"] and follower["names"] == one["names"]
+
+
+def _variants(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+    """One of `world` processes (world 1: no group): the polish's two walks over variants of a gptq+sweep base, the
+    leader handing them out (`run_everywhere`, the others in `serve`); the second walk reuses the first's tensors.
+    The leader writes the KLs and the store; every rank how many GPTQ passes it ran."""
+    from prismq.engine.distributed import run_everywhere, serve, stop_serving
+    from prismq.engine.stream import LayerStream
+    from prismq.engine.walkstate import WalkState
+    from prismq.rounding.gptq import GPTQSettings
+    from prismq.rounding.lanes import round_lanes
+    from prismq.rounding.store import EncodedStore
+    from prismq.select.shipped import variants_walk
+    from test_select import _assignment
+
+    with _joined_counting_gptq(rank, world, rendezvous) as calls:
+        if rank > 0:
+            serve()
+        else:
+            base, settings = _assignment(), GPTQSettings()
+            amax = {n: torch.tensor(2.5) for n in base}
+            g = torch.Generator().manual_seed(6)
+            calibration, blocks = (torch.randint(0, 512, (n, 16), generator=g) for n in (4, 2))
+            with LayerStream(model_dir, torch.float32) as stream:
+                lanes = round_lanes(stream, [(base, "gptq+sweep")], calibration, blocks, amax, settings,
+                                    spill_dir=out / f"lanes-{world}", progress=False)
+            calls.clear()
+            store = EncodedStore(out / f"variants-{world}")
+            walk = dict(model_dir=model_dir, dtype=torch.float32, device="cpu", max_memory=None, base=base,
+                        base_tensors=lanes.rounded[0].encoded, blocks=blocks, calibration=calibration,
+                        method="gptq+sweep", input_amax=amax, settings=settings, store=store)
+            flips = [dict.fromkeys((f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")), "MXFP8") for i in (0, 1)]
+            flips += [{"model.layers.0.self_attn.o_proj": "MXFP8"}, {"model.layers.1.mlp.down_proj": "BF16"},
+                      {"model.layers.1.self_attn.o_proj": "NVFP4"}]
+            first = run_everywhere(variants_walk, **walk, variants=flips, state=WalkState(out / f"a-{world}", {}))
+            moves = [{**flips[0], **flips[2]}, {**flips[1], "model.layers.0.mlp.down_proj": "MXFP8"}]
+            second = run_everywhere(variants_walk, **walk, variants=moves, state=WalkState(out / f"b-{world}", {}))
+            stop_serving()
+            _save_bits(store, out / f"variants-{world}.safetensors")
+            (out / f"variants-{world}.json").write_text(json.dumps([r.kl.tolist() for r in first.kl + second.kl]))
+        (out / f"calls-{world}-{rank}.json").write_text(json.dumps(len(calls)))
+
+
+def test_variants_measured_as_shipped_on_two_gloo_processes_equal_one_process(tiny_llama_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """The polish's and the report's walks (`variants_walk`) divided: each rank measures its share of the variants
+    and rounds its share of their changed units; the leader's store and every KL equal one process's, and a
+    second walk reads the first one's tensors from the leader's store instead of rounding them again."""
+    _variants(0, 1, "", tiny_llama_dir, tmp_path)
+    mp.spawn(_variants, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, tmp_path), nprocs=2, join=True)
+    one, two = (json.loads((tmp_path / f"variants-{world}.json").read_text()) for world in (1, 2))
+    assert len(one) == 5 + 1 + 2 + 1 and one == two
+    alone, divided = (load_file(tmp_path / f"variants-{world}.safetensors") for world in (1, 2))
+    assert alone.keys() == divided.keys() and len(alone) >= 8
+    assert all(torch.equal(divided[k], v) for k, v in alone.items())
+    calls = [json.loads((tmp_path / f"calls-{run}.json").read_text()) for run in ("1-0", "2-0", "2-1")]
+    assert calls[1] + calls[2] == calls[0] and min(calls) > 0

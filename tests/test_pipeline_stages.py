@@ -35,7 +35,7 @@ def test_stages_run_alone_and_resume(default_model_dir: Path, tmp_path: Path, mo
 
     import prismq.rounding.stage as stage
 
-    monkeypatch.setattr(stage, "round_lanes", lambda *a, **k: pytest.fail("rounding redone instead of resumed"))
+    monkeypatch.setattr(stage, "rounding_walk", lambda *a, **k: pytest.fail("rounding redone instead of resumed"))
     assert main(["quantize", "--work-dir", str(work), "--out", str(out), "--overwrite", "--rounding", "rtn",
                  *SMALL]) == 0
     assert sorted((p.name, p.read_bytes()) for p in out.glob("*.safetensors")) == first

@@ -2,7 +2,7 @@
 gloo on CPUs, NCCL on GPUs), each process started by torchrun or a launcher that initializes the default group.
 
 A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, a selection lane, a
-calibration block) round-robin by their index in the order the single process visits them, so each piece is
+calibration block, a layer's sibling group or routed expert to round) round-robin by their index in the order the single process visits them, so each piece is
 computed exactly as one process computes it; results are gathered to every rank (the same numbers, bit for bit,
 as one process), or, where each rank summed over its own pieces (the probe's statistics), reduced (sums in another
 order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an initialized group,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.engine.layer_inputs import LayerInput
 from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
@@ -38,10 +39,11 @@ from prismq.errors import PrismqError
 from prismq.formats import get_format
 from prismq.measure.kl import DEFAULT_CHUNK, HiddenStates, KLResult, evaluate_states
 from prismq.model.fake_quant import apply_fake_quant
+from prismq.model.source import resolve_device
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import METHODS, Method, RoundedModel, round_layer
-from prismq.rounding.store import EncodedStore, variant_key
+from prismq.rounding.store import EncodedStore, PassingStore, variant_key
 
 logger = logging.getLogger(__name__)
 LANES = "lanes"  # the walk's snapshot: hidden states and details before its next layer
@@ -119,7 +121,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
                 heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings | None = None,
                 *, batch_size: int = 4, reference_hidden: list[torch.Tensor] | None = None,
                 spill_dir: Path | None = None, state: WalkState | None = None, chunk_size: int = DEFAULT_CHUNK,
-                progress: bool = True, variants: list[VariantSpec] | None = None) -> LaneResults:
+                progress: bool = True, variants: list[VariantSpec] | None = None,
+                ranks: Ranks | None = None) -> LaneResults:
     """Round every (assignment, method) candidate layer by layer in one streamed walk and measure its held-out KL.
 
     The tensors shipped for each candidate equal `round_model`'s on a whole model with the same inputs (calibration
@@ -130,7 +133,10 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     `reference_hidden`, from an earlier walk over the same held-out blocks, spares the reference's forward.
     `spill_dir`: each candidate's tensors go to a subdirectory of it layer by layer (`EncodedStore`) instead of
     staying in memory. `state` (with `spill_dir`): the walk snapshots its hidden states there after a layer
-    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted."""
+    (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted.
+    `ranks`: processes walking together (`rounding_walk`), each encoding its share of every layer's groups
+    (`round_layer`); a rank other than the leader keeps no tensors past their layer (`PassingStore`)."""
+    ranks = ranks or Ranks()
     specs = [(spec[0], spec[1], spec[2] if len(spec) == 3 else candidates[spec[0]][1])  # type: ignore[misc]
              for spec in variants or []]
     methods = [m for _, m in candidates] + [m for _, _, m in specs]
@@ -149,6 +155,8 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     start = 0 if saved is None else saved[1]["layer"]
 
     def store(name: str) -> RoundedModel:
+        if not ranks.leader:
+            return RoundedModel(PassingStore())
         return RoundedModel({} if spill_dir is None else EncodedStore(Path(spill_dir) / name, fresh=saved is None))
 
     lanes = [Lane(assignment, method, first_calibration, first_heldout, store(f"candidate-{k}"))
@@ -188,7 +196,7 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
             for k, lane in enumerate(lanes):
                 with as_read() as layer:
                     _advance(stream, index, layer, lane, groups[k].get(index, []),
-                             [b for b in branches if b.lane == k], input_amax, settings, as_read)
+                             [b for b in branches if b.lane == k], input_amax, settings, as_read, ranks)
         if state is not None:
             _save(state, index + 1, lanes, branches, reference)
     _encode_outside(stream, lanes)
@@ -248,7 +256,7 @@ def _restore(saved: tuple, lanes: list[Lane], branches: list[Variant], reference
 
 def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, groups: list[list[str]],
              branches: list[Variant], input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
-             as_read: Callable[[], AbstractContextManager]) -> None:
+             as_read: Callable[[], AbstractContextManager], ranks: Ranks) -> None:
     """Round the lane's copy of layer `index` (and its variants' changes there, on the same Hessians) and move the
     lane's and its variants' hidden states through it."""
     for branch in branches:
@@ -263,7 +271,7 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
     if groups:
         extra = round_layer(layer, stream.layer_names(index, layer), groups, lane.assignment, lane.method,
                             lane.calibration, input_amax, settings, stream.weight_dtype, lane.rounded, stream.targets,
-                            others=others, source=stream.source, variant_details=details)
+                            others=others, source=stream.source, variant_details=details, ranks=ranks)
     here = {name: lane.assignment[name] for group in groups for name in group}
     for branch in branches:
         if branch.heldout is None:
@@ -281,12 +289,12 @@ def _advance(stream: LayerStream, index: int, layer: nn.Module, lane: Lane, grou
             apply_fake_quant(stream.layer_names(index, copied), {**here, **changed}, tensors, stream.weight_dtype,
                              stream.targets)
             branch.heldout = run_layer(copied, branch.heldout)
-        if isinstance(branch.rounded.encoded, EncodedStore):
+        if not isinstance(branch.rounded.encoded, dict):
             branch.rounded.encoded.flush()
     if lane.calibrated:  # round-to-nearest alone never looks at its inputs
         lane.calibration = run_layer(layer, lane.calibration)
     lane.heldout = run_layer(layer, lane.heldout)
-    if isinstance(lane.rounded.encoded, EncodedStore):
+    if not isinstance(lane.rounded.encoded, dict):
         lane.rounded.encoded.flush()
 
 
@@ -297,5 +305,18 @@ def _encode_outside(stream: LayerStream, lanes: list[Lane]) -> None:
     for lane in lanes:
         outside = {n: f for n, f in lane.assignment.items() if n not in lane.rounded.encoded}
         lane.rounded.encoded.update(encode_model(stream.model, outside, {}, stream.weight_dtype))
-        if isinstance(lane.rounded.encoded, EncodedStore):
+        if not isinstance(lane.rounded.encoded, dict):
             lane.rounded.encoded.flush()
+
+
+def rounding_walk(model_dir: Path, dtype: torch.dtype, device: str, max_memory: int | None,
+                  candidates: list[tuple[dict[str, str], Method]], calibration: torch.Tensor | None,
+                  heldout: torch.Tensor, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
+                  spill_dir: Path, state: WalkState, variants: list[VariantSpec]) -> LaneResults:
+    """`round_lanes` on the model streamed on this rank's device: on every rank of a run on several processes
+    (`run_everywhere`), each encoding its share of every layer's groups; the leader alone keeps the tensors (in
+    `spill_dir`) and, walking alone, snapshots in `state`."""
+    ranks = Ranks.current()
+    with LayerStream(model_dir, dtype, ranks.device(resolve_device(device)), max_memory) as stream:
+        return round_lanes(stream, candidates, calibration, heldout, input_amax, settings, spill_dir=spill_dir,
+                           state=ranks.own(state), progress=ranks.leader, variants=variants, ranks=ranks)

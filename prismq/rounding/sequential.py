@@ -18,12 +18,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from safetensors.torch import load, save
 from torch import nn
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.engine.layer_inputs import LayerInput, first_layer_inputs, per_layer_arguments
 from prismq.engine.stream import decoder_layers, run_layer
 from prismq.errors import PrismqError
@@ -36,7 +38,7 @@ from prismq.model.siblings import sibling_groups
 from prismq.model.experts import ExpertCall, ExpertCalls, parameters_of
 from prismq.model.targets import Target, targets_named
 from prismq.rounding.gptq import Factors, GPTQSettings, Rounded, gptq_siblings
-from prismq.rounding.store import EncodedStore, variant_key
+from prismq.rounding.store import EncodedStore, PassingStore, variant_key
 
 Method = Literal["rtn", "gptq", "gptq+sweep"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq+sweep")
@@ -111,7 +113,7 @@ class RoundedModel:
     """The exact tensors to ship per Linear, and for each GPTQ-rounded Linear (method used, output error, output
     error of round-to-nearest on the same calibration inputs)."""
 
-    encoded: dict[str, Tensors] | EncodedStore
+    encoded: dict[str, Tensors] | EncodedStore | PassingStore
     details: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
     def error_ratios(self) -> dict[str, float]:
@@ -166,7 +168,8 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
                 targets: Mapping[str, Target] | None = None, hessian_bytes: int = EXPERT_HESSIAN_BYTES,
                 others: Mapping[str, Collection[tuple[str, Method]]] | None = None,
                 source: SourceTensors | None = None,
-                variant_details: dict[str, tuple[str, float, float]] | None = None) -> dict[str, Tensors]:
+                variant_details: dict[str, tuple[str, float, float]] | None = None,
+                ranks: Ranks | None = None) -> dict[str, Tensors]:
     """Encode one decoder layer's sibling `groups` (named as in `modules`) with `method` on the layer's calibration
     `inputs`, add the tensors to ship to `result`, and leave the layer computing what the export computes.
 
@@ -176,7 +179,11 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     to `variant_details` under the same keys, when given). `targets`: the model's targets (routed experts need
     them); `source`: the checkpoint, whose block-FP8 scales FP8_SOURCE ships. Every Hessian is taken on the layer as
     read (the layer is fake-quantized once all its groups are encoded); routed experts' Hessians, one per expert
-    over its routed tokens, are taken a chunk of experts at a time, at most `hessian_bytes` of them at once."""
+    over its routed tokens, are taken a chunk of experts at a time, at most `hessian_bytes` of them at once.
+    `ranks`: processes that all call this on the same layer and inputs (a divided walk), each encoding the groups
+    dealt to it (by their index in `groups`: Hessians, GPTQ and variants alike), every rank then getting every
+    group's tensors (`_share`); by default one process encodes them all."""
+    ranks = ranks or Ranks()
     others = others or {}
     known = targets_named([name for group in groups for name in group], modules, targets)
 
@@ -185,6 +192,7 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
         own = (assignment[group[0]], method)
         return [own, *sorted(set(others.get(group[0], ())) - {own})]
 
+    everyone, groups = groups, [g for number, g in enumerate(groups) if ranks.mine(number)]
     to_gptq = [g for g in groups if any(m != "rtn" and get_format(f).rounds_weights for f, m in pairs_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
@@ -192,6 +200,8 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     layer_assignment: dict[str, str] = {}
     layer_encoded: dict[str, Tensors] = {}
     variants: dict[str, Tensors] = {}
+    layer_details: dict[str, tuple[str, float, float]] = {}
+    layer_variant_details: dict[str, tuple[str, float, float]] = {}
 
     def encode(group: list[str], hessian: torch.Tensor | None) -> None:
         weights = {name: known[name].weight(modules, weight_dtype) for name in group}
@@ -207,10 +217,9 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
                                                    for n, r in rounding.rounded.items()}
             if number:
                 variants.update({variant_key(name, format_name, how): tensors[name] for name in group})
-                if variant_details is not None:
-                    variant_details.update({variant_key(n, format_name, how): d for n, d in details.items()})
+                layer_variant_details.update({variant_key(n, format_name, how): d for n, d in details.items()})
                 continue
-            result.details.update(details)
+            layer_details.update(details)
             layer_assignment.update(dict.fromkeys(group, format_name))
             layer_encoded.update(tensors)
 
@@ -221,9 +230,44 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
         chunk_hessians = expert_hessians(layer, modules, {g[0]: known[g[0]] for g in chunk}, inputs)
         for group in chunk:
             encode(group, chunk_hessians.pop(group[0]))
+    if ranks.world > 1:
+        device = next((p.device for p in layer.parameters()), torch.device("cpu"))
+        layer_assignment, layer_encoded, layer_details, variants, layer_variant_details = _share(
+            ranks, everyone, device, (layer_assignment, layer_encoded, layer_details, variants, layer_variant_details))
+    result.details.update(layer_details)
+    if variant_details is not None:
+        variant_details.update(layer_variant_details)
     apply_fake_quant(modules, layer_assignment, layer_encoded, weight_dtype, targets)
     result.encoded.update(layer_encoded)
     return variants
+
+
+def _share(ranks: Ranks, groups: list[list[str]], device: torch.device,
+           parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+    """Each of `parts` (a layer's results keyed by a target's name, or by a `variant_key` of it; tensors as
+    name -> suffix -> tensor) merged over the ranks, ordered by the targets' order in `groups` as one process fills
+    them; other ranks' tensors arrive on `device`, bit for bit (as safetensors bytes: nothing pickled)."""
+    plain = tuple({key: value for key, value in part.items() if not isinstance(value, dict)} for part in parts)
+    layout = tuple({key: list(value) for key, value in part.items() if isinstance(value, dict)} for part in parts)
+    flat = {f"{number}|{key}|{suffix}": tensor.detach().to("cpu").clone()
+            for number, part in enumerate(parts) for key, value in part.items() if isinstance(value, dict)
+            for suffix, tensor in value.items()}
+    gathered = ranks.gather({ranks.rank: (plain, layout, save(flat) if flat else b"")})
+    order = {name: number for number, group in enumerate(groups) for name in group}
+    merged: list[dict[str, Any]] = [{} for _ in parts]
+    for rank in range(ranks.world):
+        if rank == ranks.rank:
+            for entries, part in zip(merged, parts):
+                entries.update(part)
+            continue
+        their_plain, their_layout, data = gathered[rank]
+        tensors = load(data) if data else {}
+        for number, entries in enumerate(merged):
+            entries.update(their_plain[number])
+            entries.update({key: {suffix: tensors[f"{number}|{key}|{suffix}"].to(device) for suffix in suffixes}
+                            for key, suffixes in their_layout[number].items()})
+    return tuple(dict(sorted(entries.items(), key=lambda item: order[item[0].split("|", 1)[0]]))
+                 for entries in merged)
 
 
 @torch.no_grad()

@@ -14,7 +14,8 @@ method's mix and its alternatives, with the tensors the first walk rounded, on t
 report to state (no decision reads those numbers; the methods not kept are not walked over them). Writes
 WORK/rounding.json (what ships, every KL measured), the walk's tensors under WORK/rounded/, and the reference's final
 hidden states on the report blocks (WORK/reference_hidden) for the eval stage. Rerunning with the same inputs and
-settings reuses all of it; an interrupted walk resumes from its last snapshot.
+settings reuses all of it; an interrupted walk resumes from its last snapshot. On several processes (`--gpus N`)
+every rank walks the mix, encoding its share of each layer's groups (`round_layer`); the leader keeps the tensors.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ from prismq.allocate.stage import Allocation
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, read_tensors, write_json, \
     write_tensors
 from prismq.config import QuantizeConfig
-from prismq.engine.stream import LayerStream
+from prismq.engine.distributed import run_everywhere
 from prismq.engine.memory import StageLog
 from prismq.engine.walkstate import WalkState
 from prismq.formats import Tensors
 from prismq.model.source import resolve_device
 from prismq.rounding.ranges import ranges_fingerprint, ranges_for
 from prismq.rounding.gptq import GPTQSettings
-from prismq.rounding.lanes import round_lanes
+from prismq.rounding.lanes import rounding_walk
 from prismq.rounding.sequential import METHODS, Method, RoundedModel
 from prismq.rounding.store import EncodedStore, variant_key
-from prismq.select.shipped import RoundedVariants, VariantsKL, measure_variants
+from prismq.select.shipped import RoundedVariants, VariantsKL, variants_walk
 
 logger = logging.getLogger(__name__)
 
@@ -112,28 +113,29 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
                    "variants": [f"{m}:{assignment_fingerprint(candidates[n])}" for m, n in measured]}  # walk order
     state = WalkState(work / "rounded" / "lanes.walk", walk_expect)
     spill_dir = work / "rounded" / "lanes"
-    with LayerStream(model_dir, dtype, device, config.max_memory_bytes) as stream:
-        with log.stage("rounding + selection KL"):
-            walk = round_lanes(stream, [(mix, primary)], calibration, selection, input_amax, settings,
-                               spill_dir=spill_dir, state=state,
-                               variants=[(0, candidates[n], m) for m, n in measured])
-        walked = [(primary, "mix"), *measured]  # the walk's order: the lane, then its variants
-        kl_of, rounded_of = dict(zip(walked, walk.kl)), dict(zip(walked, walk.rounded))
-        kls = {m: kl_of[m, "mix"].mean_kl for m in methods}
-        chosen = min(kls, key=kls.__getitem__)
-        if len(methods) > 1:
-            logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
-                        ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
-        ours = rounded_of[primary, "mix"].encoded  # a variant's store holds only where it differs from the lane
-        if chosen != primary:
-            ours = EncodedStore.overlay(work / "rounded" / "chosen", ours, rounded_of[chosen, "mix"].encoded)
-        own = {name: (alternatives[name], rounded_of[chosen, name].encoded) for name in alternatives}
-        with log.stage("report KL"):
-            report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
-            reported = _report_kl(stream, mix, ours, own, report, chosen, input_amax, settings, report_state)
-        reference_report = torch.stack(reported.reference_hidden).cpu()
-        write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
-                      reference_expect(model_dir, report, dtype))
+    with log.stage("rounding + selection KL"):
+        walk = run_everywhere(rounding_walk, model_dir=model_dir, dtype=dtype, device=device,
+                              max_memory=config.max_memory_bytes, candidates=[(mix, primary)], calibration=calibration,
+                              heldout=selection, input_amax=input_amax, settings=settings, spill_dir=spill_dir,
+                              state=state, variants=[(0, candidates[n], m) for m, n in measured])
+    walked = [(primary, "mix"), *measured]  # the walk's order: the lane, then its variants
+    kl_of, rounded_of = dict(zip(walked, walk.kl)), dict(zip(walked, walk.rounded))
+    kls = {m: kl_of[m, "mix"].mean_kl for m in methods}
+    chosen = min(kls, key=kls.__getitem__)
+    if len(methods) > 1:
+        logger.info("rounding %s measured best (%s selection-split mean KL)", chosen,
+                    ", ".join(f"{m} {kl:.5f}" for m, kl in kls.items()))
+    ours = rounded_of[primary, "mix"].encoded  # a variant's store holds only where it differs from the lane
+    if chosen != primary:
+        ours = EncodedStore.overlay(work / "rounded" / "chosen", ours, rounded_of[chosen, "mix"].encoded)
+    own = {name: (alternatives[name], rounded_of[chosen, name].encoded) for name in alternatives}
+    with log.stage("report KL"):
+        report_state = WalkState(work / "rounded" / "report.walk", {**walk_expect, "chosen": chosen})
+        reported = _report_kl(model_dir, dtype, device, config.max_memory_bytes, mix, ours, own, report, chosen,
+                              input_amax, settings, report_state)
+    reference_report = torch.stack(reported.reference_hidden).cpu()
+    write_tensors(work / REFERENCE_HIDDEN, REFERENCE_HIDDEN, {"hidden": reference_report},
+                  reference_expect(model_dir, report, dtype))
     mix_eval, mix_report = kl_of[chosen, "mix"].to_json(), reported.kl[0].to_json()
     baseline_evals = {name: kl_of[chosen, name].to_json() for name in alternatives}
     baseline_reports = {name: r.to_json() for name, r in zip(alternatives, reported.kl[1:])}
@@ -157,9 +159,9 @@ def stage_round(work: Path, config: QuantizeConfig, allocation: Allocation, mode
     return result
 
 
-def _report_kl(stream: LayerStream, mix: dict[str, str], tensors: Mapping[str, Tensors],
-               alternatives: dict[str, tuple[dict[str, str], Mapping[str, Tensors]]], report: torch.Tensor,
-               method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
+def _report_kl(model_dir: Path, dtype: torch.dtype, device: str, max_memory: int | None, mix: dict[str, str],
+               tensors: Mapping[str, Tensors], alternatives: dict[str, tuple[dict[str, str], Mapping[str, Tensors]]],
+               report: torch.Tensor, method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
                state: WalkState) -> VariantsKL:
     """The report-split KL of the mix (with `tensors`, the kept lane's) and of each alternative (the mix's tensors
     with the alternative's own, `(assignment, its tensors where it differs)`), in that order, and the reference's
@@ -168,8 +170,9 @@ def _report_kl(stream: LayerStream, mix: dict[str, str], tensors: Mapping[str, T
     store = RoundedVariants({variant_key(n, f): (own, n) for change, (_, own) in zip(changes, alternatives.values())
                              for n, f in change.items()})
     walked = [change for change in changes if change]
-    measured = measure_variants(stream, mix, tensors, walked, report, None, method, input_amax, settings, store,
-                                state=state)
+    measured = run_everywhere(variants_walk, model_dir=model_dir, dtype=dtype, device=device, max_memory=max_memory,
+                              base=mix, base_tensors=tensors, variants=walked, blocks=report, calibration=None,
+                              method=method, input_amax=input_amax, settings=settings, store=store, state=state)
     kls = iter(measured.kl[1:])
     # an alternative equal to the mix measures what the mix does
     return VariantsKL([measured.kl[0], *(next(kls) if change else measured.kl[0] for change in changes)],

@@ -120,3 +120,41 @@ class EncodedStore(Mapping[str, Tensors]):
     def __len__(self) -> int:
         return len(set(self.location) | set(self.pending))
 
+
+
+class PassingStore(Mapping[str, Tensors]):
+    """What a rank other than the writer keeps of a divided walk's tensors (`round_lanes`, `measure_variants` on
+    several processes): the current layer's until `flush`, then only their names; the writer's store holds them
+    all. `known`: tensors there before the walk (the writer's store as it was), read from where they lie."""
+
+    def __init__(self, known: Mapping[str, Tensors] | None = None) -> None:
+        self.known: Mapping[str, Tensors] = known if known is not None else {}
+        self.pending: dict[str, Tensors] = {}
+        self.passed: set[str] = set()
+
+    def update(self, tensors: Mapping[str, Tensors]) -> None:  # type: ignore[override]
+        """Add Linears' tensors (kept until the next flush)."""
+        self.pending.update(tensors)
+
+    def flush(self) -> None:
+        """Forget the pending tensors, remembering their names."""
+        self.passed.update(self.pending)
+        self.pending = {}
+
+    def __getitem__(self, name: str) -> Tensors:
+        if name in self.pending:
+            return self.pending[name]
+        if name in self.passed:
+            raise PrismqError(f"{name}: its tensors were passed on to the writing rank and are not kept here")
+        return self.known[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pending or name in self.passed or name in self.known
+
+    def __iter__(self) -> Iterator[str]:
+        names = set(self.passed) | set(self.pending)
+        yield from names
+        yield from (name for name in self.known if name not in names)
+
+    def __len__(self) -> int:
+        return len(self.passed | set(self.pending) | set(self.known))

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from prismq.allocate.stage import allocation_budget, allocation_problem
 from prismq.artifacts import fingerprint_model, fingerprint_tokens, read_current, write_json
 from prismq.config import QuantizeConfig
-from prismq.engine.stream import LayerStream
+from prismq.engine.distributed import run_everywhere
 from prismq.engine.walkstate import WalkState
 from prismq.formats import Tensors
 from prismq.measure.cost import CostRow
@@ -35,7 +35,7 @@ from prismq.rounding.ranges import ranges_for
 from prismq.rounding.stage import Rounding
 from prismq.rounding.store import EncodedStore
 from prismq.select.polish import polish
-from prismq.select.shipped import VARIANTS, Overlay, measure_variants
+from prismq.select.shipped import VARIANTS, Overlay, variants_walk
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,11 @@ class _AsShipped:
             self.store = EncodedStore(self.work / POLISH / round_name, fresh=not state.exists(VARIANTS))
         assert self.store is not None
         ranges = ranges_for(self.input_amax, [self.assignment, *({**self.assignment, **v} for v in variants)])
-        with LayerStream(self.model_dir, self.dtype, self.device, self.config.max_memory_bytes) as stream:
-            return measure_variants(stream, self.assignment, self.tensors, variants, self.blocks,
-                                    self.calibration if self.method != "rtn" else None, self.method,  # type: ignore
-                                    ranges, self.settings, self.store, state=state).kl
+        return run_everywhere(variants_walk, model_dir=self.model_dir, dtype=self.dtype, device=self.device,
+                              max_memory=self.config.max_memory_bytes, base=self.assignment, base_tensors=self.tensors,
+                              variants=variants, blocks=self.blocks,
+                              calibration=self.calibration if self.method != "rtn" else None, method=self.method,
+                              input_amax=ranges, settings=self.settings, store=self.store, state=state).kl
 
     def accept(self, changes: dict[str, str]) -> None:
         assert self.store is not None

@@ -18,10 +18,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from prismq.engine.distributed import Ranks
 from prismq.engine.layer_inputs import LayerInput
 from prismq.engine.stream import LayerStream, run_layer, spill
 from prismq.engine.walkstate import WalkState, pack, unpack
@@ -30,10 +32,11 @@ from prismq.export.encode import encode_model
 from prismq.formats import Tensors, get_format
 from prismq.measure.kl import DEFAULT_CHUNK, KLResult
 from prismq.model.fake_quant import apply_fake_quant
+from prismq.model.source import resolve_device
 from prismq.model.siblings import sibling_groups
 from prismq.rounding.gptq import GPTQSettings
 from prismq.rounding.sequential import Method, RoundedModel, round_layer
-from prismq.rounding.store import EncodedStore, variant_key
+from prismq.rounding.store import EncodedStore, PassingStore, variant_key
 from prismq.select.measured import lanes_kl
 
 VARIANTS = "variants"  # the walk's snapshot: every lane's hidden states before its next layer
@@ -93,9 +96,10 @@ class VariantsKL:
 def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed: set[tuple[str, str]],
                 base: dict[str, str], method: Method, calibration: list[LayerInput],
                 input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
-                store: EncodedStore | RoundedVariants) -> None:
+                store: EncodedStore | RoundedVariants | PassingStore, ranks: Ranks) -> None:
     """Round the targets of layer `index` in `needed` ((name, format) pairs) as the round stage would, one format
-    at a time on a scratch copy of the layer as read, and add their tensors to the store."""
+    at a time on a scratch copy of the layer as read (their groups dealt to `ranks`), and add their tensors to the
+    store."""
     for fmt in sorted({f for _, f in needed}):
         names = sorted(n for n, f in needed if f == fmt)
         scratch = copy.deepcopy(layer)
@@ -107,7 +111,7 @@ def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed:
         else:
             rounded = RoundedModel({})
             round_layer(scratch, modules, sibling_groups(names), assignment, method, calibration, input_amax,
-                        settings, stream.weight_dtype, rounded, stream.targets, source=stream.source)
+                        settings, stream.weight_dtype, rounded, stream.targets, source=stream.source, ranks=ranks)
             tensors = rounded.encoded
         store.update({variant_key(n, fmt): tensors[n] for n in names})
         del scratch
@@ -117,20 +121,25 @@ def _round_here(stream: LayerStream, index: int, layer: torch.nn.Module, needed:
 def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Mapping[str, Tensors],
                      variants: list[dict[str, str]], blocks: torch.Tensor, calibration: torch.Tensor | None,
                      method: Method, input_amax: dict[str, torch.Tensor], settings: GPTQSettings,
-                     store: EncodedStore | RoundedVariants, chunk_size: int = DEFAULT_CHUNK, progress: bool = True,
-                     state: WalkState | None = None) -> VariantsKL:
+                     store: EncodedStore | RoundedVariants | PassingStore, chunk_size: int = DEFAULT_CHUNK,
+                     progress: bool = True, state: WalkState | None = None, ranks: Ranks | None = None) -> VariantsKL:
     """KL statistics of the base and of each variant (`base` with the variant's formats) on token `blocks`, in
     that order (see the module docstring), and the reference's final hidden states. `calibration`: the blocks the
     round stage rounded on (in batches of 4, as it does; None when the method is rtn or every variant's tensors are
     in the store already). `state`: every lane's hidden states are snapshotted there after a layer
     (`WalkState.checkpoint`), and a rerun with the same state (and store) resumes after the last layer
-    snapshotted."""
+    snapshotted. `ranks`: processes walking together (`variants_walk`), each measuring the variants dealt to it
+    and rounding its share of every layer's units to round; every rank gets every KL (the store: see
+    `variants_walk`)."""
+    ranks = ranks or Ranks()
+    mine = [number for number in range(len(variants)) if ranks.mine(number)]
     starts: dict[int, list[int]] = {}
     for number, variant in enumerate(variants):
         layers = [stream.layer_of(name) for name in variant]
         if not variant or any(index is None for index in layers):
             raise ValueError(f"variant {number} changes nothing or something outside the decoder layers")
-        starts.setdefault(min(layers), []).append(number)  # type: ignore[type-var]
+        if number in mine:
+            starts.setdefault(min(layers), []).append(number)  # type: ignore[type-var]
     reference = stream.first_inputs(blocks)
     # the base's calibration hidden states are needed up to the last layer with a unit to round (by GPTQ) yet
     to_round = [stream.layer_of(n) or 0 for variant in variants for n, f in variant.items()
@@ -141,7 +150,7 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
     if calibrating and not calib:
         raise ValueError("rounding by GPTQ needs the calibration blocks")
     lane_bytes = sum(h.numel() * h.element_size() for h, _ in [*reference, *calib])
-    if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(variants) + 2) * lane_bytes) < 2:
+    if stream.device.type != "cpu" and stream.layer_copies(reserved=(len(mine) + 2) * lane_bytes) < 2:
         reference, calib = spill(reference), spill(calib)
     base_lane, lanes = reference, {}
     saved = state.load(VARIANTS) if state is not None else None
@@ -155,7 +164,8 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
         calib = restored("calibration", calib) if calibrating and start <= last_rounded else []
         lanes = {number: restored(f"variant{number}", reference) for number in saved[1]["lanes"]}
     for index in tqdm(range(start, len(stream)), initial=start, total=len(stream),
-                      desc=f"measure {len(variants)} variant(s) as shipped", unit="layer", disable=not progress):
+                      desc=f"measure {len(variants)} variant(s) as shipped", unit="layer",
+                      disable=not (progress and ranks.leader)):
         with stream.layer(index) as layer:
             modules = stream.layer_names(index, layer)
             reference = run_layer(layer, reference)
@@ -165,7 +175,8 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
             needed = {(n, f) for changes in here.values() for n, f in changes.items()
                       if variant_key(n, f) not in store}
             if needed:
-                _round_here(stream, index, layer, needed, layer_base, method, calib, input_amax, settings, store)
+                _round_here(stream, index, layer, needed, layer_base, method, calib, input_amax, settings, store,
+                            ranks)
             lanes.update({number: base_lane for number in starts.get(index, [])})
             changed = {}
             for number, hidden in lanes.items():
@@ -191,6 +202,22 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
                 tensors.update(pack(f"variant{number}", [h for h, _ in hidden]))
             state.checkpoint(VARIANTS, tensors, layer=index + 1, lanes=sorted(lanes))
     reference_hidden = stream.final_states(reference)
-    return VariantsKL(lanes_kl(stream, blocks, reference_hidden,
-                               [base_lane, *(lanes[number] for number in range(len(variants)))], chunk_size, progress),
-                      reference_hidden)
+    base_kl, *own = lanes_kl(stream, blocks, reference_hidden, [base_lane, *(lanes[number] for number in mine)],
+                             chunk_size, progress and ranks.leader)
+    measured = ranks.gather(dict(zip(mine, own)))
+    return VariantsKL([base_kl, *(measured[number] for number in range(len(variants)))], reference_hidden)
+
+
+def variants_walk(model_dir: Path, dtype: torch.dtype, device: str, max_memory: int | None, base: dict[str, str],
+                  base_tensors: Mapping[str, Tensors], variants: list[dict[str, str]], blocks: torch.Tensor,
+                  calibration: torch.Tensor | None, method: Method, input_amax: dict[str, torch.Tensor],
+                  settings: GPTQSettings, store: EncodedStore | RoundedVariants, state: WalkState) -> VariantsKL:
+    """`measure_variants` on the model streamed on this rank's device: on every rank of a run on several processes
+    (`run_everywhere`), each measuring its share of the variants. The leader alone writes `store` (and, walking
+    alone, snapshots in `state`); another rank reads what the store held when the walk began and keeps what the
+    walk rounds only until its layer is done (`PassingStore`)."""
+    ranks = Ranks.current()
+    kept = store if ranks.leader else PassingStore(store)
+    with LayerStream(model_dir, dtype, ranks.device(resolve_device(device)), max_memory) as stream:
+        return measure_variants(stream, base, base_tensors, variants, blocks, calibration, method, input_amax,
+                                settings, kept, state=ranks.own(state), ranks=ranks)
