@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -24,6 +25,10 @@ from test_cost import fake_probe
 
 FORMATS = ["NVFP4", "MXFP8", "FP8", "BF16"]
 BATCH = 1 << 17  # several batches per shape on the tiny model: both ranks get some
+# the divided walks on the CPU, and on one GPU shared by both processes (gloo for the GPU's tensors too: NCCL takes
+# one GPU per process), where one is present
+DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 
 
 def _costs(model_dir: Path, probe_path: Path) -> list[dict]:
@@ -101,7 +106,7 @@ def test_flips_and_lanes_measured_on_two_gloo_processes_equal_one_process_measur
         assert json.loads((tmp_path / f"flips-2-{rank}.json").read_text()) == alone, rank
 
 
-def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path, device: str) -> None:
     """One of `world` processes (world 1: no group): the streamed probe over 5 blocks, its statistics written."""
     from prismq.engine.stream import LayerStream
     from prismq.measure.fisher_streamed import probe_streamed
@@ -111,7 +116,7 @@ def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -
         dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     try:
         blocks = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
-        with LayerStream(model_dir, torch.float32) as stream:
+        with LayerStream(model_dir, torch.float32, Ranks.current().device(torch.device(device))) as stream:
             names = [n for n in stream.targets if n != "lm_head"]
             # 5 blocks in batches of 2: ranks 0 and 1 get batches [0, 1] + [4] and [2, 3], as one process runs them
             probed = dict(probe_streamed(stream, blocks, names, sample_rows=16, progress=False, batch_blocks=2))
@@ -120,13 +125,15 @@ def _probe(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -
             assert whole.keys() == probed.keys()
             for key, value in probed.items():
                 torch.testing.assert_close(whole[key], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
-        save_file({k: v.contiguous() for k, v in probed.items()}, str(out / f"probe-{world}-{rank}.safetensors"))
+        save_file({k: v.cpu().contiguous() for k, v in probed.items()}, str(out / f"probe-{world}-{rank}.safetensors"))
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama_dir: Path, tmp_path: Path) -> None:
+@DEVICES
+def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama_dir: Path, tmp_path: Path,
+                                                                      device: str) -> None:
     """Calibration blocks divided among processes, each layer's sums combined: the dense model's and a MoE's
     Fisher, input statistics and samples equal one process's (sums in another order: to rounding; samples, maxima
     and routed counts exactly)."""
@@ -135,8 +142,8 @@ def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama
     for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen3_moe", tmp_path / "moe"))):
         out = tmp_path / f"out-{number}"
         out.mkdir()
-        _probe(0, 1, "", model_dir, out)
-        mp.spawn(_probe, args=(2, f"file://{out / 'rendezvous'}", model_dir, out), nprocs=2, join=True)
+        _probe(0, 1, "", model_dir, out, device)
+        mp.spawn(_probe, args=(2, f"file://{out / 'rendezvous'}", model_dir, out, device), nprocs=2, join=True)
         alone = load_file(out / "probe-1-0.safetensors")
         assert any(".experts." in k for k in alone) == (model_dir != tiny_llama_dir)
         for rank in (0, 1):
@@ -227,11 +234,11 @@ def _joined_counting_gptq(rank: int, world: int, rendezvous: str) -> Iterator[li
 
 def _save_bits(tensors: Mapping[str, Mapping[str, torch.Tensor]], path: Path) -> None:
     """Shipped tensors (name -> suffix -> tensor) in a safetensors file, one-byte dtypes as their bytes."""
-    save_file({f"{name}::{suffix}": t.view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous()
+    save_file({f"{name}::{suffix}": (t.view(torch.uint8) if t.dtype.itemsize == 1 else t).cpu().contiguous()
                for name, parts in tensors.items() for suffix, t in parts.items()}, str(path))
 
 
-def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path, device: str) -> None:
     """One of `world` processes (world 1: no group): the rounding walk of a gptq+sweep lane with method and format
     variants; the leader writes every tensor it keeps, each rank the details and KLs it ends with."""
     from prismq.engine.stream import LayerStream
@@ -241,7 +248,7 @@ def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path
     with _joined_counting_gptq(rank, world, rendezvous) as calls:
         g = torch.Generator().manual_seed(5)
         calibration, heldout = torch.randint(0, 256, (4, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
-        with LayerStream(model_dir, torch.float32) as stream:
+        with LayerStream(model_dir, torch.float32, Ranks.current().device(torch.device(device))) as stream:
             names = [n for n in stream.targets if n != "lm_head"]
             base = dict.fromkeys(names, "NVFP4")
             upgraded = {**base, **{n: "MXFP8" for group in sibling_groups(base)[1::3] for n in group}}
@@ -257,8 +264,10 @@ def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path
              "names": [sorted(r.encoded) for r in walk.rounded], "gptq_calls": len(calls)}))
 
 
+@DEVICES
 def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_process_does(tiny_llama_dir: Path,
-                                                                                         tmp_path: Path) -> None:
+                                                                                         tmp_path: Path,
+                                                                                         device: str) -> None:
     """Each layer's groups (dense Linears, routed experts) dealt to two processes, GPTQ'd with their method and
     format variants on each rank's share, gathered: the leader keeps the same tensors bit for bit, the same GPTQ
     details, and every rank measures the same held-out KL as one process rounding everything."""
@@ -267,8 +276,8 @@ def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_pro
     for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen3_moe", tmp_path / "moe"))):
         out = tmp_path / f"out-{number}"
         out.mkdir()
-        _rounding(0, 1, "", model_dir, out)
-        mp.spawn(_rounding, args=(2, f"file://{out / 'rendezvous'}", model_dir, out), nprocs=2, join=True)
+        _rounding(0, 1, "", model_dir, out, device)
+        mp.spawn(_rounding, args=(2, f"file://{out / 'rendezvous'}", model_dir, out, device), nprocs=2, join=True)
         alone, divided = load_file(out / "rounded-1.safetensors"), load_file(out / "rounded-2.safetensors")
         assert any(".experts." in k for k in alone) == (number == 1)
         assert divided.keys() == alone.keys() and len(alone) > 20
@@ -282,7 +291,7 @@ def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_pro
         assert follower["kl"] == one["kl"] and follower["names"] == one["names"]
 
 
-def _variants(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
+def _variants(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path, device: str) -> None:
     """One of `world` processes (world 1: no group): the polish's two walks over variants of a gptq+sweep base, the
     leader handing them out (`run_everywhere`, the others in `serve`); the second walk reuses the first's tensors.
     The leader writes the KLs and the store; every rank how many GPTQ passes it ran."""
@@ -303,12 +312,12 @@ def _variants(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path
             amax = {n: torch.tensor(2.5) for n in base}
             g = torch.Generator().manual_seed(6)
             calibration, blocks = (torch.randint(0, 512, (n, 16), generator=g) for n in (4, 2))
-            with LayerStream(model_dir, torch.float32) as stream:
+            with LayerStream(model_dir, torch.float32, device) as stream:
                 lanes = round_lanes(stream, [(base, "gptq+sweep")], calibration, blocks, amax, settings,
                                     spill_dir=out / f"lanes-{world}", progress=False)
             calls.clear()
             store = EncodedStore(out / f"variants-{world}")
-            walk = dict(model_dir=model_dir, dtype=torch.float32, device="cpu", max_memory=None, base=base,
+            walk = dict(model_dir=model_dir, dtype=torch.float32, device=device, max_memory=None, base=base,
                         base_tensors=lanes.rounded[0].encoded, blocks=blocks, calibration=calibration,
                         method="gptq+sweep", input_amax=amax, settings=settings, store=store)
             flips = [dict.fromkeys((f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up")), "MXFP8") for i in (0, 1)]
@@ -323,13 +332,15 @@ def _variants(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path
         (out / f"calls-{world}-{rank}.json").write_text(json.dumps(len(calls)))
 
 
-def test_variants_measured_as_shipped_on_two_gloo_processes_equal_one_process(tiny_llama_dir: Path,
-                                                                              tmp_path: Path) -> None:
+@DEVICES
+def test_variants_measured_as_shipped_on_two_gloo_processes_equal_one_process(tiny_llama_dir: Path, tmp_path: Path,
+                                                                              device: str) -> None:
     """The polish's and the report's walks (`variants_walk`) divided: each rank measures its share of the variants
     and rounds its share of their changed units; the leader's store and every KL equal one process's, and a
     second walk reads the first one's tensors from the leader's store instead of rounding them again."""
-    _variants(0, 1, "", tiny_llama_dir, tmp_path)
-    mp.spawn(_variants, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, tmp_path), nprocs=2, join=True)
+    _variants(0, 1, "", tiny_llama_dir, tmp_path, device)
+    mp.spawn(_variants, args=(2, f"file://{tmp_path / 'rendezvous'}", tiny_llama_dir, tmp_path, device), nprocs=2,
+             join=True)
     one, two = (json.loads((tmp_path / f"variants-{world}.json").read_text()) for world in (1, 2))
     assert len(one) == 5 + 1 + 2 + 1 and one == two
     alone, divided = (load_file(tmp_path / f"variants-{world}.safetensors") for world in (1, 2))
