@@ -67,6 +67,18 @@ def test_work_is_dealt_round_robin_and_covers_every_piece_once() -> None:
     assert Ranks(0, 1).gather({"a": 1}) == {"a": 1}
 
 
+def test_a_divided_walk_snapshots_nothing_and_its_leader_removes_a_one_process_walks_snapshot(tmp_path: Path) -> None:
+    """Else a one-process rerun would resume from the old snapshot, past layers whose results the divided walk
+    replaced (the rounding walk's store is rewritten from its first layer)."""
+    from prismq.engine.walkstate import WalkState
+
+    state = WalkState(tmp_path / "lanes.walk", {"model": "m"})
+    state.save("lanes", {"hidden.0": torch.ones(2)}, layer=3)
+    assert Ranks(0, 1).own(state) is state and state.exists("lanes")
+    assert Ranks(1, 2).own(state) is None and state.exists("lanes")  # only the leader writes the work directory
+    assert Ranks(0, 2).own(state) is None and not state.exists("lanes")
+
+
 def _flips(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path) -> None:
     """One of `world` processes (world 1: no group): measures the flips of test_select and three whole
     assignments, writes what it ends with."""
@@ -159,12 +171,13 @@ def test_the_probe_on_two_gloo_processes_gives_one_process_statistics(tiny_llama
 def test_quantize_on_two_processes_ships_what_one_process_ships(small_vocab_llama: Path, tmp_path: Path,
                                                                 capfd) -> None:
     """`prismq quantize --gpus 2` (here two CPU processes on gloo): the probe's batches, the cost stage's batches,
-    L2's re-probe and re-cost, L3's flips and the frontier's candidates divided, rank 0 the only writer: the same
-    selection and the same checkpoint, byte for byte, as one process."""
+    L2's re-probe and re-cost, L3's flips, the frontier's candidates, GPTQ's groups and the polish's and report's
+    variants divided, rank 0 the only writer: the same selection and the same checkpoint, byte for byte, as one
+    process."""
     from prismq.cli import main
 
     settings = ["--calib-blocks", "8", "--calib-seqlen", "32", "--heldout-blocks", "2", "--selection-blocks", "2",
-                "--rounding", "rtn", "--select-units", "2", "--select-recost", "1", "--polish-units", "2",
+                "--rounding", "gptq", "--select-units", "2", "--select-recost", "1", "--polish-units", "2",
                 "--device", "cpu", "--compute-dtype", "fp32", "--target-bits", "5"]
     assert main(["quantize", str(small_vocab_llama), "--out", str(tmp_path / "one"), *settings]) == 0
     capfd.readouterr()
@@ -260,20 +273,21 @@ def _rounding(rank: int, world: int, rendezvous: str, model_dir: Path, out: Path
             _save_bits({f"{number}/{name}": tensors for number, rounded in enumerate(walk.rounded)
                         for name, tensors in rounded.encoded.items()}, out / f"rounded-{world}.safetensors")
         (out / f"rounding-{world}-{rank}.json").write_text(json.dumps(
-            {"kl": [r.kl.tolist() for r in walk.kl], "details": [r.details for r in walk.rounded] if rank == 0 else [],
-             "names": [sorted(r.encoded) for r in walk.rounded], "gptq_calls": len(calls)}))
+            {"kl": [r.kl.tolist() for r in walk.kl], "details": [list(r.details.items()) for r in walk.rounded]
+             if rank == 0 else [], "names": [list(r.encoded) for r in walk.rounded], "gptq_calls": len(calls)}))
 
 
 @DEVICES
 def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_process_does(tiny_llama_dir: Path,
                                                                                          tmp_path: Path,
                                                                                          device: str) -> None:
-    """Each layer's groups (dense Linears, routed experts) dealt to two processes, GPTQ'd with their method and
-    format variants on each rank's share, gathered: the leader keeps the same tensors bit for bit, the same GPTQ
-    details, and every rank measures the same held-out KL as one process rounding everything."""
+    """Each layer's groups (dense Linears, routed and shared experts) dealt to two processes, GPTQ'd with their
+    method and format variants on each rank's share, gathered: the leader keeps the same tensors bit for bit, the
+    same GPTQ details in the same order, and every rank measures the same held-out KL as one process rounding
+    everything."""
     from test_layout import tiny_moe
 
-    for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen3_moe", tmp_path / "moe"))):
+    for number, model_dir in enumerate((tiny_llama_dir, tiny_moe("qwen2_moe", tmp_path / "moe"))):
         out = tmp_path / f"out-{number}"
         out.mkdir()
         _rounding(0, 1, "", model_dir, out, device)
@@ -285,6 +299,7 @@ def test_the_rounding_walk_on_two_gloo_processes_ships_and_measures_what_one_pro
         one, leader, follower = (json.loads((out / f"rounding-{run}.json").read_text())
                                  for run in ("1-0", "2-0", "2-1"))
         assert len(one["kl"]) == 4 and len(one["details"][0]) > 4
+        assert any(".shared_expert." in name for name in one["names"][0]) == (number == 1)
         calls = one.pop("gptq_calls"), leader.pop("gptq_calls"), follower.pop("gptq_calls")
         assert calls[1] + calls[2] == calls[0] and min(calls) > 0  # the GPTQ work divided, none done twice
         assert leader == one

@@ -2,11 +2,12 @@
 gloo on CPUs, NCCL on GPUs), each process started by torchrun or a launcher that initializes the default group.
 
 A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, a selection lane, a
-calibration block, a layer's sibling group or routed expert to round) round-robin by their index in the order the single process visits them, so each piece is
-computed exactly as one process computes it; results are gathered to every rank (the same numbers, bit for bit,
-as one process), or, where each rank summed over its own pieces (the probe's statistics), reduced (sums in another
-order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an initialized group,
-`Ranks.current()` is one process doing everything.
+calibration block, a layer's sibling group or routed expert to round) round-robin by their index in the order the
+single process visits them, so each piece is computed exactly as one process computes it (where the kernels are
+deterministic: every rank also runs each layer's forward itself); results are gathered to every rank (the same
+numbers, bit for bit, as one process), or, where each rank summed over its own pieces (the probe's statistics),
+reduced (sums in another order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an
+initialized group, `Ranks.current()` is one process doing everything.
 
 A run on several processes (`prismq quantize --gpus N`, or under torchrun: `prismq.engine.launch`) is led by
 rank 0, which runs the stages, decides what resumes and is the only writer of the work directory and the
@@ -83,8 +84,14 @@ class Ranks:
     def own(self, state: WalkState | None) -> WalkState | None:
         """A divided walk's snapshots: `state` for one process; none for several (each rank would resume from the
         layer its own last snapshot reached, and ranks killed at different layers would pair their collectives
-        wrongly: a divided walk that was interrupted starts again from its first layer)."""
-        return state if self.world == 1 else None
+        wrongly: a divided walk that was interrupted starts again from its first layer). With several, the leader
+        removes what `state` holds: a one-process walk interrupted earlier would otherwise resume from it later,
+        past layers whose results this walk has replaced."""
+        if self.world == 1 or state is None:
+            return state
+        if self.leader:
+            state.clear()
+        return None
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's GPU for a CUDA `device` when several processes share a host (rank r: GPU r modulo the GPUs

@@ -135,8 +135,10 @@ def round_lanes(stream: LayerStream, candidates: list[tuple[dict[str, str], Meth
     staying in memory. `state` (with `spill_dir`): the walk snapshots its hidden states there after a layer
     (`WalkState.checkpoint`), and a rerun with the same state resumes after the last layer snapshotted.
     `ranks`: processes walking together (`rounding_walk`), each encoding its share of every layer's groups
-    (`round_layer`); a rank other than the leader keeps no tensors past their layer (`PassingStore`)."""
+    (`round_layer`); a rank other than the leader keeps no tensors past their layer (`PassingStore`), and none
+    snapshots (`Ranks.own`)."""
     ranks = ranks or Ranks()
+    state = ranks.own(state)
     specs = [(spec[0], spec[1], spec[2] if len(spec) == 3 else candidates[spec[0]][1])  # type: ignore[misc]
              for spec in variants or []]
     methods = [m for _, m in candidates] + [m for _, _, m in specs]
@@ -319,4 +321,4 @@ def rounding_walk(model_dir: Path, dtype: torch.dtype, device: str, max_memory: 
     ranks = Ranks.current()
     with LayerStream(model_dir, dtype, ranks.device(resolve_device(device)), max_memory) as stream:
         return round_lanes(stream, candidates, calibration, heldout, input_amax, settings, spill_dir=spill_dir,
-                           state=ranks.own(state), progress=ranks.leader, variants=variants, ranks=ranks)
+                           state=state, progress=ranks.leader, variants=variants, ranks=ranks)

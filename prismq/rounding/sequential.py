@@ -192,7 +192,15 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
         own = (assignment[group[0]], method)
         return [own, *sorted(set(others.get(group[0], ())) - {own})]
 
-    everyone, groups = groups, [g for number, g in enumerate(groups) if ranks.mine(number)]
+    def routed_by_gptq(group: list[str]) -> bool:
+        """Whether the group is a routed expert's that GPTQ rounds (on its own routed tokens' Hessian)."""
+        return known[group[0]].expert is not None and any(m != "rtn" and get_format(f).rounds_weights
+                                                          for f, m in pairs_of(group))
+
+    # the order one process encodes the groups in (routed experts rounded by GPTQ last), for `_share`
+    order = sorted(range(len(groups)), key=lambda number: (routed_by_gptq(groups[number]), number))
+    places = {name: place for place, number in enumerate(order) for name in groups[number]}
+    groups = [g for number, g in enumerate(groups) if ranks.mine(number)]
     to_gptq = [g for g in groups if any(m != "rtn" and get_format(f).rounds_weights for f, m in pairs_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
@@ -233,7 +241,7 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     if ranks.world > 1:
         device = next((p.device for p in layer.parameters()), torch.device("cpu"))
         layer_assignment, layer_encoded, layer_details, variants, layer_variant_details = _share(
-            ranks, everyone, device, (layer_assignment, layer_encoded, layer_details, variants, layer_variant_details))
+            ranks, places, device, (layer_assignment, layer_encoded, layer_details, variants, layer_variant_details))
     result.details.update(layer_details)
     if variant_details is not None:
         variant_details.update(layer_variant_details)
@@ -242,18 +250,17 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     return variants
 
 
-def _share(ranks: Ranks, groups: list[list[str]], device: torch.device,
+def _share(ranks: Ranks, places: dict[str, int], device: torch.device,
            parts: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
     """Each of `parts` (a layer's results keyed by a target's name, or by a `variant_key` of it; tensors as
-    name -> suffix -> tensor) merged over the ranks, ordered by the targets' order in `groups` as one process fills
-    them; other ranks' tensors arrive on `device`, bit for bit (as safetensors bytes: nothing pickled)."""
+    name -> suffix -> tensor) merged over the ranks, in the order one process fills them (by the targets' `places`);
+    other ranks' tensors arrive on `device`, bit for bit (sent as safetensors bytes: no tensor is pickled)."""
     plain = tuple({key: value for key, value in part.items() if not isinstance(value, dict)} for part in parts)
     layout = tuple({key: list(value) for key, value in part.items() if isinstance(value, dict)} for part in parts)
-    flat = {f"{number}|{key}|{suffix}": tensor.detach().to("cpu").clone()
+    flat = {f"{number}|{key}|{suffix}": tensor.detach().to("cpu", copy=True)  # its own storage, not a weight's
             for number, part in enumerate(parts) for key, value in part.items() if isinstance(value, dict)
             for suffix, tensor in value.items()}
     gathered = ranks.gather({ranks.rank: (plain, layout, save(flat) if flat else b"")})
-    order = {name: number for number, group in enumerate(groups) for name in group}
     merged: list[dict[str, Any]] = [{} for _ in parts]
     for rank in range(ranks.world):
         if rank == ranks.rank:
@@ -266,7 +273,7 @@ def _share(ranks: Ranks, groups: list[list[str]], device: torch.device,
             entries.update(their_plain[number])
             entries.update({key: {suffix: tensors[f"{number}|{key}|{suffix}"].to(device) for suffix in suffixes}
                             for key, suffixes in their_layout[number].items()})
-    return tuple(dict(sorted(entries.items(), key=lambda item: order[item[0].split("|", 1)[0]]))
+    return tuple(dict(sorted(entries.items(), key=lambda item: places[item[0].split("|", 1)[0]]))
                  for entries in merged)
 
 

@@ -130,7 +130,7 @@ class PassingStore(Mapping[str, Tensors]):
     def __init__(self, known: Mapping[str, Tensors] | None = None) -> None:
         self.known: Mapping[str, Tensors] = known if known is not None else {}
         self.pending: dict[str, Tensors] = {}
-        self.passed: set[str] = set()
+        self.passed: dict[str, None] = {}  # ordered, as a store's names are
 
     def update(self, tensors: Mapping[str, Tensors]) -> None:  # type: ignore[override]
         """Add Linears' tensors (kept until the next flush)."""
@@ -138,7 +138,7 @@ class PassingStore(Mapping[str, Tensors]):
 
     def flush(self) -> None:
         """Forget the pending tensors, remembering their names."""
-        self.passed.update(self.pending)
+        self.passed.update(dict.fromkeys(self.pending))
         self.pending = {}
 
     def __getitem__(self, name: str) -> Tensors:
@@ -152,9 +152,8 @@ class PassingStore(Mapping[str, Tensors]):
         return name in self.pending or name in self.passed or name in self.known
 
     def __iter__(self) -> Iterator[str]:
-        names = set(self.passed) | set(self.pending)
+        names = {**dict.fromkeys(self.known), **self.passed, **dict.fromkeys(self.pending)}
         yield from names
-        yield from (name for name in self.known if name not in names)
 
     def __len__(self) -> int:
-        return len(self.passed | set(self.pending) | set(self.known))
+        return len({*self.known, *self.passed, *self.pending})

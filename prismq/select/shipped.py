@@ -71,6 +71,9 @@ class RoundedVariants(Mapping[str, Tensors]):
         holder, name = self.tensors[key]
         return holder[name]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors  # without reading the tensors, as Mapping's would
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
@@ -129,9 +132,10 @@ def measure_variants(stream: LayerStream, base: dict[str, str], base_tensors: Ma
     in the store already). `state`: every lane's hidden states are snapshotted there after a layer
     (`WalkState.checkpoint`), and a rerun with the same state (and store) resumes after the last layer
     snapshotted. `ranks`: processes walking together (`variants_walk`), each measuring the variants dealt to it
-    and rounding its share of every layer's units to round; every rank gets every KL (the store: see
-    `variants_walk`)."""
+    and rounding its share of every layer's units to round, none snapshotting (`Ranks.own`); every rank gets
+    every KL (the store: see `variants_walk`)."""
     ranks = ranks or Ranks()
+    state = ranks.own(state)
     mine = [number for number in range(len(variants)) if ranks.mine(number)]
     starts: dict[int, list[int]] = {}
     for number, variant in enumerate(variants):
@@ -217,7 +221,7 @@ def variants_walk(model_dir: Path, dtype: torch.dtype, device: str, max_memory: 
     alone, snapshots in `state`); another rank reads what the store held when the walk began and keeps what the
     walk rounds only until its layer is done (`PassingStore`)."""
     ranks = Ranks.current()
-    kept = store if ranks.leader else PassingStore(store)
+    kept = store if ranks.leader or isinstance(store, RoundedVariants) else PassingStore(store)  # the latter: read-only
     with LayerStream(model_dir, dtype, ranks.device(resolve_device(device)), max_memory) as stream:
         return measure_variants(stream, base, base_tensors, variants, blocks, calibration, method, input_amax,
-                                settings, kept, state=ranks.own(state), ranks=ranks)
+                                settings, kept, state=state, ranks=ranks)
