@@ -67,6 +67,13 @@ def test_work_is_dealt_round_robin_and_covers_every_piece_once() -> None:
     assert Ranks(0, 1).gather({"a": 1}) == {"a": 1}
 
 
+def test_unequal_pieces_are_dealt_so_the_ranks_finish_together() -> None:
+    """One costly piece and five cheap ones: round-robin would load the ranks 7 and 3, the deal 5 and 5."""
+    assert Ranks(1, 2).deal([1, 5, 1, 1, 1, 1]) == [1, 0, 1, 1, 1, 1]
+    assert Ranks(0, 3).deal([2, 2, 2, 3]) == [1, 2, 1, 0]  # ties: to the lowest rank, the earliest piece first
+    assert Ranks(0, 1).deal([3, 1]) == [0, 0]
+
+
 def test_a_divided_walk_snapshots_nothing_and_its_leader_removes_a_one_process_walks_snapshot(tmp_path: Path) -> None:
     """Else a one-process rerun would resume from the old snapshot, past layers whose results the divided walk
     replaced (the rounding walk's store is rewritten from its first layer)."""

@@ -2,8 +2,8 @@
 gloo on CPUs, NCCL on GPUs), each process started by torchrun or a launcher that initializes the default group.
 
 A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, a selection lane, a
-calibration block, a layer's sibling group or routed expert to round) round-robin by their index in the order the
-single process visits them, so each piece is computed exactly as one process computes it (where the kernels are
+calibration block) round-robin by their index in the order the single process visits them (a layer's sibling
+groups and routed experts to round, whose costs differ widely, by their estimated cost: `Ranks.deal`), so each piece is computed exactly as one process computes it (where the kernels are
 deterministic: every rank also runs each layer's forward itself); results are gathered to every rank (the same
 numbers, bit for bit, as one process), or, where each rank summed over its own pieces (the probe's statistics),
 reduced (sums in another order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an
@@ -16,7 +16,7 @@ checkpoint; the other ranks wait in `serve` and join each divided walk the leade
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -45,6 +45,16 @@ class Ranks:
     def mine(self, index: int) -> bool:
         """Whether piece `index` of a stage's work (counted in the single process's order) is this rank's."""
         return index % self.world == self.rank
+
+    def deal(self, costs: Sequence[float]) -> list[int]:
+        """The rank each piece of work goes to when pieces cost unequally (`costs`, in the single process's order):
+        the costliest first, each to the rank with the least work so far (the lowest rank on a tie), so the ranks
+        finish together; the same answer on every rank."""
+        loads, owners = [0.0] * self.world, [0] * len(costs)
+        for piece in sorted(range(len(costs)), key=lambda number: (-costs[number], number)):
+            owners[piece] = min(range(self.world), key=lambda rank: (loads[rank], rank))
+            loads[owners[piece]] += costs[piece]
+        return owners
 
     @property
     def leader(self) -> bool:

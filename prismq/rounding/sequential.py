@@ -200,7 +200,8 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     # the order one process encodes the groups in (routed experts rounded by GPTQ last), for `_share`
     order = sorted(range(len(groups)), key=lambda number: (routed_by_gptq(groups[number]), number))
     places = {name: place for place, number in enumerate(order) for name in groups[number]}
-    groups = [g for number, g in enumerate(groups) if ranks.mine(number)]
+    owners = ranks.deal([_cost(known, group, pairs_of(group)) for group in groups])
+    groups = [g for g, owner in zip(groups, owners) if owner == ranks.rank]
     to_gptq = [g for g in groups if any(m != "rtn" and get_format(f).rounds_weights for f, m in pairs_of(g))]
     dense = [g for g in to_gptq if known[g[0]].expert is None]
     routed = [g for g in to_gptq if known[g[0]].expert is not None]
@@ -248,6 +249,15 @@ def round_layer(layer: nn.Module, modules: dict[str, nn.Module], groups: list[li
     apply_fake_quant(modules, layer_assignment, layer_encoded, weight_dtype, targets)
     result.encoded.update(layer_encoded)
     return variants
+
+
+def _cost(known: Mapping[str, Target], group: list[str], pairs: list[tuple[str, Method]]) -> float:
+    """A sibling group's rounding work, roughly: per GPTQ pass, H's factorization (in^3 / 3) and the column loop's
+    updates (out x in^2 / 2) over the stacked siblings; rounding to nearest only, one pass over the weights."""
+    columns = known[group[0]].shape[1]
+    rows = sum(known[name].shape[0] for name in group)
+    passes = sum(1 for f, m in pairs if m != "rtn" and get_format(f).rounds_weights)
+    return passes * columns ** 2 * (columns / 3 + rows / 2) + len(pairs) * rows * columns
 
 
 def _share(ranks: Ranks, places: dict[str, int], device: torch.device,
