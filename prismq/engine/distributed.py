@@ -3,8 +3,9 @@ gloo on CPUs, NCCL on GPUs), each process started by torchrun or a launcher that
 
 A stage hands out its independent pieces of work (a chunk of equal-shape Linears to price, a selection lane, a
 calibration block) round-robin by their index in the order the single process visits them (a layer's sibling
-groups and routed experts to round, whose costs differ widely, by their estimated cost: `Ranks.deal`), so each piece is computed exactly as one process computes it (where the kernels are
-deterministic: every rank also runs each layer's forward itself); results are gathered to every rank (the same
+groups and routed experts to round, whose costs differ widely, by their estimated cost: `Ranks.deal`), so each
+piece is computed exactly as one process computes it (where the kernels are deterministic: every rank also runs
+each layer's forward itself); results are gathered to every rank (the same
 numbers, bit for bit, as one process), or, where each rank summed over its own pieces (the probe's statistics),
 reduced (sums in another order: equal to rounding). Divided walks keep no snapshots (see `Ranks.own`). Without an
 initialized group, `Ranks.current()` is one process doing everything.
