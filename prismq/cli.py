@@ -156,8 +156,8 @@ def _add_quantize(commands: Any, name: str = "quantize") -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     sub.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default auto)")
     sub.add_argument("--gpus", type=int, metavar="N",
-                     help="spread the probe, the cost stage and selection's measurements over N GPUs of this host, "
-                     "one process each (default 1; under torchrun, its processes are used)")
+                     help="spread the probe, the cost stage, selection's measurements, GPTQ and the polish over N "
+                     "GPUs of this host, one process each (default 1; under torchrun, its processes are used)")
     sub.add_argument("--compute-dtype", choices=["auto", "bf16", "fp32"], help=_COMPUTE_HELP)
     sub.add_argument("--max-shard-size", metavar="SIZE", help="largest shard, e.g. 500MB, 2GB (default 5GB)")
     sub.add_argument("--max-memory", metavar="SIZE", help="memory the streaming engine may use on the compute device, "

@@ -106,9 +106,9 @@ class QuantizeConfig(BaseModel):
     out: Path | None = Field(None, description="output checkpoint directory (required by quantize and export)")
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus: int = Field(1, ge=1, description="GPUs of this host to spread the probe, the cost stage and selection's "
-                      "measurements over (one process each; torchrun's processes are used instead when it started "
-                      "this one)")
+    gpus: int = Field(1, ge=1, description="GPUs of this host to spread the probe, the cost stage, selection's "
+                      "measurements, GPTQ and the polish over (one process each; torchrun's processes are used "
+                      "instead when it started this one)")
     compute_dtype: ComputeSetting = Field(
         "auto", description="arithmetic dtype: auto = bf16 on GPUs and CPUs with native bf16, fp32 elsewhere")
     max_shard_size: str = "5GB"
